@@ -1,0 +1,3 @@
+from audiofx.cli import main
+
+main()

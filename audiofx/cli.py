@@ -1,0 +1,212 @@
+"""The audiofx command line. Thin: parse, call one function, print a summary.
+
+User errors (AudiofxError) become one line on stderr with a hint and a non-zero exit code;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from audiofx import __version__
+from audiofx.config import PRESETS, parse_overrides
+from audiofx.errors import AudiofxError, StoreError
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="audiofx")
+def cli() -> None:
+    """audiofx: cached three-window log-mel features for transfer and self-supervised
+    learning on sound.
+
+    \b
+    Quick start (offline, synthetic demo data):
+      audiofx extract --dataset demo
+      audiofx cache ls
+    """
+
+
+EXTRACT_EXAMPLE = """
+\b
+Examples:
+  audiofx extract --dataset esc50 --root /data/ESC-50-master
+  audiofx extract --dataset gtzan --workers 2 --set n_mels=64
+  audiofx extract --dataset urbansound8k --preset palanisamy2020 --allow-missing
+  audiofx extract --dataset folder --root my_sounds --set folds=5
+"""
+
+
+@cli.command(epilog=EXTRACT_EXAMPLE)
+@click.option("--dataset", required=True, help="Dataset name (audiofx datasets lists them).")
+@click.option("--root", type=click.Path(path_type=Path), help="Dataset root in its official layout [data/raw/<dataset>].")
+@click.option("--store", default="data/features", show_default=True, help="Feature store directory.")
+@click.option("--preset", default="shin2021", show_default=True, type=click.Choice(sorted(PRESETS)), help="Feature recipe.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a feature option (n_mels=64, hops_ms=10,25,50) or a dataset option (folds=5, seed=1).")
+@click.option("--split", type=click.Path(path_type=Path), help="CSV of path,fold with a published split (gtzan, folder).")
+@click.option("--workers", type=int, default=0, help="Worker processes [one per core].")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda: where features are computed.")
+@click.option("--strict", is_flag=True, help="Stop at the first unusable file instead of recording it as skipped.")
+@click.option("--allow-missing", is_flag=True, help="Go on when files listed in the metadata are missing (recorded).")
+@click.option("--rebuild", is_flag=True, help="Replace a store built from a different copy of the dataset.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def extract(dataset, root, store, preset, overrides, split, workers, device, strict, allow_missing, rebuild, no_progress):
+    """Decode, resample and turn every clip of a dataset into three-window log-mel features,
+    written in parallel into a resumable Zarr feature store."""
+    from audiofx.pipeline.extract import ExtractRequest, extract as run_extract
+
+    values = parse_overrides(overrides)
+    if split is not None:
+        values["split"] = str(split.resolve())
+    if workers < 0:
+        raise AudiofxError(f"--workers must be >= 0, got {workers}", "use --workers 0 for one per core")
+    summary = run_extract(ExtractRequest(
+        dataset=dataset, root=root, store=store, preset=preset, overrides=values, workers=workers, device=device,
+        strict=strict, allow_missing=allow_missing, rebuild=rebuild, progress=not no_progress,
+    ))
+    if summary.status == "complete":
+        click.echo(f"store is complete: {summary.path} ({summary.clips_total} clips); nothing to do")
+        return
+    ok = summary.clips_total - len(summary.skipped)
+    click.echo(f"extracted {summary.dataset} -> {summary.path}")
+    resumed = f", {summary.units_done_before} of {summary.units_total} units were already done" if summary.units_done_before else ""
+    click.echo(f"  clips: {ok} usable of {summary.clips_total}; {summary.clips_written} computed in this run{resumed}")
+    click.echo(f"  time: {summary.seconds:.1f} s, {summary.clips_per_second:.1f} clips/s")
+    click.echo(f"  store: {_size(summary.stored_bytes)} on disk, compression {summary.compression_ratio:.2f}x")
+    if summary.missing:
+        click.echo(f"  missing (allowed): {len(summary.missing)}, e.g. {summary.missing[0]}")
+    if summary.skipped:
+        click.echo(f"  skipped: {len(summary.skipped)}")
+        for clip, reason in summary.skipped:
+            click.echo(f"    {clip}: {reason}")
+
+
+@cli.command()
+def datasets():
+    """List the dataset adapters and the layout each expects."""
+    from audiofx.pipeline.datasets import REGISTRY
+
+    for name in sorted(REGISTRY):
+        a = REGISTRY[name]
+        click.echo(f"{name:13s} {a.description}")
+        click.echo(f"{'':13s} layout: {a.layout}")
+
+
+@cli.group()
+def cache():
+    """Inspect and check the feature store."""
+
+
+@cache.command("ls")
+@click.option("--store", default="data/features", show_default=True)
+def cache_ls(store):
+    """Datasets, keys, folds, clip counts, sizes and creation times in a store."""
+    from audiofx.pipeline.store import FeatureStore, dir_bytes
+
+    fs = FeatureStore(store)
+    rows = []
+    for ds, key, path in fs.groups():
+        try:
+            m = fs.read_manifest(ds, key)
+            rows.append((ds, key, str(len(m["folds"])), str(m["clips"]), _size(m["sizes"]["stored_bytes"]), m["created_at"], "complete"))
+        except StoreError:
+            rows.append((ds, key, "-", "-", _size(dir_bytes(path)), "-", "incomplete"))
+    if not rows:
+        click.echo(f"no feature sets in {fs.root} (make one with: audiofx extract --dataset demo)")
+        return
+    header = ("dataset", "key", "folds", "clips", "size", "created", "status")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+@cache.command("info")
+@click.argument("key")
+@click.option("--store", default="data/features", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest.")
+def cache_info(key, store, as_json):
+    """Everything about one feature set (KEY: a key prefix or dataset/key)."""
+    from audiofx.pipeline.store import FeatureStore
+
+    fs = FeatureStore(store)
+    ds, full = fs.find(key)
+    m = fs.read_manifest(ds, full)
+    if as_json:
+        click.echo(json.dumps(m, indent=1))
+        return
+    click.echo(f"{ds}/{full}  ({fs.group_path(ds, full)})")
+    click.echo(f"  created {m['created_at']} by audiofx {m['audiofx_version']}, feature code v{m['feature_code_version']}")
+    click.echo(f"  shape per clip {tuple(m['shape'])} {m['feature_config']['dtype']}, {len(m['classes'])} classes"
+               f"{' (multi-label)' if m['multilabel'] else ''}")
+    for fold, f in m["folds"].items():
+        click.echo(f"  fold {fold}: {f['ok']} clips" + (f" ({f['skipped']} skipped)" if f["skipped"] else ""))
+    cfg = m["feature_config"]
+    click.echo("  config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    if m["dataset_options"]:
+        click.echo("  dataset options: " + ", ".join(f"{k}={v}" for k, v in m["dataset_options"].items()))
+    click.echo(f"  dataset fingerprint: {m['fingerprint']['files']} files, {_size(m['fingerprint']['bytes'])}, {m['fingerprint']['digest'][:16]}")
+    click.echo(f"  size: {_size(m['sizes']['stored_bytes'])} stored, {_size(m['sizes']['raw_bytes'])} raw")
+    for s in m["skipped"]:
+        click.echo(f"  skipped {s['clip']}: {s['reason']}")
+    for miss in m["missing"]:
+        click.echo(f"  missing {miss}")
+
+
+@cache.command("verify")
+@click.argument("key", required=False)
+@click.option("--store", default="data/features", show_default=True)
+def cache_verify(key, store):
+    """Recompute every checksum and name each damaged chunk or array."""
+    from audiofx.pipeline.store import FeatureStore
+
+    fs = FeatureStore(store)
+    targets = [fs.find(key)] if key else [(d, k) for d, k, _ in fs.groups()]
+    if not targets:
+        raise StoreError(f"no feature sets in {fs.root}", "check --store")
+    damaged = 0
+    for ds, k in targets:
+        problems = fs.verify(ds, k)
+        if problems:
+            damaged += 1
+            for p in problems:
+                click.echo(f"DAMAGED {p}")
+        else:
+            click.echo(f"ok {ds}/{k}")
+    if damaged:
+        raise AudiofxError(f"{damaged} of {len(targets)} feature sets are damaged",
+                           "re-extract them with --rebuild")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="audiofx", standalone_mode=False)
+    except AudiofxError as err:
+        click.echo(err.one_line(), err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished write units are kept; rerun the same command to finish", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Feature configuration: a frozen dataclass, named presets, canonical JSON and content keys.
+
+Precedence when a config is resolved: field defaults < the dataset's defaults (rate, clip
+length, frame count) < the preset < ``--set key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from audiofx.errors import ConfigError
+
+# Bump whenever the feature math changes: it is part of every content key, so a store
+# written by older code is never served for the new code.
+FEATURE_CODE_VERSION = 1
+
+SOURCES = ("mono", "left", "right", "mid")
+KINDS = ("logmel", "stft_bands")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that decides the numbers in a stored feature array."""
+
+    kind: str = "logmel"  # logmel: one log-mel per channel; stft_bands: one log-power STFT cut into bands
+    sample_rate: int = 44100  # clips are resampled to this rate
+    clip_seconds: float = 5.0  # clips are padded with zeros or cropped to this length
+    frames: int = 250  # T: every channel is resized to this many frames (0: keep channel 0's count)
+    windows_ms: tuple[float, ...] = (25.0, 50.0, 100.0)  # one window length per channel
+    hops_ms: tuple[float, ...] = (10.0, 10.0, 50.0)  # one hop per channel
+    sources: tuple[str, ...] = ("mono", "mono", "mono")  # per channel: mono, left, right or mid
+    n_fft: int = 0  # 0: the longest window in samples (4410 at 44.1 kHz), as in the papers
+    window: str = "hann"  # any scipy.signal.get_window name
+    center: bool = True
+    pad_mode: str = "reflect"
+    power: float = 2.0
+    n_mels: int = 128
+    fmin: float = 0.0
+    fmax: float = 0.0  # 0: sample_rate / 2
+    mel_scale: str = "htk"  # htk (torchaudio's default, used by the papers' code) or slaney
+    mel_norm: str = "none"  # none or slaney (area normalisation)
+    log_offset: float = 1e-6  # log(mel + offset): finite even for digital silence
+    bands: int = 3  # stft_bands: number of frequency bands, one per channel
+    dtype: str = "float16"  # storage dtype
+
+    # -- derived values -------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        return self.bands if self.kind == "stft_bands" else len(self.windows_ms)
+
+    @property
+    def clip_samples(self) -> int:
+        return int(round(self.clip_seconds * self.sample_rate))
+
+    def samples(self, ms: float) -> int:
+        return int(round(ms * self.sample_rate / 1000.0))
+
+    @property
+    def fft_size(self) -> int:
+        return self.n_fft or max(self.samples(w) for w in self.windows_ms)
+
+    @property
+    def needs_stereo(self) -> bool:
+        return any(s != "mono" for s in self.sources)
+
+    def natural_frames(self, channel: int = 0) -> int:
+        hop = self.samples(self.hops_ms[channel])
+        n = self.clip_samples
+        return 1 + n // hop if self.center else 1 + (n - self.fft_size) // hop
+
+    @property
+    def out_frames(self) -> int:
+        return self.frames or self.natural_frames(0)
+
+    @property
+    def out_bins(self) -> int:
+        return self.n_mels
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape of one clip's features: (channels, bins, frames)."""
+        return (self.channels, self.out_bins, self.out_frames)
+
+    def validate(self) -> "FeatureConfig":
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(msg, "fix the value given with --set or the preset")
+
+        if self.kind not in KINDS:
+            raise bad(f"feature kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
+        if self.sample_rate <= 0 or self.clip_seconds <= 0:
+            raise bad("sample_rate and clip_seconds must be positive")
+        if not (len(self.windows_ms) == len(self.hops_ms) == len(self.sources)) or not self.windows_ms:
+            raise bad("windows_ms, hops_ms and sources need one entry per channel, and at least one")
+        if any(s not in SOURCES for s in self.sources):
+            raise bad(f"sources must each be one of {', '.join(SOURCES)}, got {self.sources}")
+        if any(self.samples(w) < 2 for w in self.windows_ms) or any(self.samples(h) < 1 for h in self.hops_ms):
+            raise bad("every window must span at least 2 samples and every hop at least 1")
+        if self.fft_size < max(self.samples(w) for w in self.windows_ms):
+            raise bad(f"n_fft={self.n_fft} is shorter than the longest window")
+        if self.n_mels < 1 or self.frames < 0 or self.bands < 1:
+            raise bad("n_mels, bands must be >= 1 and frames >= 0")
+        if self.mel_scale not in ("htk", "slaney") or self.mel_norm not in ("none", "slaney"):
+            raise bad("mel_scale must be htk or slaney, mel_norm none or slaney")
+        if self.fmax and self.fmax > self.sample_rate / 2:
+            raise bad(f"fmax={self.fmax} is above the Nyquist frequency {self.sample_rate / 2}")
+        if self.dtype not in ("float16", "float32"):
+            raise bad("dtype must be float16 or float32")
+        if self.kind == "stft_bands" and self.bands > self.fft_size // 2 + 1:
+            raise bad("more bands than STFT bins")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FeatureConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key not in known:
+                raise ConfigError(f"unknown feature option {key!r}", f"known options: {', '.join(known)}")
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+
+# Presets name whole recipes (DESIGN section 2). Values here override the dataset's
+# defaults; --set overrides both.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Shin et al. 2021 after Palanisamy et al. 2020: (window, hop) = (25,10), (50,10), (100,50) ms.
+    "shin2021": {},
+    # Palanisamy et al. 2020's own recipe: hops 10/25/50 ms.
+    "palanisamy2020": {"hops_ms": (10.0, 25.0, 50.0)},
+    # Hornauer et al. 2021 (ESResNet input): one log-power STFT, 2048-point FFT at 44.1 kHz,
+    # 1654-sample Blackman-Harris window, 561-sample hop, cut into three frequency bands.
+    "hornauer2021": {
+        "kind": "stft_bands",
+        "sample_rate": 44100,
+        "windows_ms": (1654 / 44.1,),
+        "hops_ms": (561 / 44.1,),
+        "sources": ("mono",),
+        "n_fft": 2048,
+        "window": "blackmanharris",
+        "bands": 3,
+    },
+    # Zhou et al. 2019: one 128-band log-mel with a 2048-sample frame (46.4 ms) and 1024-sample
+    # shift (23.2 ms) at 44.1 kHz, computed on the left, right and mid channels.
+    "zhou2019": {
+        "sample_rate": 44100,
+        "windows_ms": (2048 / 44.1,) * 3,
+        "hops_ms": (1024 / 44.1,) * 3,
+        "sources": ("left", "right", "mid"),
+        "frames": 0,
+    },
+}
+
+FEATURE_FIELDS = {f.name for f in dataclasses.fields(FeatureConfig)}
+
+
+def parse_value(text: str) -> Any:
+    """Parse a --set value: JSON if it parses (numbers, true/false, null), a comma list as a
+    tuple, else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    if "," in text:
+        return tuple(parse_value(part.strip()) for part in text.split(","))
+    return text
+
+
+def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r} is not key=value", "write it as --set n_mels=64")
+        key, _, value = pair.partition("=")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Bring a parsed --set value to the field's type (tuple fields accept one number)."""
+    default = getattr(FeatureConfig(), name)
+    if isinstance(default, tuple):
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        return tuple(float(v) if isinstance(default[0], float) else str(v) for v in items)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}", f"write --set {name}=true")
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}", f"write --set {name}=<number>")
+        return type(default)(value)
+    if value is None:
+        return "none"
+    return str(value)
+
+
+def resolve_feature_config(
+    dataset_defaults: Mapping[str, Any],
+    preset: str = "shin2021",
+    overrides: Mapping[str, Any] | None = None,
+) -> FeatureConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}", f"known presets: {', '.join(PRESETS)}")
+    values: dict[str, Any] = dict(dataset_defaults)
+    values.update(PRESETS[preset])
+    for key, value in (overrides or {}).items():
+        if key not in FEATURE_FIELDS:
+            raise ConfigError(f"unknown feature option {key!r}", f"known options: {', '.join(sorted(FEATURE_FIELDS))}")
+        values[key] = _coerce(key, value)
+    return FeatureConfig(**values).validate()
+
+
+def canonical_json(data: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal configs give equal bytes."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=list)
+
+
+def feature_key(config: FeatureConfig, dataset_options: Mapping[str, Any] | None = None) -> str:
+    """Short content key of a store group: the feature config, the feature code version and
+    the dataset options that change which clips go where (folds, split file, seed)."""
+    payload = {
+        "feature_code_version": FEATURE_CODE_VERSION,
+        "features": config.to_dict(),
+        "dataset_options": dict(dataset_options or {}),
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Signal math only, no file I/O: batched torch log-mel features, resizing, presets."""

@@ -1,0 +1,1 @@
+"""Files -> store: dataset adapters, decoding, extraction and the Zarr feature store."""

@@ -1,0 +1,163 @@
+"""What every dataset adapter returns, the registry of adapters, and shared helpers.
+
+An adapter reads a dataset's official layout and metadata and returns a DatasetIndex: the
+list of clips as (relative path, label, fold), the class names and the dataset's default
+audio settings. It never decodes audio and never writes anything (except ``demo``, which
+generates its synthetic files on first use).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from audiofx.errors import ConfigError, DatasetError
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: str  # POSIX path relative to the dataset root
+    label: int | tuple[int, ...]  # class index; a tuple of indices for multi-label sets
+    fold: str  # official fold name: "1".."10", "train", "val", "eval", ...
+
+
+@dataclass
+class DatasetIndex:
+    name: str
+    root: Path
+    clips: list[Clip]
+    classes: list[str]
+    folds: list[str]  # in order
+    multilabel: bool = False
+    metadata_files: list[Path] = field(default_factory=list)  # hashed into the fingerprint
+    options: dict[str, Any] = field(default_factory=dict)  # dataset options that shape the index
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) known before decoding
+
+
+@dataclass(frozen=True)
+class DatasetAdapter:
+    """A registered dataset: how to find it, what it looks like, and how to index it."""
+
+    name: str
+    description: str
+    layout: str  # the expected layout, shown when the root is missing
+    source: str  # where to get the data
+    defaults: Mapping[str, Any]  # FeatureConfig defaults: sample_rate, clip_seconds, frames
+    index: Callable[[Path, Mapping[str, Any]], DatasetIndex]
+    options: Mapping[str, Any] = field(default_factory=dict)  # dataset options and their defaults
+
+
+REGISTRY: dict[str, DatasetAdapter] = {}
+
+
+def register(adapter: DatasetAdapter) -> DatasetAdapter:
+    REGISTRY[adapter.name] = adapter
+    return adapter
+
+
+def get_adapter(name: str) -> DatasetAdapter:
+    from audiofx.pipeline import datasets  # noqa: F401  (imports every adapter module)
+
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown dataset {name!r}", f"known datasets: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def require_root(adapter: DatasetAdapter, root: Path, must_exist: Sequence[str]) -> None:
+    """Fail with the expected layout and the download source when the root looks wrong."""
+    missing = [p for p in must_exist if not (root / p).exists()]
+    if not root.is_dir() or missing:
+        what = f"{root} does not exist" if not root.is_dir() else f"{root} has no {missing[0]}"
+        raise DatasetError(
+            f"{adapter.name}: {what}; expected layout: {adapter.layout}",
+            f"get the data from {adapter.source} and pass --root",
+        )
+
+
+def safe_relpath(root: Path, path: str, source: Path | str) -> str:
+    """A metadata path as POSIX relative to root; rejects absolute paths and '..' escapes."""
+    p = PurePosixPath(path.replace("\\", "/"))
+    if p.is_absolute() or path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
+        raise DatasetError(f"{source}: path {path!r} is absolute", "metadata paths must be relative to the dataset root")
+    if ".." in p.parts:
+        raise DatasetError(f"{source}: path {path!r} escapes the dataset root", "remove '..' from metadata paths")
+    return p.as_posix()
+
+
+def read_csv(path: Path, delimiter: str = ",", required: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Read a metadata CSV; a missing file or column is a DatasetError naming the file."""
+    if not path.is_file():
+        raise DatasetError(f"metadata file {path} is missing", "check --root points at the dataset's top folder")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    absent = [c for c in required if c not in columns]
+    if absent:
+        raise DatasetError(
+            f"{path}: column(s) {', '.join(absent)} missing (found: {', '.join(columns) or 'none'})",
+            "is this the official metadata file?",
+        )
+    return rows
+
+
+def stratified_folds(labels: Sequence[int], k: int, seed: int) -> list[int]:
+    """Stratified k-fold assignment (1-based), deterministic for a seed.
+
+    scikit-learn's StratifiedKFold is the reference implementation; this wrapper returns
+    the fold number of every item instead of index arrays.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    if k < 2:
+        raise ConfigError(f"folds must be at least 2, got {k}", "write --set folds=5")
+    y = np.asarray(labels)
+    counts = np.bincount(y)
+    if counts[counts > 0].min() < k:
+        raise DatasetError(
+            f"a class has only {counts[counts > 0].min()} clips, fewer than the {k} folds asked for",
+            "ask for fewer folds with --set folds=N",
+        )
+    fold = np.zeros(len(y), dtype=int)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for i, (_, test) in enumerate(splitter.split(np.zeros(len(y)), y), start=1):
+        fold[test] = i
+    return fold.tolist()
+
+
+def read_split_file(path: Path, root: Path, known: set[str]) -> dict[str, str]:
+    """A published split as CSV rows of path,fold (a header row is optional)."""
+    if not path.is_file():
+        raise DatasetError(f"split file {path} is missing", "pass an existing CSV of path,fold")
+    out: dict[str, str] = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for row in csv.reader(f):
+            if not row or row[0].strip().lower() in ("path", "filename", "file"):
+                continue
+            if len(row) < 2:
+                raise DatasetError(f"{path}: row {row!r} is not path,fold", "write one path,fold per line")
+            rel = safe_relpath(root, row[0].strip(), path)
+            out[rel] = row[1].strip()
+    unknown = [p for p in out if p not in known]
+    if unknown:
+        raise DatasetError(
+            f"{path}: {len(unknown)} path(s) are not in the dataset, e.g. {unknown[0]}",
+            "paths must be relative to the dataset root",
+        )
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".au", ".aiff", ".aif", ".mp3", ".snd")

@@ -1,0 +1,108 @@
+"""ESC-50 and its ESC-10 subset (Piczak 2015): 2000 five-second clips, 50 classes, 5 folds.
+
+Layout: ``audio/*.wav`` and ``meta/esc50.csv`` (filename,fold,target,category,esc10,src_file,take).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from audiofx.errors import DatasetError
+from audiofx.pipeline.datasets.base import (
+    Clip,
+    DatasetAdapter,
+    DatasetIndex,
+    read_csv,
+    register,
+    require_root,
+    safe_relpath,
+)
+
+META = "meta/esc50.csv"
+FOLDS = ["1", "2", "3", "4", "5"]
+DEFAULTS = {"sample_rate": 44100, "clip_seconds": 5.0, "frames": 250}
+SOURCE = "https://github.com/karolpiczak/ESC-50"
+LAYOUT = "<root>/audio/*.wav and <root>/meta/esc50.csv (filename,fold,target,category,esc10,...)"
+
+
+def _int(value: str, column: str, path: Path) -> int:
+    try:
+        return int(value.strip())
+    except (ValueError, AttributeError):
+        raise DatasetError(f"{path}: {column} {value!r} is not an integer", "is this the official metadata file?")
+
+
+def _index(adapter: DatasetAdapter, root: Path, esc10_only: bool) -> DatasetIndex:
+    require_root(adapter, root, [META])
+    meta = root / META
+    rows = read_csv(meta, required=["filename", "fold", "target", "category", "esc10"])
+    if esc10_only:
+        rows = [r for r in rows if (r["esc10"] or "").strip().lower() in ("true", "1")]
+
+    names: dict[int, str] = {}
+    items: list[tuple[str, int, str]] = []
+    seen: set[str] = set()
+    for row in rows:
+        target = _int(row["target"], "target", meta)
+        fold = str(_int(row["fold"], "fold", meta))
+        if fold not in FOLDS:
+            raise DatasetError(f"{meta}: fold {fold} is not one of {', '.join(FOLDS)}", "is this the official metadata file?")
+        if names.setdefault(target, row["category"]) != row["category"]:
+            raise DatasetError(
+                f"{meta}: target {target} is both {names[target]!r} and {row['category']!r}",
+                "is this the official metadata file?",
+            )
+        # Validate the bare filename first: "audio/" + "/etc/x" would normalise to a harmless-looking path.
+        path = "audio/" + safe_relpath(root, row["filename"], meta)
+        if path in seen:
+            raise DatasetError(f"{meta}: {row['filename']} is listed twice", "is this the official metadata file?")
+        seen.add(path)
+        items.append((path, target, fold))
+
+    # Labels are the rank of the original target. On the full ESC-50 that is the target itself;
+    # ESC-10 (and any trimmed copy of the CSV) has gaps that would leave classes without names.
+    order = sorted(names)
+    rank = {t: i for i, t in enumerate(order)}
+    return DatasetIndex(
+        name=adapter.name,
+        root=root,
+        clips=[Clip(path, rank[target], fold) for path, target, fold in items],
+        classes=[names[t] for t in order],
+        folds=list(FOLDS),
+        metadata_files=[meta],
+        options={},
+    )
+
+
+def index_esc50(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
+    return _index(ESC50, Path(root), esc10_only=False)
+
+
+def index_esc10(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
+    return _index(ESC10, Path(root), esc10_only=True)
+
+
+index = index_esc50
+
+ESC50 = register(
+    DatasetAdapter(
+        name="esc50",
+        description="ESC-50: 2000 environmental sound clips (5 s), 50 classes, 5 official folds",
+        layout=LAYOUT,
+        source=SOURCE,
+        defaults=DEFAULTS,
+        index=index_esc50,
+    )
+)
+
+ESC10 = register(
+    DatasetAdapter(
+        name="esc10",
+        description="ESC-10: the 400-clip, 10-class subset of ESC-50 (esc10 column true), 5 official folds",
+        layout=LAYOUT,
+        source=SOURCE,
+        defaults=DEFAULTS,
+        index=index_esc10,
+    )
+)

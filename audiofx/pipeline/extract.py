@@ -1,0 +1,259 @@
+"""Dataset -> feature store: plan the write units, run them in parallel, finalize.
+
+The coordinator (this process) indexes the dataset, checks it, creates the group with every
+array at its final shape, and hands whole write units to worker processes (joblib/loky).
+Each worker decodes its clips, computes features in small batches, writes its chunk and
+then its unit record. When every unit has a record, the coordinator writes the manifest.
+A killed run leaves finished units behind; the next run does only the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from audiofx.config import FEATURE_FIELDS, FeatureConfig, feature_key, resolve_feature_config
+from audiofx.errors import AudioSkip, AudiofxError, ConfigError, DatasetError
+from audiofx.pipeline.datasets.base import DatasetIndex, get_adapter
+from audiofx.pipeline.decode import decode_clip
+from audiofx.pipeline.fingerprint import file_sizes, fingerprint
+from audiofx.pipeline.store import FeatureStore, GroupPlan, Unit, plan_units
+
+
+@dataclass
+class ExtractRequest:
+    dataset: str
+    root: Path | None = None  # default data/raw/<dataset>
+    store: str = "data/features"
+    preset: str = "shin2021"
+    overrides: dict[str, Any] = field(default_factory=dict)  # --set key=value (features or dataset options)
+    workers: int = 0  # 0: one per core
+    device: str = "cpu"
+    strict: bool = False
+    allow_missing: bool = False
+    rebuild: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ExtractSummary:
+    dataset: str
+    key: str
+    path: Path
+    status: str  # "complete" (nothing to do) or "written"
+    clips_total: int = 0
+    clips_written: int = 0  # computed by this run
+    units_total: int = 0
+    units_done_before: int = 0
+    units_computed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    stored_bytes: int = 0
+    raw_bytes: int = 0
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.clips_written / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.raw_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class UnitJob:
+    """Everything a worker needs, as plain picklable values (stores are opened in the worker)."""
+
+    store: str
+    dataset: str
+    key: str
+    unit: Unit
+    root: str
+    paths: tuple[str, ...]
+    config: dict[str, Any]
+    device: str
+    strict: bool
+    batch: int
+
+
+def run_unit(job: UnitJob) -> dict[str, Any]:
+    """Decode, compute and write one write unit. Runs in a worker process."""
+    import torch
+
+    from audiofx.features.melspec import compute_features
+
+    torch.set_num_threads(1)  # one thread per process: parallelism comes from processes
+    store = FeatureStore(job.store)
+    done = store.unit_record_path(job.dataset, job.key, job.unit.id)
+    if done.exists():  # finished meanwhile by a concurrent run
+        return {"unit": job.unit.id, "computed": False, "skipped": [], "clips": 0}
+    started = time.perf_counter()
+    config = FeatureConfig.from_dict(job.config)
+    x = np.zeros((len(job.paths),) + config.shape, dtype=config.dtype)
+    audio, rows, skipped = [], [], []
+    for i, rel in enumerate(job.paths):
+        try:
+            audio.append(decode_clip(Path(job.root) / rel, config))
+            rows.append(i)
+        except AudioSkip as skip:
+            if job.strict:
+                return {"unit": job.unit.id, "strict_failure": [rel, skip.reason]}
+            skipped.append((rel, skip.reason))
+    with torch.inference_mode():
+        for b in range(0, len(rows), job.batch):
+            batch = torch.from_numpy(np.stack(audio[b:b + job.batch])).to(job.device)
+            feats = compute_features(batch, config).cpu().numpy()
+            x[rows[b:b + job.batch]] = feats.astype(config.dtype)
+    record = store.write_unit(job.dataset, job.key, job.unit, x, skipped,
+                              extra={"seconds": round(time.perf_counter() - started, 3), "pid": os.getpid()})
+    return {**record, "computed": True, "clips": len(rows)}
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def split_overrides(overrides: dict[str, Any], dataset_options: dict[str, Any]) -> tuple[dict, dict]:
+    features, options = {}, {}
+    for key, value in overrides.items():
+        if key in FEATURE_FIELDS:
+            features[key] = value
+        elif key in dataset_options:
+            options[key] = value
+        else:
+            raise ConfigError(
+                f"unknown option {key!r} for --set",
+                f"feature options: {', '.join(sorted(FEATURE_FIELDS))}; dataset options: {', '.join(dataset_options) or 'none'}",
+            )
+    return features, options
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device here", "use --device cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"unknown device {device!r}", "use cpu or cuda")
+    return device
+
+
+def build_plan(req: ExtractRequest) -> tuple[GroupPlan, DatasetIndex, FeatureConfig]:
+    adapter = get_adapter(req.dataset)
+    root = Path(req.root) if req.root else Path("data/raw") / req.dataset
+    feature_overrides, option_overrides = split_overrides(req.overrides, dict(adapter.options))
+    config = resolve_feature_config(adapter.defaults, req.preset, feature_overrides)
+    index = adapter.index(root, {**adapter.options, **option_overrides})
+    if not index.clips:
+        raise DatasetError(f"{adapter.name}: no clips found under {root}", f"expected layout: {adapter.layout}")
+    sizes = file_sizes(index)
+    missing = sorted(p for p, s in sizes.items() if s < 0)
+    if missing and not req.allow_missing:
+        raise DatasetError(
+            f"{len(missing)} file(s) listed in the {adapter.name} metadata are missing under {root}, "
+            f"e.g. {', '.join(missing[:3])}",
+            "restore them, or pass --allow-missing to go on without them (they are recorded in the manifest)",
+        )
+    absent = set(missing)
+    folds: dict[str, list[tuple[str, Any]]] = {f: [] for f in index.folds}
+    for clip in index.clips:
+        if clip.path not in absent:
+            folds.setdefault(clip.fold, []).append((clip.path, clip.label))
+    folds = {f: c for f, c in folds.items() if c}
+    options = dict(index.options)
+    key = feature_key(config, options)
+    fp = fingerprint(index, sizes)
+    plan = GroupPlan(
+        dataset=adapter.name, key=key, config=config, fingerprint=fp.to_dict(), classes=list(index.classes),
+        multilabel=index.multilabel, folds=folds, dataset_options=options,
+        missing=missing + [f"{p}: {r}" for p, r in index.skipped],
+    )
+    return plan, index, config
+
+
+def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) -> ExtractSummary:
+    say = on_event or (lambda msg: print(msg, file=sys.stderr))
+    device = check_device(req.device)
+    plan, index, config = build_plan(req)
+    store = FeatureStore(req.store)
+    path = store.group_path(plan.dataset, plan.key)
+    state = store.prepare(plan, rebuild=req.rebuild)
+    summary = ExtractSummary(plan.dataset, plan.key, path, "complete", missing=plan.missing)
+    if state == "complete":
+        manifest = store.read_manifest(plan.dataset, plan.key)
+        summary.clips_total = manifest["clips"]
+        summary.skipped = [(s["clip"], s["reason"]) for s in manifest["skipped"]]
+        summary.stored_bytes, summary.raw_bytes = manifest["sizes"]["stored_bytes"], manifest["sizes"]["raw_bytes"]
+        return summary
+
+    units = plan_units({f: len(c) for f, c in plan.folds.items()})
+    done = store.unit_records(plan.dataset, plan.key)
+    todo = [u for u in units if u.id not in done]
+    # Start at a random place: two runs on the same store then mostly work on different
+    # units (each also skips units the other has finished), yet each run reads in order.
+    shift = random.Random(os.getpid() ^ time.time_ns()).randrange(len(todo)) if todo else 0
+    todo = todo[shift:] + todo[:shift]
+    summary.status = "written"
+    summary.units_total, summary.units_done_before = len(units), len(units) - len(todo)
+    summary.clips_total = sum(len(c) for c in plan.folds.values())
+    if summary.units_done_before:
+        say(f"resuming {plan.dataset}/{plan.key}: {summary.units_done_before} of {len(units)} write units already done")
+
+    workers = max(1, min(req.workers or default_workers(), len(todo) or 1))
+    jobs = [
+        UnitJob(str(store.root), plan.dataset, plan.key, u, str(index.root),
+                tuple(p for p, _ in plan.folds[u.fold][u.start:u.stop]), config.to_dict(), device, req.strict,
+                batch=16 if device != "cpu" else 2)  # small batches keep CPU intermediates in cache
+        for u in todo
+    ]
+    started = time.perf_counter()
+    results = _run_jobs(jobs, workers, req.progress, summary, plan.dataset)
+    for result in results:
+        if "strict_failure" in result:
+            rel, reason = result["strict_failure"]
+            raise DatasetError(f"{index.root / rel}: {reason}",
+                               "--strict is set: fix or remove the file, or drop --strict to record it as skipped")
+    summary.seconds = time.perf_counter() - started
+    summary.units_computed = sum(1 for r in results if r.get("computed"))
+    summary.clips_written = sum(r.get("clips", 0) for r in results)
+    manifest = store.finalize(plan, units, {"workers": workers, "device": device, "seconds": round(summary.seconds, 2)})
+    summary.skipped = [(s["clip"], s["reason"]) for s in manifest["skipped"]]
+    summary.stored_bytes, summary.raw_bytes = manifest["sizes"]["stored_bytes"], manifest["sizes"]["raw_bytes"]
+    return summary
+
+
+def _run_jobs(jobs: list[UnitJob], workers: int, progress: bool, summary: ExtractSummary, name: str) -> list[dict]:
+    from tqdm import tqdm
+
+    total = summary.clips_total
+    initial = total - sum(len(j.paths) for j in jobs)
+    results: list[dict] = []
+    bar = tqdm(total=total, initial=initial, unit="clip", desc=f"extract {name}", disable=not progress,
+               file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+    try:
+        if workers == 1:
+            stream = map(run_unit, jobs)
+        else:
+            from joblib import Parallel, delayed
+
+            # Whole units per task; results come back as they finish so the bar moves smoothly.
+            stream = Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered", batch_size=1)(
+                delayed(run_unit)(j) for j in jobs
+            )
+        sizes = {j.unit.id: len(j.paths) for j in jobs}
+        for result in stream:
+            results.append(result)
+            if "strict_failure" in result:
+                break
+            bar.update(sizes[result["unit"]])
+    finally:
+        bar.close()
+    return results

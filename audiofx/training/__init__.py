@@ -1,0 +1,1 @@
+"""Store -> results: data loading, models, self-supervised and supervised loops (later issues)."""
