@@ -52,7 +52,7 @@ Examples:
 @click.option("--dataset", required=True, help="Dataset name (audiofx datasets lists them).")
 @click.option("--root", type=click.Path(path_type=Path), help="Dataset root in its official layout [data/raw/<dataset>].")
 @click.option("--store", default="data/features", show_default=True, help="Feature store directory.")
-@click.option("--preset", default="shin2021", show_default=True, type=click.Choice(sorted(PRESETS)), help="Feature recipe.")
+@click.option("--preset", default="shin2021", show_default=True, help=f"Feature recipe: {', '.join(PRESETS)}.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a feature option (n_mels=64, hops_ms=10,25,50) or a dataset option (folds=5, seed=1).")
 @click.option("--split", type=click.Path(path_type=Path), help="CSV of path,fold with a published split (gtzan, folder).")
@@ -195,15 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     except AudiofxError as err:
         click.echo(err.one_line(), err=True)
         sys.exit(err.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("interrupted: finished write units are kept; rerun the same command to finish", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted: finished write units are kept; rerun the same command to finish", err=True)
-        sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
 

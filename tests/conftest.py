@@ -1,0 +1,73 @@
+"""Shared fixtures: small generated datasets and a runner for the real `audiofx` CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_signal(sr: int, seconds: float, seed: int, channels: int = 1) -> np.ndarray:
+    """A real-looking test signal: a gliding harmonic tone with vibrato, noise and a gap of
+    silence, so the spectrum has structure at every frame length."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(sr * seconds)) / sr
+    f0 = rng.uniform(110, 880) * (1 + 0.3 * t / max(seconds, 1e-9))
+    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.01 * np.sin(2 * np.pi * 5 * t))) / sr
+    x = sum(0.3 / k * np.sin(k * phase) for k in range(1, 5)) + 0.02 * rng.standard_normal(len(t))
+    x[int(0.4 * len(t)):int(0.5 * len(t))] = 0.0
+    if channels == 2:
+        x = np.stack([x, 0.5 * x + 0.05 * rng.standard_normal(len(t))], axis=1)
+    return (0.8 * x / np.max(np.abs(x))).astype(np.float32)
+
+
+def make_class_folder(root: Path, classes: int = 3, per_class: int = 10, seconds: float = 1.0, sr: int = 22050,
+                      subtype: str = "PCM_16") -> Path:
+    """A `folder`-layout dataset: <root>/<class>/<class>-<i>.wav."""
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            sf.write(d / f"class{c}-{i:03d}.wav", real_signal(sr, seconds, seed=1000 * c + i), sr, subtype=subtype)
+    return root
+
+
+@pytest.fixture
+def small_folder(tmp_path: Path) -> Path:
+    return make_class_folder(tmp_path / "raw", classes=3, per_class=10, seconds=1.0)
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def audiofx_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "audiofx", *args]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess (a real process, as a user would)."""
+    return subprocess.run(audiofx_cmd(*args), cwd=cwd or REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """A user error: non-zero exit, exactly one line on stderr starting with 'error:', no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]

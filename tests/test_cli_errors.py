@@ -1,0 +1,145 @@
+"""Bad input through the real CLI: one line with a hint, non-zero exit, no traceback, and
+nothing already written is lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import zarr
+
+from tests.conftest import assert_one_line_error, make_class_folder, real_signal, run_cli
+
+SMALL = ["--set", "sample_rate=22050", "--set", "clip_seconds=1.0", "--set", "frames=50", "--set", "folds=2",
+         "--workers", "1", "--no-progress"]
+
+
+def extract(root: Path, store: Path, *extra: str):
+    return run_cli("extract", "--dataset", "folder", "--root", str(root), "--store", str(store), *SMALL, *extra)
+
+
+def only_group(store: Path) -> Path:
+    groups = [p for p in (store / "folder").iterdir() if p.is_dir()]
+    assert len(groups) == 1
+    return groups[0]
+
+
+def test_unknown_dataset_lists_known_ones(tmp_path):
+    proc = run_cli("extract", "--dataset", "esc-50", "--store", str(tmp_path))
+    assert_one_line_error(proc, "unknown dataset 'esc-50'", "esc50", "urbansound8k", "gtzan", "fsd50k")
+
+
+def test_missing_root_says_layout_and_source(tmp_path):
+    proc = run_cli("extract", "--dataset", "esc50", "--root", str(tmp_path / "nowhere"), "--store", str(tmp_path))
+    assert_one_line_error(proc, "does not exist", "meta/esc50.csv", "github.com/karolpiczak/ESC-50")
+
+
+def test_unknown_preset_and_option(tmp_path, small_folder):
+    assert_one_line_error(extract(small_folder, tmp_path / "s", "--preset", "shin2022"), "unknown preset", "shin2021")
+    assert_one_line_error(extract(small_folder, tmp_path / "s", "--set", "nmels=64"), "unknown option 'nmels'", "n_mels")
+    assert_one_line_error(extract(small_folder, tmp_path / "s", "--set", "n_mels=many"), "n_mels must be a number")
+
+
+def test_missing_files_error_or_allowed_and_recorded(tmp_path, small_folder):
+    rows = ["path,label,fold"] + [f"class{c}/class{c}-{i:03d}.wav,c{c},{1 + i % 2}" for c in range(3) for i in range(10)]
+    rows += [f"class0/gone-{i}.wav,c0,1" for i in range(5)]
+    split = tmp_path / "split.csv"
+    split.write_text("\n".join(rows) + "\n")
+    line = assert_one_line_error(extract(small_folder, tmp_path / "s", "--split", str(split)),
+                                 "5 file(s) listed", "missing", "class0/gone-0.wav", "--allow-missing")
+    assert "gone-3" not in line  # the first few, not all
+    proc = extract(small_folder, tmp_path / "s", "--split", str(split), "--allow-missing")
+    assert proc.returncode == 0, proc.stderr
+    assert "missing (allowed): 5" in proc.stdout
+    manifest = json.loads((only_group(tmp_path / "s") / "manifest.json").read_text())
+    assert manifest["clips"] == 30 and sorted(manifest["missing"]) == [f"class0/gone-{i}.wav" for i in range(5)]
+
+
+def test_paths_escaping_the_root_are_rejected(tmp_path, small_folder):
+    for bad in ("../outside.wav", "/etc/passwd"):
+        split = tmp_path / "split.csv"
+        split.write_text(f"path,label,fold\nclass0/class0-000.wav,a,1\n{bad},a,2\n")
+        assert_one_line_error(extract(small_folder, tmp_path / "s", "--split", str(split)), repr(bad))
+
+
+def write_bad_files(root: Path) -> dict[str, str]:
+    d = root / "class0"
+    good = (d / "class0-000.wav").read_bytes()
+    (d / "bad-empty.wav").write_bytes(b"")
+    (d / "bad-truncated.wav").write_bytes(good[: len(good) // 3])
+    (d / "bad-text.wav").write_text("not audio\n" * 50)
+    x = real_signal(22050, 1.0, seed=1)
+    x[10] = np.nan
+    sf.write(d / "bad-nan.wav", x, 22050, subtype="FLOAT")
+    sf.write(d / "silent.wav", np.zeros(22050, dtype=np.float32), 22050)
+    return {"class0/bad-empty.wav": "empty", "class0/bad-truncated.wav": "truncated",
+            "class0/bad-text.wav": "not readable as audio", "class0/bad-nan.wav": "NaN"}
+
+
+def test_unusable_files_are_skipped_listed_and_recorded(tmp_path, small_folder):
+    bad = write_bad_files(small_folder)
+    proc = extract(small_folder, tmp_path / "s")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped: 4" in proc.stdout and "31 usable of 35" in proc.stdout
+    for path, reason in bad.items():
+        assert any(path in line and reason in line for line in proc.stdout.splitlines()), (path, proc.stdout)
+    group = only_group(tmp_path / "s")
+    manifest = json.loads((group / "manifest.json").read_text())
+    assert {s["clip"]: s["reason"] for s in manifest["skipped"]}.keys() == bad.keys()
+    # skipped rows are masked out; the silent clip is kept with finite features
+    for fold in manifest["folds"]:
+        g = zarr.open_group(str(group / f"fold-{fold}"), mode="r")
+        clips, ok, x = g["clip"][:], g["ok"][:], g["x"][:]
+        assert {str(c) for c in clips[~ok]} <= bad.keys()
+        assert np.isfinite(x.astype(np.float32)).all()
+        if "class0/silent.wav" in set(clips.tolist()):
+            i = list(clips).index("class0/silent.wav")
+            assert ok[i] and np.allclose(x[i].astype(np.float32), np.log(1e-6), atol=1e-2)
+
+
+def test_strict_turns_a_skip_into_an_error_and_keeps_written_units(tmp_path, small_folder):
+    write_bad_files(small_folder)
+    proc = extract(small_folder, tmp_path / "s", "--strict")
+    assert_one_line_error(proc, str(small_folder / "class0"), "bad-", "--strict")
+    group = only_group(tmp_path / "s")
+    assert not (group / "manifest.json").exists()
+    kept = sorted(p.name for p in (group / "units").glob("*.json"))
+    # Dropping --strict finishes the store; units written before the error are not redone.
+    proc = extract(small_folder, tmp_path / "s")
+    assert proc.returncode == 0 and (group / "manifest.json").exists()
+    if kept:
+        assert f"{len(kept)} of" in proc.stdout
+
+
+def test_changed_dataset_error_then_rebuild(tmp_path, small_folder):
+    assert extract(small_folder, tmp_path / "s").returncode == 0
+    sf.write(small_folder / "class1" / "class1-004.wav", real_signal(22050, 0.7, seed=5), 22050)
+    assert_one_line_error(extract(small_folder, tmp_path / "s"), "different copy of folder", "--rebuild")
+    proc = extract(small_folder, tmp_path / "s", "--rebuild")
+    assert proc.returncode == 0 and "30 usable of 30" in proc.stdout
+
+
+def test_help_shows_an_example():
+    proc = run_cli("extract", "--help")
+    assert proc.returncode == 0 and "audiofx extract --dataset esc50 --root" in proc.stdout
+
+
+def test_cache_commands(tmp_path, small_folder):
+    assert extract(small_folder, tmp_path / "s").returncode == 0
+    key = only_group(tmp_path / "s").name
+    ls = run_cli("cache", "ls", "--store", str(tmp_path / "s"))
+    assert ls.returncode == 0
+    header, row = ls.stdout.splitlines()
+    assert header.split() == ["dataset", "key", "folds", "clips", "size", "created", "status"]
+    assert row.split()[:4] == ["folder", key, "2", "30"] and row.split()[-1] == "complete"
+    info = run_cli("cache", "info", key[:6], "--store", str(tmp_path / "s"))
+    assert info.returncode == 0 and "fold 1: 15 clips" in info.stdout and "n_mels=128" in info.stdout
+    assert run_cli("cache", "verify", "--store", str(tmp_path / "s")).stdout.strip() == f"ok folder/{key}"
+    chunk = only_group(tmp_path / "s") / "fold-1" / "x" / "c" / "0" / "0" / "0" / "0"
+    chunk.write_bytes(b"garbage")
+    bad = run_cli("cache", "verify", key, "--store", str(tmp_path / "s"))
+    assert bad.returncode != 0 and f"DAMAGED folder/{key}/fold-1/x chunk 0 (clips 0-14): unreadable" in bad.stdout
+    assert_one_line_error(bad, "1 of 1 feature sets are damaged")
+    assert_one_line_error(run_cli("cache", "info", "zzzz", "--store", str(tmp_path / "s")), "no feature set 'zzzz'")

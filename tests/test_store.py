@@ -1,0 +1,112 @@
+"""The feature store: round trip, manifest, keys, fingerprints, verification of damage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import zarr
+
+from audiofx.config import FeatureConfig
+from audiofx.errors import StoreError
+from audiofx.features.melspec import compute_features
+from audiofx.pipeline.decode import decode_clip
+from audiofx.pipeline.extract import ExtractRequest, extract
+from audiofx.pipeline.store import CHUNK_CLIPS, FeatureStore
+from tests.conftest import make_class_folder, real_signal
+
+SMALL = {"sample_rate": 22050, "clip_seconds": 1.0, "frames": 50, "folds": 3}
+
+
+def run(root: Path, store: Path, **kw) -> "ExtractSummary":  # noqa: F821
+    overrides = {**SMALL, **kw.pop("overrides", {})}
+    return extract(ExtractRequest(dataset="folder", root=root, store=str(store), overrides=overrides, workers=1,
+                                  progress=False, **kw), on_event=lambda msg: None)
+
+
+def test_round_trip_values_labels_and_paths(small_folder, tmp_path):
+    summary = run(small_folder, tmp_path / "store")
+    assert summary.status == "written" and summary.clips_total == 30 and not summary.skipped
+    fs = FeatureStore(tmp_path / "store")
+    manifest = fs.read_manifest("folder", summary.key)
+    assert manifest["clips"] == 30 and sorted(manifest["folds"]) == ["1", "2", "3"]
+    assert manifest["classes"] == ["class0", "class1", "class2"]
+    cfg = FeatureConfig.from_dict(manifest["feature_config"])
+    seen = 0
+    for fold in manifest["folds"]:
+        x, y, clips = fs.load_fold("folder", summary.key, fold)
+        assert x.dtype == np.float16 and x.shape[1:] == (3, 128, 50)
+        for xi, yi, path in zip(x, y, clips):
+            assert path.startswith(f"class{yi}/")
+            audio = decode_clip(small_folder / path, cfg)
+            expected = compute_features(torch.from_numpy(audio)[None], cfg)[0].numpy().astype(np.float16)
+            assert np.array_equal(xi, expected)
+            seen += 1
+    assert seen == 30
+    # stratified: every fold has every class
+    for fold in manifest["folds"]:
+        assert sorted(set(fs.load_fold("folder", summary.key, fold)[1].tolist())) == [0, 1, 2]
+
+
+def test_layout_chunks_are_write_units(tmp_path):
+    root = make_class_folder(tmp_path / "raw", classes=2, per_class=20, seconds=0.5)
+    summary = run(root, tmp_path / "store", overrides={"folds": 2})
+    manifest = FeatureStore(tmp_path / "store").read_manifest("folder", summary.key)
+    x = zarr.open_array(str(summary.path / "fold-1" / "x"), mode="r")
+    assert x.shape == (20, 3, 128, 50) and x.chunks == (CHUNK_CLIPS, 3, 128, 50)
+    assert sorted(manifest["units"]) == ["1-0", "1-1", "2-0", "2-1"]
+    assert manifest["sizes"]["stored_bytes"] > 0 and manifest["sizes"]["raw_bytes"] == 40 * 3 * 128 * 50 * 2
+
+
+def test_second_run_does_nothing(small_folder, tmp_path):
+    first = run(small_folder, tmp_path / "store")
+    manifest_before = (first.path / "manifest.json").read_bytes()
+    second = run(small_folder, tmp_path / "store")
+    assert second.status == "complete" and second.key == first.key
+    assert (first.path / "manifest.json").read_bytes() == manifest_before
+
+
+def test_other_config_gets_another_key(small_folder, tmp_path):
+    a = run(small_folder, tmp_path / "store")
+    b = run(small_folder, tmp_path / "store", overrides={"n_mels": 64})
+    c = run(small_folder, tmp_path / "store", preset="palanisamy2020")
+    assert len({a.key, b.key, c.key}) == 3
+    assert zarr.open_array(str(b.path / "fold-1" / "x"), mode="r").shape[2] == 64
+
+
+def test_changed_dataset_is_never_reused_silently(small_folder, tmp_path):
+    first = run(small_folder, tmp_path / "store")
+    old = FeatureStore(tmp_path / "store").read_manifest("folder", first.key)["fingerprint"]
+    sf.write(small_folder / "class0" / "class0-000.wav", real_signal(22050, 1.3, seed=99), 22050)
+    with pytest.raises(StoreError, match="different copy of folder"):
+        run(small_folder, tmp_path / "store")
+    rebuilt = run(small_folder, tmp_path / "store", rebuild=True)
+    assert rebuilt.status == "written" and rebuilt.key == first.key
+    new = FeatureStore(tmp_path / "store").read_manifest("folder", first.key)["fingerprint"]
+    assert new["digest"] != old["digest"] and new["bytes"] > old["bytes"]
+
+
+def test_verify_names_the_damaged_chunk_and_array(small_folder, tmp_path):
+    summary = run(small_folder, tmp_path / "store")
+    fs = FeatureStore(tmp_path / "store")
+    assert fs.verify("folder", summary.key) == []
+    chunk = summary.path / "fold-2" / "x" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    y = zarr.open_array(str(summary.path / "fold-3" / "y"), mode="r+")
+    y[0] = (y[0] + 1) % 3
+    problems = fs.verify("folder", summary.key)
+    assert len(problems) == 2
+    assert f"folder/{summary.key}/fold-2/x chunk 0 (clips 0-9)" in problems[0]
+    assert problems[1] == f"folder/{summary.key}/fold-3/y: checksum mismatch"
+
+
+def test_reader_refuses_a_store_without_manifest(small_folder, tmp_path):
+    summary = run(small_folder, tmp_path / "store")
+    (summary.path / "manifest.json").unlink()
+    with pytest.raises(StoreError, match="no manifest"):
+        FeatureStore(tmp_path / "store").load_fold("folder", summary.key, "1")
