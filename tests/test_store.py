@@ -15,7 +15,7 @@ from audiofx.errors import StoreError
 from audiofx.features.melspec import compute_features
 from audiofx.pipeline.decode import decode_clip
 from audiofx.pipeline.extract import ExtractRequest, extract
-from audiofx.pipeline.store import CHUNK_CLIPS, FeatureStore
+from audiofx.pipeline.store import FeatureStore, chunk_clips
 from tests.conftest import make_class_folder, real_signal
 
 SMALL = {"sample_rate": 22050, "clip_seconds": 1.0, "frames": 50, "folds": 3}
@@ -56,9 +56,17 @@ def test_layout_chunks_are_write_units(tmp_path):
     summary = run(root, tmp_path / "store", overrides={"folds": 2})
     manifest = FeatureStore(tmp_path / "store").read_manifest("folder", summary.key)
     x = zarr.open_array(str(summary.path / "fold-1" / "x"), mode="r")
-    assert x.shape == (20, 3, 128, 50) and x.chunks == (CHUNK_CLIPS, 3, 128, 50)
+    assert x.shape == (20, 3, 128, 50) and x.chunks == (16, 3, 128, 50)  # 16 x 38 kB: the cap
     assert sorted(manifest["units"]) == ["1-0", "1-1", "2-0", "2-1"]
     assert manifest["sizes"]["stored_bytes"] > 0 and manifest["sizes"]["raw_bytes"] == 40 * 3 * 128 * 50 * 2
+
+
+def test_chunks_hold_at_least_1_5_mb():
+    from audiofx.config import resolve_feature_config
+
+    assert chunk_clips(resolve_feature_config({"frames": 250})) == 8  # ESC-50: 8 x 192 kB
+    assert chunk_clips(resolve_feature_config({"frames": 1500})) == 2  # GTZAN: 2 x 1.15 MB
+    assert chunk_clips(resolve_feature_config({"frames": 50})) == 16
 
 
 def test_second_run_does_nothing(small_folder, tmp_path):

@@ -24,7 +24,7 @@ from audiofx.errors import AudioSkip, AudiofxError, ConfigError, DatasetError
 from audiofx.pipeline.datasets.base import DatasetIndex, get_adapter
 from audiofx.pipeline.decode import decode_clip
 from audiofx.pipeline.fingerprint import file_sizes, fingerprint
-from audiofx.pipeline.store import FeatureStore, GroupPlan, Unit, plan_units
+from audiofx.pipeline.store import FeatureStore, GroupPlan, Unit, chunk_clips, plan_units
 
 
 @dataclass
@@ -194,7 +194,7 @@ def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) 
         summary.stored_bytes, summary.raw_bytes = manifest["sizes"]["stored_bytes"], manifest["sizes"]["raw_bytes"]
         return summary
 
-    units = plan_units({f: len(c) for f, c in plan.folds.items()})
+    units = plan_units({f: len(c) for f, c in plan.folds.items()}, chunk_clips(config))
     done = store.unit_records(plan.dataset, plan.key)
     todo = [u for u in units if u.id not in done]
     # Start at a random place: two runs on the same store then mostly work on different

@@ -1,7 +1,7 @@
 """The Zarr feature store: layout, creation, write units, manifest, listing and verification.
 
     <store>/<dataset>/<feature_key>/          Zarr v3 group; attrs describe what it holds
-        fold-<k>/x      (n, C, bins, T) float16, chunks of CHUNK_CLIPS clips: one chunk = one write unit
+        fold-<k>/x      (n, C, bins, T) float16, chunks of chunk_clips(config) clips: one chunk = one write unit
         fold-<k>/y      (n,) int16 labels, or (n, n_classes) bool for multi-label sets
         fold-<k>/clip   (n,) source path relative to the dataset root
         fold-<k>/ok     (n,) bool, False for a clip that was skipped (its x rows are zeros); written at the end
@@ -39,12 +39,13 @@ from audiofx.config import FEATURE_CODE_VERSION, FeatureConfig, canonical_json
 from audiofx.errors import StoreError
 
 FORMAT = "audiofx-store/1"
-CHUNK_CLIPS = 16  # >= 1 MB per chunk for 3x128x250 float16 (1.5 MB raw), a good sequential read size
+CHUNK_BYTES = 1_500_000  # raw bytes a chunk should at least hold: long sequential reads
+MAX_CHUNK_CLIPS = 16
 MANIFEST = "manifest.json"
 UNITS_DIR = "units"
 
 # zstd level 3 with bit shuffle: float16 log-mels compress ~1.5x; of the codecs tried (zstd 1/3 with
-# byte or bit shuffle, lz4) it wrote a 16-clip chunk fastest but lz4 (14 vs 20 ms) and read fastest.
+# byte or bit shuffle, lz4) it wrote a 16-clip chunk fastest but for lz4 (14 vs 20 ms) and read back fastest.
 X_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
@@ -66,7 +67,18 @@ class Unit:
         return f"{self.fold}-{self.chunk}"
 
 
-def plan_units(fold_sizes: dict[str, int], chunk_clips: int = CHUNK_CLIPS) -> list[Unit]:
+def chunk_clips(config: FeatureConfig) -> int:
+    """Clips per chunk (= per write unit): the fewest that make >= 1.5 MB, at most 16.
+
+    8 clips for 3x128x250 (1.5 MB), 2 for GTZAN's 3x128x1500 (2.3 MB). Small units keep the
+    workers evenly busy to the end of a run (a 16-clip GTZAN unit is ~2 s of work, and the
+    last one ran alone) and lose less work to a kill; >= 1.5 MB keeps reads sequential.
+    """
+    clip_bytes = int(np.prod(config.shape)) * np.dtype(config.dtype).itemsize
+    return max(1, min(MAX_CHUNK_CLIPS, -(-CHUNK_BYTES // clip_bytes)))
+
+
+def plan_units(fold_sizes: dict[str, int], chunk_clips: int) -> list[Unit]:
     units = []
     for fold, n in fold_sizes.items():
         for i, start in enumerate(range(0, n, chunk_clips)):
@@ -124,7 +136,7 @@ class GroupPlan:
             "classes": self.classes,
             "multilabel": self.multilabel,
             "folds": {f: len(c) for f, c in self.folds.items()},
-            "chunk_clips": CHUNK_CLIPS,
+            "chunk_clips": chunk_clips(self.config),
         }
 
 
@@ -205,7 +217,7 @@ class FeatureStore:
         for fold, clips in plan.folds.items():
             n = len(clips)
             fg = group.create_group(fold_group(fold))
-            fg.create_array("x", shape=(n, c, bins, frames), chunks=(CHUNK_CLIPS, c, bins, frames),
+            fg.create_array("x", shape=(n, c, bins, frames), chunks=(chunk_clips(plan.config), c, bins, frames),
                             dtype=dtype, compressors=X_CODEC, fill_value=0)
             if plan.multilabel:
                 y = np.zeros((n, len(plan.classes)), dtype=bool)
