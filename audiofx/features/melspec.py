@@ -136,11 +136,30 @@ def _stft_cpu(wave: torch.Tensor, n_fft: int, hop: int, win_length: int, config:
     left = (n_fft - win_length) // 2
     frames = wave[:, left:].unfold(-1, win_length, hop)
     n_frames = 1 + (wave.shape[-1] - n_fft) // hop  # what torch.stft yields for this length
-    # Windowed frames go straight into a zero buffer of n_fft columns: scipy would otherwise
-    # copy every frame once more to zero-pad it.
-    buf = torch.zeros(frames.shape[0], n_frames, n_fft)
+    # Windowed frames go straight into a zero-padded buffer of n_fft columns (scipy would
+    # otherwise copy every frame once more to pad it). The buffer is kept between calls: its
+    # padding stays zero, and a fresh 50 MB buffer per call cost more in page faults and
+    # zero-filling than the FFT itself.
+    buf = _frame_buffer(frames.shape[0], n_frames, n_fft, win_length)
     torch.mul(frames[:, :n_frames], window(config.window, win_length), out=buf[:, :, :win_length])
-    return torch.from_numpy(scipy.fft.rfft(buf.numpy(), axis=-1, workers=1, overwrite_x=True))
+    return torch.from_numpy(scipy.fft.rfft(buf.numpy(), axis=-1, workers=1))
+
+
+_BUFFERS: dict[tuple[int, int, int, int], torch.Tensor] = {}
+
+
+def _frame_buffer(batch: int, n_frames: int, n_fft: int, win_length: int) -> torch.Tensor:
+    """A (batch, n_frames, n_fft) float32 buffer whose columns from win_length on are zero.
+
+    Only columns [:win_length] are ever written, so the zeros survive reuse. One buffer per
+    shape and window; a few shapes occur per process (one per channel, plus a short last batch).
+    """
+    key = (batch, n_frames, n_fft, win_length)
+    if key not in _BUFFERS:
+        if len(_BUFFERS) >= 8:
+            _BUFFERS.clear()
+        _BUFFERS[key] = torch.zeros(batch, n_frames, n_fft)
+    return _BUFFERS[key]
 
 
 def power_spectrogram(wave: torch.Tensor, n_fft: int, hop: int, win_length: int, config: FeatureConfig) -> torch.Tensor:

@@ -84,13 +84,23 @@ class UnitJob:
     batch: int
 
 
+def _one_thread_per_worker() -> None:
+    """Parallelism comes from worker processes; threads inside them (torch's pool, Blosc's
+    compressor threads, one per core by default) would only fight over the same cores."""
+    import torch
+    from numcodecs import blosc
+
+    torch.set_num_threads(1)
+    blosc.set_nthreads(1)
+
+
 def run_unit(job: UnitJob) -> dict[str, Any]:
     """Decode, compute and write one write unit. Runs in a worker process."""
     import torch
 
     from audiofx.features.melspec import compute_features
 
-    torch.set_num_threads(1)  # one thread per process: parallelism comes from processes
+    _one_thread_per_worker()
     store = FeatureStore(job.store)
     done = store.unit_record_path(job.dataset, job.key, job.unit.id)
     if done.exists():  # finished meanwhile by a concurrent run
