@@ -65,7 +65,8 @@ Examples:
 def extract(dataset, root, store, preset, overrides, split, workers, device, strict, allow_missing, rebuild, no_progress):
     """Decode, resample and turn every clip of a dataset into three-window log-mel features,
     written in parallel into a resumable Zarr feature store."""
-    from audiofx.pipeline.extract import ExtractRequest, extract as run_extract
+    from audiofx.pipeline.extract import ExtractRequest
+    from audiofx.pipeline.extract import extract as run_extract
 
     values = parse_overrides(overrides)
     if split is not None:

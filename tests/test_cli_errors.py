@@ -10,7 +10,11 @@ import numpy as np
 import soundfile as sf
 import zarr
 
-from tests.conftest import assert_one_line_error, make_class_folder, real_signal, run_cli
+from tests.conftest import (
+    assert_one_line_error,
+    real_signal,
+    run_cli,
+)
 
 SMALL = ["--set", "sample_rate=22050", "--set", "clip_seconds=1.0", "--set", "frames=50", "--set", "folds=2",
          "--workers", "1", "--no-progress"]

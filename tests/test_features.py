@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from audiofx.config import FeatureConfig, resolve_feature_config
-from audiofx.features.melspec import compute_features, log_mel, banded_filterbank
+from audiofx.features.melspec import banded_filterbank, compute_features, log_mel
 from audiofx.features.reference import librosa_channel, librosa_features
 from tests.conftest import real_signal
 

@@ -19,12 +19,23 @@ from typing import Any, Callable
 
 import numpy as np
 
-from audiofx.config import FEATURE_FIELDS, FeatureConfig, feature_key, resolve_feature_config
-from audiofx.errors import AudioSkip, AudiofxError, ConfigError, DatasetError
+from audiofx.config import (
+    FEATURE_FIELDS,
+    FeatureConfig,
+    feature_key,
+    resolve_feature_config,
+)
+from audiofx.errors import AudioSkip, ConfigError, DatasetError
 from audiofx.pipeline.datasets.base import DatasetIndex, get_adapter
 from audiofx.pipeline.decode import decode_clip
 from audiofx.pipeline.fingerprint import file_sizes, fingerprint
-from audiofx.pipeline.store import FeatureStore, GroupPlan, Unit, chunk_clips, plan_units
+from audiofx.pipeline.store import (
+    FeatureStore,
+    GroupPlan,
+    Unit,
+    chunk_clips,
+    plan_units,
+)
 
 
 @dataclass

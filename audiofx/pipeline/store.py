@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path

@@ -1,14 +1,5 @@
 """Dataset adapters, one module per dataset; importing this package registers them all."""
 
-from audiofx.pipeline.datasets.base import (
-    AUDIO_EXTENSIONS,
-    REGISTRY,
-    Clip,
-    DatasetAdapter,
-    DatasetIndex,
-    get_adapter,
-)
-
 # Imported for their register() side effect.
 from audiofx.pipeline.datasets import (  # noqa: E402,F401
     dcase2013,
@@ -19,6 +10,14 @@ from audiofx.pipeline.datasets import (  # noqa: E402,F401
     gtzan,
     tut,
     urbansound8k,
+)
+from audiofx.pipeline.datasets.base import (
+    AUDIO_EXTENSIONS,
+    REGISTRY,
+    Clip,
+    DatasetAdapter,
+    DatasetIndex,
+    get_adapter,
 )
 
 __all__ = ["AUDIO_EXTENSIONS", "REGISTRY", "Clip", "DatasetAdapter", "DatasetIndex", "get_adapter"]

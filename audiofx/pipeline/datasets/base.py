@@ -130,6 +130,66 @@ def stratified_folds(labels: Sequence[int], k: int, seed: int) -> list[int]:
     return fold.tolist()
 
 
+def int_field(value: str, column: str, path: Path) -> int:
+    """An integer cell of an official metadata CSV; anything else names the file and column."""
+    try:
+        return int(value.strip())
+    except (ValueError, AttributeError):
+        raise DatasetError(f"{path}: {column} {value!r} is not an integer", "is this the official metadata file?") from None
+
+
+def int_option(options: Mapping[str, Any], key: str, default: int) -> int:
+    """A dataset option that must be an integer (``--set folds=5``)."""
+    value = options.get(key, default)
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be an integer, got {value!r}", f"write --set {key}=<integer>") from None
+
+
+def fold_order(names: list[str]) -> list[str]:
+    """Numeric fold names sort as numbers ("2" before "10"); others keep their first appearance."""
+    unique = list(dict.fromkeys(names))
+    return sorted(unique, key=int) if all(n.isdigit() for n in unique) else unique
+
+
+def stratified_index(name: str, root: Path, found: list[tuple[str, str]], options: Mapping[str, Any],
+                     default_folds: int, extra_options: Mapping[str, Any] | None = None,
+                     skipped: list[tuple[str, str]] | None = None) -> DatasetIndex:
+    """Index of (path, class name) pairs with seeded stratified k folds (``folds``, ``seed``).
+
+    For datasets without official folds (GTZAN, DCASE 2013, a folder of your own): classes
+    are the sorted names, labels their positions. ``found`` must already be in a stable order
+    so the folds do not depend on directory listing order.
+    """
+    classes = sorted({cls for _, cls in found})
+    label = {cls: i for i, cls in enumerate(classes)}
+    k = int_option(options, "folds", default_folds)
+    seed = int_option(options, "seed", 0)
+    fold = stratified_folds([label[cls] for _, cls in found], k, seed)
+    return DatasetIndex(
+        name=name,
+        root=root,
+        clips=[Clip(path, label[cls], str(f)) for (path, cls), f in zip(found, fold)],
+        classes=classes,
+        folds=[str(i) for i in range(1, k + 1)],
+        options={"folds": k, "seed": seed, **(extra_options or {})},
+        skipped=list(skipped or []),
+    )
+
+
+def dense_labels(names: Mapping[int, str]) -> tuple[dict[int, int], list[str]]:
+    """Official class ids -> labels 0..C-1 in id order, and the class names in label order.
+
+    On a full official CSV the id is the label already; a trimmed CSV (or ESC-10) has gaps
+    that would otherwise leave classes without names.
+    """
+    order = sorted(names)
+    return {cid: i for i, cid in enumerate(order)}, [names[cid] for cid in order]
+
+
 def read_split_file(path: Path, root: Path, known: set[str]) -> dict[str, str]:
     """A published split as CSV rows of path,fold (a header row is optional)."""
     if not path.is_file():

@@ -12,28 +12,17 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from audiofx.errors import ConfigError, DatasetError
+from audiofx.errors import DatasetError
 from audiofx.pipeline.datasets.base import (
     AUDIO_EXTENSIONS,
-    Clip,
     DatasetAdapter,
     DatasetIndex,
     register,
     require_root,
-    stratified_folds,
+    stratified_index,
 )
 
 NAME = re.compile(r"^(?P<scene>[A-Za-z_\-]+?)(?P<take>\d+)$")
-
-
-def _int_option(options: Mapping[str, Any], key: str, default: int) -> int:
-    value = options.get(key, default)
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be an integer, got {value!r}", f"write --set {key}=<integer>")
 
 
 def _scenes(folder: Path, prefix: str) -> list[tuple[str, str]]:
@@ -67,19 +56,7 @@ def index(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
 
     # Order by scene then take so the folds do not depend on directory listing order.
     found.sort(key=lambda item: (item[1], int(NAME.match(Path(item[0]).stem)["take"]), item[0]))
-    classes = sorted({scene for _, scene in found})
-    label = {name: i for i, name in enumerate(classes)}
-    k = _int_option(options, "folds", 5)
-    seed = _int_option(options, "seed", 0)
-    fold = stratified_folds([label[scene] for _, scene in found], k, seed)
-    return DatasetIndex(
-        name=ADAPTER.name,
-        root=root,
-        clips=[Clip(path, label[scene], str(f)) for (path, scene), f in zip(found, fold)],
-        classes=classes,
-        folds=[str(i) for i in range(1, k + 1)],
-        options={"folds": k, "seed": seed, "audio_dir": "audio" if nested else "."},
-    )
+    return stratified_index(ADAPTER.name, root, found, options, 5, {"audio_dir": "audio" if nested else "."})
 
 
 ADAPTER = register(

@@ -13,6 +13,8 @@ from audiofx.pipeline.datasets.base import (
     Clip,
     DatasetAdapter,
     DatasetIndex,
+    dense_labels,
+    int_field,
     read_csv,
     register,
     require_root,
@@ -26,13 +28,6 @@ SOURCE = "https://github.com/karolpiczak/ESC-50"
 LAYOUT = "<root>/audio/*.wav and <root>/meta/esc50.csv (filename,fold,target,category,esc10,...)"
 
 
-def _int(value: str, column: str, path: Path) -> int:
-    try:
-        return int(value.strip())
-    except (ValueError, AttributeError):
-        raise DatasetError(f"{path}: {column} {value!r} is not an integer", "is this the official metadata file?")
-
-
 def _index(adapter: DatasetAdapter, root: Path, esc10_only: bool) -> DatasetIndex:
     require_root(adapter, root, [META])
     meta = root / META
@@ -44,8 +39,8 @@ def _index(adapter: DatasetAdapter, root: Path, esc10_only: bool) -> DatasetInde
     items: list[tuple[str, int, str]] = []
     seen: set[str] = set()
     for row in rows:
-        target = _int(row["target"], "target", meta)
-        fold = str(_int(row["fold"], "fold", meta))
+        target = int_field(row["target"], "target", meta)
+        fold = str(int_field(row["fold"], "fold", meta))
         if fold not in FOLDS:
             raise DatasetError(f"{meta}: fold {fold} is not one of {', '.join(FOLDS)}", "is this the official metadata file?")
         if names.setdefault(target, row["category"]) != row["category"]:
@@ -60,15 +55,12 @@ def _index(adapter: DatasetAdapter, root: Path, esc10_only: bool) -> DatasetInde
         seen.add(path)
         items.append((path, target, fold))
 
-    # Labels are the rank of the original target. On the full ESC-50 that is the target itself;
-    # ESC-10 (and any trimmed copy of the CSV) has gaps that would leave classes without names.
-    order = sorted(names)
-    rank = {t: i for i, t in enumerate(order)}
+    rank, classes = dense_labels(names)  # ESC-10's targets have gaps
     return DatasetIndex(
         name=adapter.name,
         root=root,
         clips=[Clip(path, rank[target], fold) for path, target, fold in items],
-        classes=[names[t] for t in order],
+        classes=classes,
         folds=list(FOLDS),
         metadata_files=[meta],
         options={},

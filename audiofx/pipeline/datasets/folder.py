@@ -11,36 +11,21 @@ import csv
 from pathlib import Path
 from typing import Any, Mapping
 
-from audiofx.errors import ConfigError, DatasetError
+from audiofx.errors import DatasetError
 from audiofx.pipeline.datasets.base import (
     AUDIO_EXTENSIONS,
     Clip,
     DatasetAdapter,
     DatasetIndex,
     file_sha256,
+    fold_order,
     register,
     require_root,
     safe_relpath,
-    stratified_folds,
+    stratified_index,
 )
 
 HINT = "put each class's audio in its own subfolder (<root>/<class>/*.wav) or pass --set split=<csv of path,label,fold>"
-
-
-def _int_option(options: Mapping[str, Any], key: str, default: int) -> int:
-    value = options.get(key, default)
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be an integer, got {value!r}", f"write --set {key}=<integer>")
-
-
-def _fold_order(names: list[str]) -> list[str]:
-    """Numeric fold names sort as numbers ("2" before "10"); others keep their first appearance."""
-    unique = list(dict.fromkeys(names))
-    return sorted(unique, key=int) if all(n.isdigit() for n in unique) else unique
 
 
 def _audio_files(class_dir: Path) -> list[str]:
@@ -79,7 +64,7 @@ def _from_split(root: Path, split_path: Path) -> DatasetIndex:
         root=root,
         clips=[Clip(path, index_of[label], fold) for path, label, fold in rows],
         classes=classes,
-        folds=_fold_order([fold for _, _, fold in rows]),
+        folds=fold_order([fold for _, _, fold in rows]),
         metadata_files=[split_path],
         # With a split file, folds and seed play no part: only the file's content does.
         options={"folds": None, "seed": None, "split": file_sha256(split_path)},
@@ -99,19 +84,7 @@ def index(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
         found += [(path, class_dir.name) for path in _audio_files(class_dir)]
     if not found:
         raise DatasetError(f"folder: {root} has no class subfolder with audio ({', '.join(AUDIO_EXTENSIONS)})", HINT)
-    classes = sorted({name for _, name in found})
-    label = {name: i for i, name in enumerate(classes)}
-    k = _int_option(options, "folds", 5)
-    seed = _int_option(options, "seed", 0)
-    fold = stratified_folds([label[name] for _, name in found], k, seed)
-    return DatasetIndex(
-        name=ADAPTER.name,
-        root=root,
-        clips=[Clip(path, label[name], str(f)) for (path, name), f in zip(found, fold)],
-        classes=classes,
-        folds=[str(i) for i in range(1, k + 1)],
-        options={"folds": k, "seed": seed, "split": None},
-    )
+    return stratified_index(ADAPTER.name, root, found, options, 5, {"split": None})
 
 
 ADAPTER = register(

@@ -11,34 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from audiofx.errors import ConfigError, DatasetError
+from audiofx.errors import DatasetError
 from audiofx.pipeline.datasets.base import (
     AUDIO_EXTENSIONS,
     Clip,
     DatasetAdapter,
     DatasetIndex,
     file_sha256,
+    fold_order,
     read_split_file,
     register,
     require_root,
-    stratified_folds,
+    stratified_index,
 )
-
-
-def _int_option(options: Mapping[str, Any], key: str, default: int) -> int:
-    value = options.get(key, default)
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be an integer, got {value!r}", f"write --set {key}=<integer>")
-
-
-def _fold_order(names: list[str]) -> list[str]:
-    """Numeric fold names sort as numbers ("2" before "10"); others keep their first appearance."""
-    unique = list(dict.fromkeys(names))
-    return sorted(unique, key=int) if all(n.isdigit() for n in unique) else unique
 
 
 def _list_audio(genres_dir: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -86,24 +71,13 @@ def index(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
             root=root,
             clips=clips,
             classes=classes,
-            folds=_fold_order(list(folds_of.values())),
+            folds=fold_order(list(folds_of.values())),
             metadata_files=[split_path],
             options={"folds": None, "seed": None, "split": file_sha256(split_path)},
             skipped=skipped,
         )
 
-    k = _int_option(options, "folds", 10)
-    seed = _int_option(options, "seed", 0)
-    fold = stratified_folds([label[genre] for _, genre in found], k, seed)
-    return DatasetIndex(
-        name=ADAPTER.name,
-        root=root,
-        clips=[Clip(path, label[genre], str(f)) for (path, genre), f in zip(found, fold)],
-        classes=classes,
-        folds=[str(i) for i in range(1, k + 1)],
-        options={"folds": k, "seed": seed, "split": None},
-        skipped=skipped,
-    )
+    return stratified_index(ADAPTER.name, root, found, options, 10, {"split": None}, skipped)
 
 
 ADAPTER = register(

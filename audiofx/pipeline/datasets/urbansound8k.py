@@ -14,6 +14,8 @@ from audiofx.pipeline.datasets.base import (
     Clip,
     DatasetAdapter,
     DatasetIndex,
+    dense_labels,
+    int_field,
     read_csv,
     register,
     require_root,
@@ -22,13 +24,6 @@ from audiofx.pipeline.datasets.base import (
 
 META = "metadata/UrbanSound8K.csv"
 FOLDS = [str(i) for i in range(1, 11)]
-
-
-def _int(value: str, column: str, path: Path) -> int:
-    try:
-        return int(value.strip())
-    except (ValueError, AttributeError):
-        raise DatasetError(f"{path}: {column} {value!r} is not an integer", "is this the official metadata file?")
 
 
 def index(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
@@ -41,8 +36,8 @@ def index(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
     items: list[tuple[str, int, str]] = []
     seen: set[str] = set()
     for row in rows:
-        class_id = _int(row["classID"], "classID", meta)
-        fold = str(_int(row["fold"], "fold", meta))
+        class_id = int_field(row["classID"], "classID", meta)
+        fold = str(int_field(row["fold"], "fold", meta))
         if fold not in FOLDS:
             raise DatasetError(f"{meta}: fold {fold} is not one of 1..10", "is this the official metadata file?")
         if names.setdefault(class_id, row["class"]) != row["class"]:
@@ -58,14 +53,12 @@ def index(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
         seen.add(path)
         items.append((path, class_id, fold))
 
-    # classID is the label on the full dataset; ranking keeps labels dense for a trimmed CSV.
-    order = sorted(names)
-    rank = {c: i for i, c in enumerate(order)}
+    rank, classes = dense_labels(names)
     return DatasetIndex(
         name=ADAPTER.name,
         root=root,
         clips=[Clip(path, rank[c], fold) for path, c, fold in items],
-        classes=[names[c] for c in order],
+        classes=classes,
         folds=list(FOLDS),
         metadata_files=[meta],
         options={},
