@@ -111,3 +111,27 @@ def test_hornauer2021_bands_of_one_log_power_stft():
         ref = torch.nn.functional.interpolate(band[None], size=(128, 200), mode="bilinear", antialias=True,
                                               align_corners=False)[0, 0].numpy()
         assert np.abs(ours[c] - ref).max() < TOL
+
+
+@pytest.mark.parametrize("defaults", [ESC, GTZAN_SHORT], ids=["nfft4410", "nfft2205"])
+def test_cpu_fft_path_matches_torch_stft_path(defaults):
+    """The CPU path (scipy pocketfft, window at the frame start) and the GPU path (torch.stft,
+    centred window) give the same power spectrum; the GPU path itself runs here on CPU."""
+    from audiofx.features.melspec import _stft_cpu, _stft_torch
+
+    cfg = resolve_feature_config(defaults)
+    wave = torch.from_numpy(real_signal(cfg.sample_rate, cfg.clip_seconds, seed=8))[None]
+    for c in range(3):
+        win, hop = cfg.samples(cfg.windows_ms[c]), cfg.samples(cfg.hops_ms[c])
+        a = _stft_cpu(wave, cfg.fft_size, hop, win, cfg).abs() ** 2
+        b = _stft_torch(wave, cfg.fft_size, hop, win, cfg).abs() ** 2
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.max()))
+
+
+def test_banded_filterbank_equals_the_dense_product():
+    """The CPU's banded blocks and the GPU's dense matmul compute the same mel power."""
+    cfg = resolve_feature_config(ESC)
+    fb = banded_filterbank(cfg)
+    squared = torch.rand(2, 40, 2 * (cfg.fft_size // 2 + 1))
+    assert torch.allclose(fb(squared), torch.matmul(squared, fb.dense), rtol=1e-4, atol=1e-5)

@@ -109,15 +109,18 @@ def stft_power(wave: torch.Tensor, n_fft: int, hop: int, win_length: int, config
     The caller sums the last axis (or lets a matmul do it), which saves a full pass over the
     spectrogram compared with ``stft.abs() ** 2``.
     """
-    if wave.device.type == "cpu":
-        spec = _stft_cpu(wave, n_fft, hop, win_length, config)
-    else:
-        spec = torch.stft(
-            wave, n_fft=n_fft, hop_length=hop, win_length=win_length,
-            window=window(config.window, win_length, wave.device),
-            center=config.center, pad_mode=config.pad_mode, return_complex=True,
-        ).transpose(1, 2)
-    return torch.view_as_real(spec).pow_(2)
+    stft = _stft_cpu if wave.device.type == "cpu" else _stft_torch
+    return torch.view_as_real(stft(wave, n_fft, hop, win_length, config)).pow_(2)
+
+
+def _stft_torch(wave: torch.Tensor, n_fft: int, hop: int, win_length: int, config: FeatureConfig) -> torch.Tensor:
+    """torch.stft as (B, T, F) complex, contiguous (the GPU path)."""
+    spec = torch.stft(
+        wave, n_fft=n_fft, hop_length=hop, win_length=win_length,
+        window=window(config.window, win_length, wave.device),
+        center=config.center, pad_mode=config.pad_mode, return_complex=True,
+    )
+    return spec.transpose(1, 2).contiguous()
 
 
 def _stft_cpu(wave: torch.Tensor, n_fft: int, hop: int, win_length: int, config: FeatureConfig) -> torch.Tensor:
