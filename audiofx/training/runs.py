@@ -1,0 +1,106 @@
+"""Run folders: data/runs/<stage>/<name>/ with config.json, metrics.jsonl, checkpoints/ and
+summary.md. Checkpoints hold only state dicts and plain metadata, so they load with
+``torch.load(weights_only=True)`` and never unpickle code."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from audiofx.errors import ConfigError
+
+STAGES = ("pretrain", "finetune", "evaluate")
+
+
+@dataclass
+class Run:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @classmethod
+    def create(cls, root: str | Path, stage: str, name: str, config: dict[str, Any], resume: bool = False) -> "Run":
+        path = Path(root) / stage / name
+        if path.exists() and not resume:
+            raise ConfigError(f"run {path} already exists", "pass --resume to continue it, or another --name")
+        if resume and not (path / "config.json").exists():
+            raise ConfigError(f"there is no run {path} to resume", "drop --resume to start it")
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        if resume:
+            old = json.loads((path / "config.json").read_text())
+            changed = sorted(k for k in config if k not in ("resume",) and old.get(k) != config[k])
+            if changed:
+                raise ConfigError(f"run {path} was started with other settings ({', '.join(changed)})",
+                                  "resume with the same options, or start a new run with --name")
+        else:
+            _atomic_write(path / "config.json", json.dumps({**config, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                                                           indent=1))
+        return run
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.path / "config.json").read_text())
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def checkpoint_path(self, tag: str) -> Path:
+        return self.path / "checkpoints" / f"{tag}.pt"
+
+    def save_checkpoint(self, tag: str, states: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Atomically save state dicts (model, optimizer, ...) and plain metadata."""
+        path = self.checkpoint_path(tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"states": states, "meta": meta}, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, tag: str) -> dict[str, Any] | None:
+        path = self.checkpoint_path(tag)
+        if not path.exists():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def write_text(self, name: str, text: str) -> None:
+        _atomic_write(self.path / name, text)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def list_runs(root: str | Path, stage: str, method: str | None = None) -> list[Path]:
+    """Runs of a stage with a final checkpoint, oldest first; optionally of one method."""
+    base = Path(root) / stage
+    out = []
+    for path in base.iterdir() if base.is_dir() else []:
+        cfg = path / "config.json"
+        if not cfg.is_file() or not (path / "checkpoints" / "final.pt").is_file():
+            continue
+        if method and json.loads(cfg.read_text()).get("method") != method:
+            continue
+        out.append(path)
+    return sorted(out, key=lambda p: (p / "checkpoints" / "final.pt").stat().st_mtime)
+
+
+def default_name(*parts: str) -> str:
+    return "-".join([*(p for p in parts if p), time.strftime("%Y%m%d-%H%M%S")])

@@ -1,0 +1,25 @@
+import numpy as np
+import torch
+
+from audiofx.training.knn import choose_k, knn_scores
+
+
+def test_weighted_votes_by_hand():
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    test = torch.tensor([[1.0, 0.0]])
+    scores = knn_scores(train, labels, test, n_classes=2, k=2, temperature=0.5)
+    # nearest two: sim 1.0 (class 0) and 0.8 (class 1)
+    assert torch.allclose(scores, torch.tensor([[np.exp(1.0 / 0.5), np.exp(0.8 / 0.5)]], dtype=torch.float32))
+    all3 = knn_scores(train, labels, test, n_classes=2, k=200, temperature=0.5)  # k capped at N
+    assert torch.allclose(all3[0, 1], torch.tensor(np.exp(0.8 / 0.5) + np.exp(0.0), dtype=torch.float32))
+
+
+def test_choose_k_uses_training_folds_only():
+    rng = np.random.default_rng(0)
+    centers = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    labels = torch.from_numpy(rng.integers(0, 3, 60))
+    feats = centers[labels] + 0.3 * torch.randn(60, 3, generator=torch.Generator().manual_seed(0))
+    groups = np.arange(60) % 3
+    k, acc = choose_k(feats, labels, groups, 3, candidates=(1, 5, 200))
+    assert set(acc) == {1, 5, 200} and acc[k] == max(acc.values()) and acc[k] > 0.9
