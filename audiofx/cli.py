@@ -190,6 +190,124 @@ def cache_verify(key, store):
                            "re-extract them with --rebuild")
 
 
+TRAIN_EXAMPLE = """
+\b
+Examples:
+  audiofx pretrain --method npid --datasets esc50,urbansound8k --epochs 200
+  audiofx pretrain --method simclr --arch resnet18 --epochs 100 --batch-size 128
+"""
+
+
+@cli.command(epilog=TRAIN_EXAMPLE)
+@click.option("--method", required=True, help="npid, simclr or moco.")
+@click.option("--datasets", default="", help="Comma-separated datasets for the unlabeled pool [every dataset in the store].")
+@click.option("--store", default="data/features", show_default=True)
+@click.option("--preset", default="shin2021", show_default=True, help="Which extracted features to use.")
+@click.option("--arch", default="resnet50", show_default=True, help="resnet18/34/50, densenet201, vgg16, alexnet, tiny.")
+@click.option("--epochs", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=None, help="SGD learning rate [the method's default].")
+@click.option("--nce-k", type=int, default=64, show_default=True, help="NPID noise samples (0: full softmax).")
+@click.option("--temperature", type=float, default=None, help="[NPID 0.4, SimCLR 0.5, MoCo 0.2]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--runs", "runs_root", default="data/runs", show_default=True, help="Where run folders go.")
+@click.option("--name", default=None, help="Run name [method-arch-time].")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (give its --name).")
+@click.option("--no-progress", is_flag=True)
+def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, nce_k, temperature, seed, device, runs_root,
+             name, resume, no_progress):
+    """Learn a representation without labels from the cached features (NPID, SimCLR, MoCo v2)."""
+    from audiofx.training.pretrain import PretrainConfig, pretrain as run_pretrain
+
+    result = run_pretrain(PretrainConfig(
+        method=method, datasets=tuple(d for d in datasets.split(",") if d), store=store, preset=preset, arch=arch,
+        epochs=epochs, batch_size=batch_size, lr=lr, nce_k=nce_k, temperature=temperature, seed=seed, device=device,
+        runs_root=runs_root, name=name, resume=resume, progress=not no_progress), say=click.echo)
+    click.echo(f"pretrained {method}: {result['run']} (final loss {result['loss']:.4f})")
+
+
+FINETUNE_EXAMPLE = """
+\b
+Examples:
+  audiofx finetune --dataset esc50 --init imagenet --fold all
+  audiofx finetune --dataset gtzan --init simclr --epochs 70 --batch-size 32 --lr 1e-4
+  audiofx finetune --dataset urbansound8k --init npid:npid-resnet50-20261121-101500 --fold 3
+"""
+
+
+@cli.command(epilog=FINETUNE_EXAMPLE)
+@click.option("--dataset", required=True)
+@click.option("--init", default="scratch", show_default=True, help="scratch, imagenet, simclr, npid, moco, METHOD:RUN or a PATH.")
+@click.option("--weights", default=None, help="ImageNet checkpoint file (for --init imagenet offline).")
+@click.option("--store", default="data/features", show_default=True)
+@click.option("--preset", default="shin2021", show_default=True)
+@click.option("--key", default=None, help="A feature key (prefix), when several feature sets match.")
+@click.option("--arch", default=None, help="[resnet50, or the pretrain run's arch]")
+@click.option("--fold", default="all", show_default=True, help="all, or one test fold.")
+@click.option("--epochs", type=int, default=70, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-3, show_default=True)
+@click.option("--spec-augment", is_flag=True, help="SpecAugment time and frequency masks.")
+@click.option("--time-shift", type=int, default=0, help="Random circular time shift of up to N frames.")
+@click.option("--mixup", type=float, default=0.0, help="Mixup with Beta(a, a); 0 is off.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--runs", "runs_root", default="data/runs", show_default=True)
+@click.option("--name", default=None)
+@click.option("--resume", is_flag=True)
+@click.option("--no-progress", is_flag=True)
+def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, batch_size, lr, weight_decay, spec_augment,
+             time_shift, mixup, seed, device, runs_root, name, resume, no_progress):
+    """Fine-tune a classifier with k-fold cross-validation on the official folds."""
+    from audiofx.training.augment import Augment
+    from audiofx.training.finetune import FinetuneConfig, finetune as run_finetune
+
+    s = run_finetune(FinetuneConfig(
+        dataset=dataset, init=init, weights=weights, store=store, preset=preset, key=key, arch=arch, fold=fold,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        augment=Augment(spec_augment=spec_augment, time_shift=time_shift, mixup=mixup), seed=seed, device=device,
+        runs_root=runs_root, name=name, resume=resume, progress=not no_progress), say=click.echo)
+    click.echo(f"accuracy over {s['n_folds']} fold(s): last epoch {100 * s['last_acc_mean']:.2f} ± "
+               f"{100 * s['last_acc_std']:.2f}%, best epoch {100 * s['best_acc_mean']:.2f} ± "
+               f"{100 * s['best_acc_std']:.2f}% (selected on the test fold); {s['run']}/summary.md")
+
+
+@cli.command("evaluate")
+@click.option("--run", "run_spec", required=True, help="A pretrain run: npid, simclr, moco (newest), METHOD:RUN or a PATH.")
+@click.option("--dataset", required=True)
+@click.option("--mode", default="knn", show_default=True, help="knn or linear.")
+@click.option("--fold", default="all", show_default=True)
+@click.option("--store", default="data/features", show_default=True)
+@click.option("--preset", default="shin2021", show_default=True)
+@click.option("--key", default=None)
+@click.option("--k", "k", type=int, default=200, show_default=True, help="kNN neighbours (k by CV is also reported).")
+@click.option("--epochs", "linear_epochs", type=int, default=100, show_default=True, help="Linear probe epochs.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--runs", "runs_root", default="data/runs", show_default=True)
+@click.option("--name", default=None)
+def evaluate_cmd(run_spec, dataset, mode, fold, store, preset, key, k, linear_epochs, seed, device, runs_root, name):
+    """Frozen-encoder evaluation: linear probe or weighted kNN, per fold."""
+    from audiofx.training.evaluate import EvaluateConfig, evaluate
+
+    s = evaluate(EvaluateConfig(run=run_spec, dataset=dataset, mode=mode, fold=fold, store=store, preset=preset, key=key,
+                                k=k, linear_epochs=linear_epochs, seed=seed, device=device, runs_root=runs_root, name=name),
+                 say=click.echo)
+    click.echo(f"{mode} accuracy over {s['n_folds']} fold(s): {100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f}%; "
+               f"{s['run']}/summary.md")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+def compare(runs):
+    """A table of finetune and evaluate runs: mean ± std accuracy over folds."""
+    from audiofx.training.compare import compare_table
+
+    click.echo(compare_table(list(runs)))
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="audiofx", standalone_mode=False)

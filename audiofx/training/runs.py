@@ -60,6 +60,11 @@ class Run:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def drop_records(self, predicate) -> None:
+        """Rewrite metrics.jsonl without the records a resumed run is about to produce again."""
+        kept = [r for r in self.metrics() if not predicate(r)]
+        _atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
     def checkpoint_path(self, tag: str) -> Path:
         return self.path / "checkpoints" / f"{tag}.pt"
 

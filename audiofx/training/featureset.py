@@ -1,0 +1,56 @@
+"""Which stored feature set a training stage reads: by dataset and preset, or by key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from audiofx.config import canonical_json, resolve_feature_config
+from audiofx.errors import StoreError
+from audiofx.pipeline.datasets import get_adapter
+from audiofx.pipeline.store import FeatureStore
+
+
+def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(key, manifest) of the complete feature set of `dataset` extracted with `preset` (at
+    the dataset's default rate, length and frames), or of the given key prefix.
+
+    Several matches (e.g. two GTZAN splits) take the newest; --key chooses another.
+    """
+    fs = FeatureStore(store)
+    complete = []
+    for ds, k, _ in fs.groups():
+        if ds != dataset or (key and not k.startswith(key)):
+            continue
+        try:
+            complete.append((k, fs.read_manifest(ds, k)))
+        except StoreError:
+            continue
+    if not key:
+        wanted = canonical_json(resolve_feature_config(get_adapter(dataset).defaults, preset).to_dict())
+        complete = [(k, m) for k, m in complete if canonical_json(m["feature_config"]) == wanted]
+    if not complete:
+        what = f"key {key}" if key else f"preset {preset}"
+        raise StoreError(f"no complete {dataset} features ({what}) in store {fs.root}",
+                         f"extract them first: audiofx extract --dataset {dataset} --preset {preset} --store {store}")
+    complete.sort(key=lambda km: km[1]["created_at"])
+    return complete[-1]
+
+
+def split_folds(folds: list[str], which: str) -> list[tuple[str, list[str]]]:
+    """(test fold, training folds) pairs for --fold all|K.
+
+    Numbered official folds (ESC-50 1-5, UrbanSound8K 1-10, stratified k folds) give k-fold
+    cross-validation. Named splits (TUT/TAU train/evaluate, FSD50K train/val/eval) give their
+    one official split: test on evaluate/eval, train on train.
+    """
+    if all(f.isdigit() for f in folds):
+        tests = folds if which == "all" else [which]
+        bad = [t for t in tests if t not in folds]
+        if bad:
+            raise StoreError(f"fold {bad[0]} does not exist", f"folds are {', '.join(folds)} (or all)")
+        return [(t, [f for f in folds if f != t]) for t in tests]
+    test = next((f for f in ("eval", "evaluate", "test") if f in folds), None)
+    if test is None or (which not in ("all", test)):
+        raise StoreError(f"cannot make a test split from folds {', '.join(folds)} with --fold {which}",
+                         f"use --fold all or --fold {test}" if test else "name a fold eval, evaluate or test")
+    return [(test, ["train"] if "train" in folds else [f for f in folds if f != test])]

@@ -1,0 +1,214 @@
+"""Supervised fine-tuning with k-fold cross-validation on the official folds (Shin et al.
+2021 after Palanisamy et al. 2020): for each test fold, train on the other folds and
+evaluate on it after every epoch. The headline is the last-epoch accuracy; the best-epoch
+accuracy is reported too, labelled as selected on the test fold (it is optimistic)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from audiofx.errors import ConfigError
+from audiofx.training.augment import Augment
+from audiofx.training.data import FoldSet, InMemoryLoader, load_in_memory
+from audiofx.training.device import autocast, pick_device, prepare_model, seed_everything
+from audiofx.training.featureset import resolve_featureset, split_folds
+from audiofx.training.init import resolve_init
+from audiofx.training.models import Classifier
+from audiofx.training.runs import Run, default_name
+
+
+@dataclass
+class FinetuneConfig:
+    dataset: str
+    init: str = "scratch"
+    store: str = "data/features"
+    preset: str = "shin2021"
+    key: str | None = None
+    arch: str | None = None  # default resnet50, or the pretrain run's arch
+    weights: str | None = None  # ImageNet checkpoint file
+    fold: str = "all"
+    epochs: int = 70
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    lr_step: int = 30  # step decay x gamma every lr_step epochs
+    lr_gamma: float = 0.1
+    augment: Augment = field(default_factory=Augment)
+    seed: int = 0
+    device: str = "auto"
+    runs_root: str = "data/runs"
+    name: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for transient in ("resume", "progress", "name", "device"):
+            out.pop(transient)
+        return out
+
+
+def channel_stats(x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of (N, C, F, T) float16 features, accumulated in float64 in
+    chunks. Inputs are standardised with the training folds' statistics only."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    sq = torch.zeros_like(total)
+    for i in range(0, x.shape[0], chunk):
+        part = x[i:i + chunk].double()
+        total += part.sum(dim=(0, 2, 3))
+        sq += (part * part).sum(dim=(0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / n
+    std = (sq / n - mean * mean).clamp_min(1e-12).sqrt()
+    return mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+            batch_size: int = 64) -> torch.Tensor:
+    """Logits of every sample of an in-memory set, in order."""
+    model.eval()
+    out = []
+    for i in range(0, data.x.shape[0], batch_size):
+        x = (data.x[i:i + batch_size].to(device).float() - mean) / std
+        with autocast(device):
+            out.append(model(x).float().cpu())
+    return torch.cat(out)
+
+
+def subset(data, mask: torch.Tensor):
+    """The rows of an in-memory set selected by a boolean mask."""
+    keep = mask.nonzero().flatten().tolist()
+    return dataclasses.replace(
+        data, x=data.x[mask], y=data.y[mask], index=data.index[mask],
+        clips=[data.clips[i] for i in keep], fold_of=[data.fold_of[i] for i in keep],
+    )
+
+
+def summarize(per_fold: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1; 0 for one fold) over folds."""
+    out: dict[str, Any] = {"folds": per_fold, "n_folds": len(per_fold)}
+    for metric in ("last_acc", "best_acc"):
+        values = np.array([f[metric] for f in per_fold.values()], dtype=float)
+        out[f"{metric}_mean"] = float(values.mean())
+        out[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return out
+
+
+def finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
+    device = pick_device(cfg.device)
+    key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key)
+    if manifest["multilabel"]:
+        raise ConfigError(f"{cfg.dataset} is multi-label; fine-tuning covers single-label datasets so far",
+                          "use it for pretraining (audiofx pretrain --datasets fsd50k)")
+    init = resolve_init(cfg.init, cfg.arch, cfg.runs_root, Path(cfg.weights) if cfg.weights else None)
+    plan = split_folds(list(manifest["folds"]), cfg.fold)
+    name = cfg.name or default_name(cfg.init.replace(":", "-").replace("/", "_")[:40], cfg.dataset)
+    run = Run.create(cfg.runs_root, "finetune", name, {**cfg.to_json(), "arch": init.arch, "key": key,
+                                                       "init_source": init.source, "stage": "finetune"}, cfg.resume)
+    say(f"finetune {cfg.dataset} ({key}) from {init.kind} ({init.source}), {init.arch}, {len(plan)} fold(s), "
+        f"{cfg.epochs} epochs on {device} -> {run.path}")
+
+    all_folds = sorted({f for t, train in plan for f in [t, *train]}, key=lambda f: (not f.isdigit(), f.zfill(4)))
+    data = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, all_folds), device=device)
+    fold_of = np.array(data.fold_of)
+    n_classes = len(manifest["classes"])
+    done = {r["fold"]: r for r in run.metrics() if r.get("event") == "fold_done"}
+    per_fold: dict[str, dict[str, float]] = {}
+    for test_fold, train_folds in plan:
+        if test_fold in done:
+            per_fold[test_fold] = {k: done[test_fold][k] for k in ("last_acc", "best_acc", "best_epoch")}
+            say(f"fold {test_fold}: already done (last {100 * per_fold[test_fold]['last_acc']:.2f}%)")
+            continue
+        train = subset(data, torch.from_numpy(np.isin(fold_of, train_folds)))
+        test = subset(data, torch.from_numpy(fold_of == test_fold))
+        per_fold[test_fold] = _train_fold(cfg, init, run, train, test, n_classes, test_fold, device, say)
+    summary = summarize(per_fold)
+    run.log({"event": "summary", **{k: v for k, v in summary.items() if k != "folds"}})
+    run.write_text("summary.md", summary_markdown(cfg, init.arch, key, summary))
+    summary["run"] = str(run.path)
+    return summary
+
+
+def _train_fold(cfg, init, run: Run, train, test, n_classes: int, fold: str, device, say) -> dict[str, float]:
+    from tqdm import tqdm
+
+    seed_everything(cfg.seed)
+    model = prepare_model(Classifier(init.build(), n_classes), device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    mean, std = channel_stats(train.x)
+    start, best, history = 0, (-1.0, -1), []
+    tag = f"fold-{fold}"
+    ckpt = run.load_checkpoint(tag) if cfg.resume else None
+    if ckpt:
+        model.load_state_dict(ckpt["states"]["model"])
+        opt.load_state_dict(ckpt["states"]["optimizer"])
+        sched.load_state_dict(ckpt["states"]["scheduler"])
+        torch.set_rng_state(ckpt["states"]["rng"])
+        start, history = ckpt["meta"]["epoch"] + 1, ckpt["meta"]["history"]
+        best = max(((a, e) for e, a in enumerate(history)), default=best)
+        # Epochs logged after the checkpoint (a kill between the two) are done again.
+        run.drop_records(lambda r: r.get("event") == "epoch" and r.get("fold") == fold and r["epoch"] > start)
+        say(f"fold {fold}: resuming after epoch {start}")
+    loader = InMemoryLoader(train, cfg.batch_size, shuffle=True, drop_last=False, seed=cfg.seed)
+    augment = dataclasses.replace(cfg.augment, n_classes=n_classes)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    y_test = test.y.cpu()
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        loader.set_epoch(epoch)
+        gen.manual_seed(cfg.seed * 100003 + epoch)
+        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+        bar = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=not cfg.progress)
+        for batch in bar:
+            x = (batch.x.to(device).float() - mean) / std
+            x, target = augment(x, batch.y.to(device), generator=gen)
+            with autocast(device):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += x.shape[0]
+            loss_sum += loss.item() * x.shape[0]
+            bar.set_postfix(samples_s=f"{seen / (time.perf_counter() - t0):.0f}", loss=f"{loss_sum / seen:.3f}")
+        sched.step()
+        acc = float((predict(model, test, mean, std, device).argmax(1) == y_test).float().mean())
+        history.append(acc)
+        if acc > best[0]:
+            best = (acc, epoch)
+        run.save_checkpoint(tag, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                  "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                                  "mean": mean.cpu(), "std": std.cpu()},
+                            {"epoch": epoch, "history": history, "arch": init.arch, "fold": fold})
+        run.log({"event": "epoch", "fold": fold, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                 "test_acc": acc, "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)})
+    result = {"last_acc": history[-1], "best_acc": best[0], "best_epoch": best[1] + 1}
+    run.log({"event": "fold_done", "fold": fold, **result})
+    say(f"fold {fold}: last-epoch {100 * result['last_acc']:.2f}%, best {100 * result['best_acc']:.2f}% "
+        f"(epoch {result['best_epoch']}, selected on the test fold)")
+    return result
+
+
+def summary_markdown(cfg: FinetuneConfig, arch: str, key: str, s: dict[str, Any]) -> str:
+    lines = [f"# finetune {cfg.dataset} from {cfg.init}", "",
+             f"{arch}, {cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.lr}, weight decay {cfg.weight_decay}, "
+             f"features {key}", "",
+             "| test fold | last-epoch acc | best-epoch acc* | best epoch |", "|---|---|---|---|"]
+    for fold, r in s["folds"].items():
+        lines.append(f"| {fold} | {100 * r['last_acc']:.2f} | {100 * r['best_acc']:.2f} | {r['best_epoch']} |")
+    lines.append(f"| **mean ± std** ({s['n_folds']} folds) | **{100 * s['last_acc_mean']:.2f} ± {100 * s['last_acc_std']:.2f}** "
+                 f"| {100 * s['best_acc_mean']:.2f} ± {100 * s['best_acc_std']:.2f} | |")
+    lines += ["", "*best-epoch accuracy is selected on the test fold and therefore optimistic; the headline is the "
+              "last-epoch accuracy. Standard deviation is over folds (ddof=1)."]
+    return "\n".join(lines) + "\n"

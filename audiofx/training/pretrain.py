@@ -1,0 +1,195 @@
+"""Self-supervised pretraining on the unlabeled pool of cached features (labels never read).
+
+The pool defaults to every dataset with complete features (of the preset) in the store, all
+folds, as in Hornauer et al. (NPID over all datasets combined). Datasets with longer clips
+are cut into segments of the shortest clip length (GTZAN's 1500 frames become six samples of
+250), so one batch can mix datasets and no audio is thrown away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from audiofx.errors import ConfigError, StoreError
+from audiofx.pipeline.store import FeatureStore
+from audiofx.training.augment import random_time_shift, spec_augment
+from audiofx.training.data import FoldSet, InMemoryData, InMemoryLoader, load_in_memory
+from audiofx.training.device import autocast, pick_device, prepare_model, seed_everything
+from audiofx.training.featureset import resolve_featureset
+from audiofx.training.finetune import channel_stats
+from audiofx.training.knn import knn_scores
+from audiofx.training.models import ARCHS, build_encoder
+from audiofx.training.runs import Run, default_name
+from audiofx.training.ssl.methods import METHODS
+
+
+@dataclass
+class PretrainConfig:
+    method: str = "npid"
+    datasets: tuple[str, ...] = ()  # empty: every dataset in the store
+    store: str = "data/features"
+    preset: str = "shin2021"
+    arch: str = "resnet50"
+    epochs: int = 200
+    batch_size: int = 64
+    lr: float | None = None  # default: the method's
+    weight_decay: float | None = None
+    nce_k: int = 64  # NPID noise samples (0: full softmax)
+    temperature: float | None = None  # default: the method's (NPID 0.4, SimCLR 0.5, MoCo 0.2)
+    seed: int = 0
+    device: str = "auto"
+    runs_root: str = "data/runs"
+    name: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for transient in ("resume", "progress", "name", "device"):
+            out.pop(transient)
+        out["datasets"] = list(self.datasets)
+        return out
+
+
+def pool_datasets(store: str, preset: str, wanted: tuple[str, ...]) -> list[tuple[str, str, dict]]:
+    """(dataset, key, manifest) of every dataset in the pool."""
+    names = list(wanted) or sorted({ds for ds, _, _ in FeatureStore(store).groups()})
+    out = []
+    for ds in names:
+        try:
+            out.append((ds, *resolve_featureset(store, ds, preset)))
+        except StoreError:
+            if wanted:
+                raise
+    if not out:
+        raise StoreError(f"no complete {preset} features in store {store} to pretrain on",
+                         "extract some first: audiofx extract --dataset demo")
+    return out
+
+
+def segments(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(N, C, F, T) -> (N * (T // frames), C, F, frames): consecutive, non-overlapping segments."""
+    n, c, f, t = x.shape
+    s = t // frames
+    x = x[..., : s * frames].reshape(n, c, f, s, frames)
+    return x.permute(0, 3, 1, 2, 4).reshape(n * s, c, f, frames)
+
+
+def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}", f"use one of {', '.join(METHODS)}")
+    if cfg.arch not in ARCHS:
+        raise ConfigError(f"unknown architecture {cfg.arch!r}", f"use one of {', '.join(ARCHS)}")
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    pool = pool_datasets(cfg.store, cfg.preset, cfg.datasets)
+    loaded = [(ds, key, m, load_in_memory(FoldSet(cfg.store, ds, key, list(m["folds"])), device=device))
+              for ds, key, m in pool]
+    frames = min(d.x.shape[-1] for *_, d in loaded)
+    x = torch.cat([segments(d.x, frames) for *_, d in loaded])
+    n = x.shape[0]
+    data = InMemoryData(x=x, y=torch.zeros(n, dtype=torch.long, device=x.device),
+                        index=torch.arange(n, device=x.device), clips=[""] * n, fold_of=[""] * n)
+    mean, std = channel_stats(x)
+    name = cfg.name or default_name(cfg.method, cfg.arch)
+    run = Run.create(cfg.runs_root, "pretrain", name, {**cfg.to_json(), "stage": "pretrain",
+                                                       "pool": {ds: key for ds, key, _ in pool}}, cfg.resume)
+    say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in pool)} ({n} samples of {frames} frames), "
+        f"{cfg.arch}, {cfg.epochs} epochs on {device} -> {run.path}")
+
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    method_cls = METHODS[cfg.method]
+    kwargs: dict[str, Any] = {"temperature": cfg.temperature} if cfg.temperature else {}
+    if cfg.method == "npid":
+        kwargs["k"] = cfg.nce_k
+    method = prepare_model(method_cls(build_encoder(cfg.arch), n, torch.Generator().manual_seed(cfg.seed), **kwargs), device)
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr or method_cls.default_lr, momentum=0.9,
+                          weight_decay=method_cls.default_weight_decay if cfg.weight_decay is None else cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
+    start = 0
+    ckpt = run.load_checkpoint("last") if cfg.resume else None
+    if ckpt:
+        method.load_state_dict(ckpt["states"]["method"])
+        opt.load_state_dict(ckpt["states"]["optimizer"])
+        sched.load_state_dict(ckpt["states"]["scheduler"])
+        torch.set_rng_state(ckpt["states"]["rng"])
+        start = ckpt["meta"]["epoch"] + 1
+        run.drop_records(lambda r: r.get("event") == "epoch" and r["epoch"] > start)
+        say(f"resuming after epoch {start}")
+    monitor = _monitor_split(loaded)
+    loader = InMemoryLoader(data, cfg.batch_size, shuffle=True, drop_last=n > cfg.batch_size, seed=cfg.seed)
+
+    def view(batch: torch.Tensor) -> torch.Tensor:
+        # Augmentations on whole batches on the device: circular time shift and SpecAugment masks.
+        out = random_time_shift(batch, max_shift=frames // 4, generator=gen)
+        return spec_augment(out, time_width=max(1, frames // 10), freq_width=max(1, x.shape[2] // 8), generator=gen)
+
+    from tqdm import tqdm
+
+    loss_value = math.nan
+    for epoch in range(start, cfg.epochs):
+        method.train()
+        loader.set_epoch(epoch)
+        gen.manual_seed(cfg.seed * 100003 + epoch)
+        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+        bar = tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=not cfg.progress)
+        for batch in bar:
+            xb = (batch.x.to(device).float() - mean) / std
+            with autocast(device):
+                loss = method.loss(xb, batch.index.to(device), view, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            method.after_step()
+            seen += xb.shape[0]
+            loss_sum += loss.item() * xb.shape[0]
+            bar.set_postfix(samples_s=f"{seen / (time.perf_counter() - t0):.0f}", loss=f"{loss_sum / seen:.3f}")
+        sched.step()
+        loss_value = loss_sum / max(seen, 1)
+        record = {"event": "epoch", "epoch": epoch + 1, "loss": loss_value, "lr": sched.get_last_lr()[0],
+                  "seconds": round(time.perf_counter() - t0, 2)}
+        if monitor:
+            record["knn_acc"] = _monitor_knn(method.encoder, monitor, mean, std, device)
+            record["knn_dataset"] = monitor["dataset"]
+        run.save_checkpoint("last", {"method": method.state_dict(), "optimizer": opt.state_dict(),
+                                     "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
+                            {"epoch": epoch, "arch": cfg.arch, "method": cfg.method})
+        run.log(record)
+        say(f"epoch {epoch + 1}: loss {loss_value:.4f}" +
+            (f", kNN {100 * record['knn_acc']:.1f}% on {monitor['dataset']} fold {monitor['fold']} (monitoring only)"
+             if monitor else ""))
+    run.save_checkpoint("final", {"encoder": method.encoder.state_dict(), "mean": mean.cpu(), "std": std.cpu()},
+                        {"arch": cfg.arch, "method": cfg.method, "epochs": cfg.epochs})
+    run.write_text("summary.md", f"# pretrain {cfg.method}\n\n{cfg.arch}, {cfg.epochs} epochs on "
+                                 f"{', '.join(ds for ds, *_ in pool)} ({n} samples); final loss {loss_value:.4f}\n")
+    return {"run": str(run.path), "loss": loss_value, "samples": n}
+
+
+def _monitor_split(loaded) -> dict[str, Any] | None:
+    """A labelled, numbered-fold dataset of the pool: its first fold is held out for a kNN
+    accuracy each epoch. Monitoring only: nothing is selected with it."""
+    for ds, _, manifest, d in loaded:
+        folds = list(manifest["folds"])
+        if manifest["multilabel"] or len(folds) < 2 or not all(f.isdigit() for f in folds):
+            continue
+        test = torch.tensor([f == folds[0] for f in d.fold_of], device=d.x.device)
+        return {"dataset": ds, "fold": folds[0], "x": d.x, "y": d.y, "test": test, "classes": len(manifest["classes"])}
+    return None
+
+
+@torch.no_grad()
+def _monitor_knn(encoder, monitor, mean, std, device) -> float:
+    from audiofx.training.evaluate import embed
+
+    z = embed(encoder, monitor["x"], mean, std, device)
+    test, y = monitor["test"], monitor["y"]
+    scores = knn_scores(z[~test], y[~test], z[test], monitor["classes"], k=200)
+    return float((scores.argmax(1) == y[test]).float().mean())

@@ -1,0 +1,111 @@
+"""Self-supervised methods, one class each, registered by name (after solo-learn's layout).
+
+Each method owns its encoder, heads and state (memory bank, queue, momentum encoder) and
+turns a batch of standardised features into a loss. Labels are never seen.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from audiofx.training.models import Encoder, ProjectionHead
+from audiofx.training.ssl.losses import MemoryBank, MoCoQueue, moco_loss, momentum_update, npid_nce_loss, npid_softmax_loss, nt_xent
+
+Views = Callable[[torch.Tensor], torch.Tensor]  # one random augmentation of a batch
+
+
+class Method(nn.Module):
+    name = ""
+    # (lr, weight decay) for SGD with momentum 0.9 and a cosine schedule
+    default_lr = 0.03
+    default_weight_decay = 5e-4
+
+    def __init__(self, encoder: Encoder, n_data: int, generator: torch.Generator):
+        super().__init__()
+        self.encoder = encoder
+
+    def loss(self, x: torch.Tensor, index: torch.Tensor, view: Views, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after the optimizer step (momentum encoders update here)."""
+
+
+class NPID(Method):
+    """Wu et al. 2018 as used by Hornauer et al. 2021: 128-d normalised embedding, memory bank
+    with momentum 0.5, NCE with K noise samples (K 64, temperature 0.4) or the full softmax (K 0)."""
+
+    name = "npid"
+
+    def __init__(self, encoder: Encoder, n_data: int, generator: torch.Generator, dim: int = 128, k: int = 64,
+                 temperature: float = 0.4, momentum: float = 0.5):
+        super().__init__(encoder, n_data, generator)
+        self.embed = nn.Linear(encoder.out_dim, dim)
+        self.bank = MemoryBank(n_data, dim, momentum, generator=generator)
+        self.k, self.temperature = k, temperature
+
+    def loss(self, x, index, view, generator):
+        f = F.normalize(self.embed(self.encoder(view(x))).float(), dim=1)
+        if self.k > 0:
+            loss = npid_nce_loss(f, index, self.bank, self.k, self.temperature, generator=generator)
+        else:
+            loss = npid_softmax_loss(f, index, self.bank, self.temperature)
+        self.bank.update(index, f)
+        return loss
+
+
+class SimCLR(Method):
+    """Chen et al. 2020: two augmented views, a 2-layer projection head, NT-Xent."""
+
+    name = "simclr"
+    default_lr = 0.06
+    default_weight_decay = 1e-6
+
+    def __init__(self, encoder: Encoder, n_data: int, generator: torch.Generator, dim: int = 128,
+                 temperature: float = 0.5):
+        super().__init__(encoder, n_data, generator)
+        self.head = ProjectionHead(encoder.out_dim, dim)
+        self.temperature = temperature
+
+    def loss(self, x, index, view, generator):
+        z1 = self.head(self.encoder(view(x)))
+        z2 = self.head(self.encoder(view(x)))
+        return nt_xent(z1, z2, self.temperature)
+
+
+class MoCo(Method):
+    """MoCo v2 (He et al. 2020, Chen et al. 2020): momentum key encoder (0.999), a queue of
+    negatives, temperature 0.2, MLP head. Works on one GPU or CPU; the queue length need not
+    divide the dataset."""
+
+    name = "moco"
+
+    def __init__(self, encoder: Encoder, n_data: int, generator: torch.Generator, dim: int = 128,
+                 queue: int = 4096, temperature: float = 0.2, momentum: float = 0.999):
+        super().__init__(encoder, n_data, generator)
+        self.head = ProjectionHead(encoder.out_dim, dim)
+        self.key_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.key_head = copy.deepcopy(self.head).requires_grad_(False)
+        # A queue longer than the dataset would hold stale copies of the same clips.
+        self.queue = MoCoQueue(min(queue, max(n_data - 1, 1)), dim, generator=generator)
+        self.temperature, self.momentum = temperature, momentum
+
+    def loss(self, x, index, view, generator):
+        q = self.head(self.encoder(view(x)))
+        with torch.no_grad():
+            k = self.key_head(self.key_encoder(view(x)))
+        loss = moco_loss(q, k, self.queue, self.temperature)
+        self.queue.enqueue(k)
+        return loss
+
+    def after_step(self):
+        momentum_update(self.encoder, self.key_encoder, self.momentum)
+        momentum_update(self.head, self.key_head, self.momentum)
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (NPID, SimCLR, MoCo)}
