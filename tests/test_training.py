@@ -134,3 +134,24 @@ def test_training_errors_are_one_line(store, tmp_path):
                           "unknown method 'byol'", "npid, simclr, moco")
     assert_one_line_error(run_cli("finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path),
                                   "--fold", "9", *TINY), "fold 9 does not exist")
+
+
+@pytest.mark.parametrize("method,extra", [("simclr", []), ("moco", []), ("npid", ["--nce-k", "0"])])
+def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra):
+    """One epoch of each method (NPID with the full softmax too); the checkpoint carries the
+    bank / queue / momentum encoder, and a resumed finished run has nothing left to do."""
+    args = ["pretrain", "--method", method, "--store", str(store), "--runs", str(tmp_path), "--batch-size", "50",
+            "--epochs", "1", "--name", method, *extra, *TINY]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    state = torch.load(tmp_path / "pretrain" / method / "checkpoints" / "last.pt", weights_only=True)["states"]["method"]
+    if method == "moco":  # 4 batches of 50 keys went into a queue of 199 (one less than the pool)
+        assert state["queue.queue"].shape[0] == 199 and int(state["queue.ptr"]) == 200 % 199
+        assert any(k.startswith("key_encoder.") for k in state)
+    if method == "npid":  # 200 memory entries moved towards the features: still unit vectors
+        assert torch.allclose(state["bank.memory"].norm(dim=1), torch.ones(200), atol=1e-5)
+    assert np.isfinite([r["loss"] for r in metrics(tmp_path / "pretrain" / method)]).all()
+    again = run_cli(*args, "--resume")
+    assert again.returncode == 0 and "resuming after epoch 1" in again.stdout
+    changed = run_cli(*[a if a != "1" else "2" for a in args], "--resume")
+    assert_one_line_error(changed, "was started with other settings (epochs)")

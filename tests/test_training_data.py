@@ -12,7 +12,13 @@ import torch
 from audiofx.errors import StoreError
 from audiofx.pipeline.extract import ExtractRequest, extract
 from audiofx.pipeline.store import FeatureStore
-from audiofx.training.augment import Augment, mixup, random_time_crop, random_time_shift, spec_augment
+from audiofx.training.augment import (
+    Augment,
+    mixup,
+    random_time_crop,
+    random_time_shift,
+    spec_augment,
+)
 from audiofx.training.data import (
     InMemoryLoader,
     StreamingLoader,
@@ -235,7 +241,7 @@ def test_multilabel_targets(tmp_path):
     assert batch.y.dtype == torch.float32 and torch.equal(batch.y, data.y.float())
     streamed = next(iter(StreamingLoader(fset, 5, shuffle=False)))
     assert torch.equal(streamed.y, batch.y) and torch.equal(streamed.x, batch.x)
-    x, y = mixup(batch.x, batch.y, alpha=0.4, generator=torch.Generator().manual_seed(0))
+    _, y = mixup(batch.x, batch.y, alpha=0.4, generator=torch.Generator().manual_seed(0))
     assert y.shape == (5, 5) and float(y.min()) >= 0 and float(y.max()) <= 1
 
 
@@ -313,7 +319,7 @@ def test_mixup_targets_are_the_weights_used():
     again = mixup(x, y, alpha=0.4, n_classes=4, generator=_gen(7))
     assert torch.equal(again[0], xm) and torch.equal(again[1], ys)
     multi = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool)
-    xm2, ys2, lam2, perm2 = mixup(x[:2], multi, generator=_gen(3), return_weights=True)
+    _, ys2, lam2, perm2 = mixup(x[:2], multi, generator=_gen(3), return_weights=True)
     expect = lam2[:, None] * multi.float() + (1 - lam2[:, None]) * multi.float()[perm2]
     assert torch.allclose(ys2, expect)
     with pytest.raises(ValueError, match="n_classes"):

@@ -59,7 +59,7 @@ def spec_augment(x: torch.Tensor, time_masks: int = 2, time_width: int = 20, fre
     the same choice for normalised inputs, and stays neutral when channels differ in level
     (e.g. the stft_bands kind, where channels are different frequency bands).
     """
-    b, c, f, t = x.shape
+    b, _, f, t = x.shape
     fill = x.mean(dim=(2, 3), keepdim=True, dtype=torch.float32).to(x.dtype)
     tmask = _band_mask(b, t, time_masks, time_width, generator, x.device)
     fmask = _band_mask(b, f, freq_masks, freq_width, generator, x.device)

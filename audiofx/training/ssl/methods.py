@@ -55,8 +55,13 @@ class NPID(Method):
             loss = npid_nce_loss(f, index, self.bank, self.k, self.temperature, generator=generator)
         else:
             loss = npid_softmax_loss(f, index, self.bank, self.temperature)
-        self.bank.update(index, f)
+        # The bank is updated after the backward pass: updating it in place now would change
+        # a tensor the softmax variant's graph still needs.
+        self._pending = (index, f.detach())
         return loss
+
+    def after_step(self):
+        self.bank.update(*self._pending)
 
 
 class SimCLR(Method):
@@ -100,10 +105,11 @@ class MoCo(Method):
         with torch.no_grad():
             k = self.key_head(self.key_encoder(view(x)))
         loss = moco_loss(q, k, self.queue, self.temperature)
-        self.queue.enqueue(k)
+        self._pending = k  # enqueued after the backward pass, which still needs this queue
         return loss
 
     def after_step(self):
+        self.queue.enqueue(self._pending)
         momentum_update(self.encoder, self.key_encoder, self.momentum)
         momentum_update(self.head, self.key_head, self.momentum)
 
