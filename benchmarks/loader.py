@@ -1,0 +1,272 @@
+"""Training input throughput: store -> float32 batches, against a raw memmap and on-the-fly features.
+
+    python benchmarks/loader.py [--clips 3000] [--batch-size 32] [--seconds 3] [--threads 2] [--torch-threads 1]
+                                [--out DIR] [--keep]
+
+Built first (not timed): an ESC-50-shaped feature store (3x128x250 float16, 5 folds, 8 clips
+per chunk) written through the store's own APIs (prepare, write_unit, finalize: same layout,
+codec and manifest as `audiofx extract`), and a raw .npy memmap holding the same values. The
+values are the features of a few generated 5 s clips plus small noise, so the chunks
+compress like real features rather than like random bytes.
+
+Then samples/s of float32 batches (B, 3, 128, 250), each for about --seconds:
+  in-memory   load_in_memory + InMemoryLoader (the load time is reported separately)
+  streaming   StreamingLoader: shuffled runs of chunks read by background threads
+  memmap      random batches from the raw .npy memmap: the limit for data on local disk
+  zarr/clip   random per-clip Zarr reads (x[i] per sample): why training never does this
+  on-the-fly  decode_clip + compute_features per clip (the Palanisamy-style baseline of
+              computing features in the training loop), on a handful of WAVs, extrapolated
+
+Everything was just written, so all reads come from the page cache: this compares the
+readers, not the disk. Every path runs with one torch thread by default (--torch-threads),
+as a DataLoader worker does: on a shared 2-core machine, torch's default of one OpenMP
+thread per core made the feature computation ~25x slower and a float16 -> float32 cast ~10x
+slower whenever another process kept a core busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from audiofx.config import feature_key, resolve_feature_config
+from audiofx.features.melspec import compute_features
+from audiofx.pipeline.decode import decode_clip
+from audiofx.pipeline.store import (
+    FeatureStore,
+    GroupPlan,
+    chunk_clips,
+    fold_group,
+    plan_units,
+)
+from audiofx.training.data import (
+    InMemoryLoader,
+    StreamingLoader,
+    load_in_memory,
+    open_foldset,
+)
+
+SEED = 20240611
+RATE = 44100
+SECONDS = 5.0
+FOLDS = 5
+CLASSES = 50
+BASE_CLIPS = 8  # generated WAVs: the on-the-fly baseline and the seeds of the stored values
+DATASET = "esc-like"
+
+
+# -- building (not timed) --------------------------------------------------------------------
+
+def synth_clip(rng: np.random.Generator) -> np.ndarray:
+    """5 s of notes, sweeps and noise bursts over a little background noise."""
+    n = int(SECONDS * RATE)
+    t = np.arange(n) / RATE
+    x = 0.01 * rng.standard_normal(n)
+    for _ in range(rng.integers(3, 8)):
+        start, dur = rng.uniform(0, SECONDS - 0.2), rng.uniform(0.1, 1.5)
+        m = (t >= start) & (t < start + dur)
+        tt = t[m] - start
+        env = np.exp(-tt * rng.uniform(1, 8))
+        kind = rng.integers(3)
+        if kind == 0:
+            f0 = 110 * 2 ** (rng.integers(0, 36) / 12)
+            x[m] += 0.4 * env * sum(np.sin(2 * np.pi * k * f0 * tt) / k for k in range(1, 6))
+        elif kind == 1:
+            f0, f1 = rng.uniform(100, 2000), rng.uniform(500, 12000)
+            x[m] += 0.3 * env * np.sin(2 * np.pi * (f0 * tt + (f1 - f0) * tt ** 2 / (2 * dur)))
+        else:
+            x[m] += 0.3 * env * rng.standard_normal(int(m.sum()))
+    return (0.8 * x / np.abs(x).max()).astype(np.float32)
+
+
+def build(base: Path, clips: int) -> tuple[list[Path], object, Path, Path, object]:
+    """WAVs, the feature config, the store root, the memmap path and the group's FoldSet."""
+    rng = np.random.default_rng(SEED)
+    config = resolve_feature_config({"sample_rate": RATE, "clip_seconds": SECONDS, "frames": 250})
+    wavs = []
+    for i in range(BASE_CLIPS):
+        path = base / "wav" / f"clip-{i}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, synth_clip(rng), RATE, subtype="PCM_16")
+        wavs.append(path)
+    with torch.inference_mode():
+        feats = np.stack([compute_features(torch.from_numpy(decode_clip(p, config))[None], config)[0].numpy()
+                          for p in wavs])
+
+    folds = {str(f + 1): [(f"synthetic/{i:05d}.wav", i % CLASSES) for i in range(f, clips, FOLDS)]
+             for f in range(FOLDS)}
+    options = {"folds": FOLDS, "seed": SEED, "split": None}
+    plan = GroupPlan(dataset=DATASET, key=feature_key(config, options), config=config,
+                     fingerprint={"digest": f"synthetic-{clips}-{SEED}", "files": clips, "bytes": 0},
+                     classes=[f"class{c:02d}" for c in range(CLASSES)], multilabel=False, folds=folds,
+                     dataset_options=options)
+    store = FeatureStore(base / "store")
+    store.prepare(plan, rebuild=True)
+    units = plan_units({f: len(c) for f, c in folds.items()}, chunk_clips(config))
+    mm_path = base / "features.npy"
+    mm = np.lib.format.open_memmap(mm_path, mode="w+", dtype=np.float16, shape=(clips,) + config.shape)
+    offsets = np.cumsum([0] + [len(c) for c in folds.values()])
+    fold_offset = dict(zip(folds, offsets[:-1].tolist()))
+    for unit in units:
+        n = unit.stop - unit.start
+        x = feats[rng.integers(0, BASE_CLIPS, n)] + 0.05 * rng.standard_normal((n,) + config.shape, dtype=np.float32)
+        x = x.astype(np.float16)
+        store.write_unit(DATASET, plan.key, unit, x, [])
+        a = fold_offset[unit.fold] + unit.start  # the memmap holds the folds one after another
+        mm[a:a + n] = x
+    mm.flush()
+    del mm
+    store.finalize(plan, units, {"workers": 1, "device": "cpu", "seconds": 0.0})
+    foldset = open_foldset(str(store.root), DATASET, plan.key, list(folds))
+    return wavs, config, store.root, mm_path, foldset
+
+
+# -- timing ----------------------------------------------------------------------------------
+
+def timed_epochs(make_iter, budget: float) -> tuple[float, int]:
+    """Run whole passes of make_iter() until budget seconds have passed: (samples/s, samples)."""
+    n = 0
+    started = time.perf_counter()
+    while True:
+        for batch in make_iter():
+            n += int(batch.shape[0])
+            if time.perf_counter() - started > budget:
+                break
+        elapsed = time.perf_counter() - started
+        if elapsed > budget:
+            return n / elapsed, n
+
+
+def batches_of(loader):
+    return lambda: (b.x for b in loader)
+
+
+def memmap_batches(path: Path, batch_size: int, seed: int):
+    mm = np.load(path, mmap_mode="r")
+    rng = np.random.default_rng(seed)
+
+    def epoch():
+        order = rng.permutation(len(mm))
+        for s in range(0, len(order), batch_size):
+            yield torch.from_numpy(mm[order[s:s + batch_size]]).float()
+    return epoch
+
+
+def zarr_clip_batches(store: Path, foldset, batch_size: int, seed: int):
+    import zarr
+
+    group = FeatureStore(store).group_path(foldset.dataset, foldset.key)
+    arrays = [zarr.open_array(str(group / fold_group(f) / "x"), mode="r") for f in foldset.folds]
+    where = [(a, i) for a in arrays for i in range(a.shape[0])]
+    rng = np.random.default_rng(seed)
+
+    def epoch():
+        order = rng.permutation(len(where))
+        for s in range(0, len(order), batch_size):
+            rows = [where[j][0][where[j][1]] for j in order[s:s + batch_size]]
+            yield torch.from_numpy(np.stack(rows)).float()
+    return epoch
+
+
+def on_the_fly(wavs: list[Path], config, budget: float) -> tuple[float, int]:
+    """decode_clip + compute_features, one clip at a time, cycling over the WAVs."""
+    with torch.inference_mode():
+        compute_features(torch.from_numpy(decode_clip(wavs[0], config))[None], config)  # warm-up
+        n = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < budget:
+            audio = decode_clip(wavs[n % len(wavs)], config)
+            compute_features(torch.from_numpy(audio)[None], config).float()
+            n += 1
+    return n / (time.perf_counter() - started), n
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clips", type=int, default=3000, help="clips in the store (default 3000; ESC-50 has 2000)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--seconds", type=float, default=3.0, help="time per measured path (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="reader threads of the streaming loader (default 2)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch.set_num_threads for every path (default 1, as in a DataLoader worker; 0: torch's default)")
+    p.add_argument("--out", type=Path, help="working folder (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the generated store, memmap and WAVs")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join([os.path.relpath(sys.executable), "benchmarks/loader.py", *sys.argv[1:]])
+    base = args.out or Path(tempfile.mkdtemp(prefix="audiofx-loader-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
+    bs, budget = args.batch_size, args.seconds
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    load_before = os.getloadavg()[0]
+    try:
+        t0 = time.perf_counter()
+        wavs, config, store, mm_path, foldset = build(base, args.clips)
+        manifest = foldset.manifest()
+        raw, stored = manifest["sizes"]["raw_bytes"], manifest["sizes"]["stored_bytes"]
+        print(f"built {args.clips} clips of {'x'.join(map(str, config.shape))} float16 in "
+              f"{time.perf_counter() - t0:.1f} s: raw {raw / 2**20:.0f} MiB, store {stored / 2**20:.0f} MiB "
+              f"({raw / stored:.2f}x), {manifest['chunk_clips']} clips per chunk", file=sys.stderr)
+
+        results: dict[str, float] = {}
+        data = load_in_memory(foldset)
+        load_s = data.seconds
+        results["in-memory"] = timed_epochs(batches_of(InMemoryLoader(data, bs, seed=0)), budget)[0]
+        del data
+        stream = StreamingLoader(foldset, bs, seed=0, threads=args.threads)
+        results["streaming"] = timed_epochs(batches_of(stream), budget)[0]
+        results["memmap"] = timed_epochs(memmap_batches(mm_path, bs, 0), budget)[0]
+        results["zarr/clip"] = timed_epochs(zarr_clip_batches(store, foldset, bs, 0), budget)[0]
+        results["on-the-fly"] = on_the_fly(wavs, config, budget)[0]
+    finally:
+        if not args.keep and not args.out:
+            shutil.rmtree(base, ignore_errors=True)
+
+    mem, fly = results["memmap"], results["on-the-fly"]
+    notes = {
+        "in-memory": f"after a load of {load_s:.2f} s ({args.clips / load_s:.0f} clips/s, {raw / 2**20 / load_s:.0f} MiB/s)",
+        "streaming": f"{args.threads} reader threads, runs of 4 chunks, buffer of 8 chunks",
+        "memmap": "random batches from a raw .npy memmap (the limit)",
+        "zarr/clip": "x[i] per sample: one chunk decompressed per clip",
+        "on-the-fly": f"decode_clip + compute_features per clip, {len(wavs)} WAVs cycled",
+    }
+    print(f"\n{command}")
+    print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"{args.clips} clips, batch {bs}, {budget:g} s per path, load average {load_before:.1f} before the run\n")
+    print("| path | samples/s | / memmap | / on-the-fly | note |")
+    print("|---|---|---|---|---|")
+    for name, rate in results.items():
+        print(f"| {name} | {rate:,.0f} | {rate / mem:.2f}x | {rate / fly:,.0f}x | {notes[name]} |")
+    checks = [
+        ("in-memory >= memmap", results["in-memory"] >= mem),
+        ("streaming >= 50% of memmap", results["streaming"] >= 0.5 * mem),
+        ("in-memory >= 100x on-the-fly", results["in-memory"] >= 100 * fly),
+        ("streaming >= 100x on-the-fly", results["streaming"] >= 100 * fly),
+    ]
+    print()
+    for name, ok in checks:
+        print(f"{'met    ' if ok else 'NOT MET'}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
