@@ -190,6 +190,13 @@ def cache_verify(key, store):
                            "re-extract them with --rebuild")
 
 
+def _main_rank() -> bool:
+    """Under torchrun only rank 0 prints the closing summary."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 TRAIN_EXAMPLE = """
 \b
 Examples:
@@ -224,7 +231,8 @@ def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, nce_
         method=method, datasets=tuple(d for d in datasets.split(",") if d), store=store, preset=preset, arch=arch,
         epochs=epochs, batch_size=batch_size, lr=lr, nce_k=nce_k, temperature=temperature, seed=seed, device=device,
         runs_root=runs_root, name=name, resume=resume, progress=not no_progress), say=click.echo)
-    click.echo(f"pretrained {method}: {result['run']} (final loss {result['loss']:.4f})")
+    if _main_rank():
+        click.echo(f"pretrained {method}: {result['run']} (final loss {result['loss']:.4f})")
 
 
 FINETUNE_EXAMPLE = """
@@ -269,6 +277,8 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         augment=Augment(spec_augment=spec_augment, time_shift=time_shift, mixup=mixup), seed=seed, device=device,
         runs_root=runs_root, name=name, resume=resume, progress=not no_progress), say=click.echo)
+    if not _main_rank():
+        return
     click.echo(f"accuracy over {s['n_folds']} fold(s): last epoch {100 * s['last_acc_mean']:.2f} ± "
                f"{100 * s['last_acc_std']:.2f}%, best epoch {100 * s['best_acc_mean']:.2f} ± "
                f"{100 * s['best_acc_std']:.2f}% (selected on the test fold); {s['run']}/summary.md")

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -155,3 +156,20 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
     assert again.returncode == 0 and "resuming after epoch 1" in again.stdout
     changed = run_cli(*[a if a != "1" else "2" for a in args], "--resume")
     assert_one_line_error(changed, "was started with other settings (epochs)")
+
+
+def test_torchrun_data_parallel_on_two_cpu_processes(store, tmp_path):
+    """`torchrun --nproc-per-node 2 -m audiofx ...` with gloo: one run folder written by rank 0,
+    every fold trained, and NPID pretraining (bank updates gathered from both ranks) finishes."""
+    torchrun = Path(sys.executable).parent / "torchrun"  # installed with torch, next to the interpreter
+    common = ["--nproc-per-node", "2", "-m", "audiofx"]
+    for args in (["pretrain", "--method", "npid", "--epochs", "1", "--batch-size", "25", "--name", "p"],
+                 ["finetune", "--dataset", "demo", "--init", "scratch", "--fold", "2", "--epochs", "1", "--name", "f"]):
+        proc = subprocess.run([str(torchrun), *common, *args, "--store", str(store), "--runs", str(tmp_path), *TINY],
+                              cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        if args[0] == "finetune":
+            assert "on cpu x 2 ranks" in proc.stdout
+    assert (tmp_path / "pretrain" / "p" / "checkpoints" / "final.pt").is_file()
+    records = metrics(tmp_path / "finetune" / "f")
+    assert [r["event"] for r in records] == ["epoch", "fold_done", "summary"]  # written once, by rank 0

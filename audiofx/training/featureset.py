@@ -14,7 +14,9 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
     """(key, manifest) of the complete feature set of `dataset` extracted with `preset` (at
     the dataset's default rate, length and frames), or of the given key prefix.
 
-    Several matches (e.g. two GTZAN splits) take the newest; --key chooses another.
+    Several matches (e.g. two GTZAN splits) take the newest; --key chooses another. When no
+    set has the preset's exact config (features extracted with --set overrides), the newest
+    complete set of the dataset is used.
     """
     fs = FeatureStore(store)
     complete = []
@@ -26,8 +28,11 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
         except StoreError:
             continue
     if not key:
+        # Prefer the preset at the dataset's defaults; features extracted with --set overrides
+        # are still found (the newest), and the caller prints the key it uses.
         wanted = canonical_json(resolve_feature_config(get_adapter(dataset).defaults, preset).to_dict())
-        complete = [(k, m) for k, m in complete if canonical_json(m["feature_config"]) == wanted]
+        exact = [(k, m) for k, m in complete if canonical_json(m["feature_config"]) == wanted]
+        complete = exact or complete
     if not complete:
         what = f"key {key}" if key else f"preset {preset}"
         raise StoreError(f"no complete {dataset} features ({what}) in store {fs.root}",

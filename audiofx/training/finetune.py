@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from audiofx.errors import ConfigError
 from audiofx.training.augment import Augment
 from audiofx.training.data import FoldSet, InMemoryLoader, load_in_memory
-from audiofx.training.device import autocast, pick_device, prepare_model, seed_everything
+from audiofx.training.device import autocast, prepare_model, seed_everything
+from audiofx.training.distributed import Ranks, init_distributed, shutdown, wrap
 from audiofx.training.featureset import resolve_featureset, split_folds
 from audiofx.training.init import resolve_init
 from audiofx.training.models import Classifier
-from audiofx.training.runs import Run, default_name
+from audiofx.training.runs import Run, default_name, open_run
 
 
 @dataclass
@@ -104,7 +105,16 @@ def summarize(per_fold: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 
 def finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
-    device = pick_device(cfg.device)
+    ranks, device = init_distributed(cfg.device)
+    try:
+        return _finetune(cfg, ranks, device, say if ranks.main else (lambda *a, **k: None))
+    finally:
+        shutdown(ranks)
+
+
+def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> dict[str, Any]:
+    if cfg.name is None and ranks.active:
+        raise ConfigError("a distributed run needs --name", "every rank must open the same run folder")
     key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key)
     if manifest["multilabel"]:
         raise ConfigError(f"{cfg.dataset} is multi-label; fine-tuning covers single-label datasets so far",
@@ -112,10 +122,10 @@ def finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
     init = resolve_init(cfg.init, cfg.arch, cfg.runs_root, Path(cfg.weights) if cfg.weights else None)
     plan = split_folds(list(manifest["folds"]), cfg.fold)
     name = cfg.name or default_name(cfg.init.replace(":", "-").replace("/", "_")[:40], cfg.dataset)
-    run = Run.create(cfg.runs_root, "finetune", name, {**cfg.to_json(), "arch": init.arch, "key": key,
-                                                       "init_source": init.source, "stage": "finetune"}, cfg.resume)
+    run = open_run(ranks, cfg.runs_root, "finetune", name, {**cfg.to_json(), "arch": init.arch, "key": key,
+                                                            "init_source": init.source, "stage": "finetune"}, cfg.resume)
     say(f"finetune {cfg.dataset} ({key}) from {init.kind} ({init.source}), {init.arch}, {len(plan)} fold(s), "
-        f"{cfg.epochs} epochs on {device} -> {run.path}")
+        f"{cfg.epochs} epochs on {device}{f' x {ranks.world} ranks' if ranks.active else ''} -> {run.path}")
 
     all_folds = sorted({f for t, train in plan for f in [t, *train]}, key=lambda f: (not f.isdigit(), f.zfill(4)))
     data = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, all_folds), device=device)
@@ -130,7 +140,7 @@ def finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
             continue
         train = subset(data, torch.from_numpy(np.isin(fold_of, train_folds)))
         test = subset(data, torch.from_numpy(fold_of == test_fold))
-        per_fold[test_fold] = _train_fold(cfg, init, run, train, test, n_classes, test_fold, device, say)
+        per_fold[test_fold] = _train_fold(cfg, init, run, train, test, n_classes, test_fold, device, ranks, say)
     summary = summarize(per_fold)
     run.log({"event": "summary", **{k: v for k, v in summary.items() if k != "folds"}})
     run.write_text("summary.md", summary_markdown(cfg, init.arch, key, summary))
@@ -138,7 +148,7 @@ def finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
     return summary
 
 
-def _train_fold(cfg, init, run: Run, train, test, n_classes: int, fold: str, device, say) -> dict[str, float]:
+def _train_fold(cfg, init, run: Run, train, test, n_classes: int, fold: str, device, ranks: Ranks, say) -> dict[str, float]:
     from tqdm import tqdm
 
     seed_everything(cfg.seed)
@@ -159,7 +169,9 @@ def _train_fold(cfg, init, run: Run, train, test, n_classes: int, fold: str, dev
         # Epochs logged after the checkpoint (a kill between the two) are done again.
         run.drop_records(lambda r: r.get("event") == "epoch" and r.get("fold") == fold and r["epoch"] > start)
         say(f"fold {fold}: resuming after epoch {start}")
-    loader = InMemoryLoader(train, cfg.batch_size, shuffle=True, drop_last=False, seed=cfg.seed)
+    loader = InMemoryLoader(train, cfg.batch_size, shuffle=True, drop_last=False, seed=cfg.seed, rank=ranks.rank,
+                            world_size=ranks.world)
+    trained = wrap(model, ranks, device)  # DDP averages gradients across ranks; `model` stays the plain module
     augment = dataclasses.replace(cfg.augment, n_classes=n_classes)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     y_test = test.y.cpu()
@@ -169,12 +181,12 @@ def _train_fold(cfg, init, run: Run, train, test, n_classes: int, fold: str, dev
         gen.manual_seed(cfg.seed * 100003 + epoch)
         seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
         bar = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not cfg.progress)
+                   disable=not cfg.progress or not ranks.main)
         for batch in bar:
             x = (batch.x.to(device).float() - mean) / std
             x, target = augment(x, batch.y.to(device), generator=gen)
             with autocast(device):
-                logits = model(x)
+                logits = trained(x)
             loss = F.cross_entropy(logits.float(), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()

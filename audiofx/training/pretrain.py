@@ -20,12 +20,13 @@ from audiofx.errors import ConfigError, StoreError
 from audiofx.pipeline.store import FeatureStore
 from audiofx.training.augment import random_time_shift, spec_augment
 from audiofx.training.data import FoldSet, InMemoryData, InMemoryLoader, load_in_memory
-from audiofx.training.device import autocast, pick_device, prepare_model, seed_everything
+from audiofx.training.device import autocast, prepare_model, seed_everything
+from audiofx.training.distributed import Ranks, init_distributed, shutdown, wrap
 from audiofx.training.featureset import resolve_featureset
 from audiofx.training.finetune import channel_stats
 from audiofx.training.knn import knn_scores
 from audiofx.training.models import ARCHS, build_encoder
-from audiofx.training.runs import Run, default_name
+from audiofx.training.runs import default_name, open_run
 from audiofx.training.ssl.methods import METHODS
 
 
@@ -86,8 +87,17 @@ def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
         raise ConfigError(f"unknown method {cfg.method!r}", f"use one of {', '.join(METHODS)}")
     if cfg.arch not in ARCHS:
         raise ConfigError(f"unknown architecture {cfg.arch!r}", f"use one of {', '.join(ARCHS)}")
+    ranks, device = init_distributed(cfg.device)
+    try:
+        return _pretrain(cfg, ranks, device, say if ranks.main else (lambda *a, **k: None))
+    finally:
+        shutdown(ranks)
+
+
+def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> dict[str, Any]:
+    if cfg.name is None and ranks.active:
+        raise ConfigError("a distributed run needs --name", "every rank must open the same run folder")
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
     pool = pool_datasets(cfg.store, cfg.preset, cfg.datasets)
     loaded = [(ds, key, m, load_in_memory(FoldSet(cfg.store, ds, key, list(m["folds"])), device=device))
               for ds, key, m in pool]
@@ -98,8 +108,8 @@ def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
                         index=torch.arange(n, device=x.device), clips=[""] * n, fold_of=[""] * n)
     mean, std = channel_stats(x)
     name = cfg.name or default_name(cfg.method, cfg.arch)
-    run = Run.create(cfg.runs_root, "pretrain", name, {**cfg.to_json(), "stage": "pretrain",
-                                                       "pool": {ds: key for ds, key, _ in pool}}, cfg.resume)
+    run = open_run(ranks, cfg.runs_root, "pretrain", name, {**cfg.to_json(), "stage": "pretrain",
+                                                            "pool": {ds: key for ds, key, _ in pool}}, cfg.resume)
     say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in pool)} ({n} samples of {frames} frames), "
         f"{cfg.arch}, {cfg.epochs} epochs on {device} -> {run.path}")
 
@@ -124,7 +134,11 @@ def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
         run.drop_records(lambda r: r.get("event") == "epoch" and r["epoch"] > start)
         say(f"resuming after epoch {start}")
     monitor = _monitor_split(loaded)
-    loader = InMemoryLoader(data, cfg.batch_size, shuffle=True, drop_last=n > cfg.batch_size, seed=cfg.seed)
+    loader = InMemoryLoader(data, cfg.batch_size, shuffle=True, drop_last=n > cfg.batch_size * ranks.world,
+                            seed=cfg.seed, rank=ranks.rank, world_size=ranks.world)
+    # Buffers (memory bank, queue, BatchNorm statistics) are kept in step by the methods
+    # themselves, not broadcast from rank 0 at every forward.
+    trained = wrap(method, ranks, device, broadcast_buffers=False)
 
     def view(batch: torch.Tensor) -> torch.Tensor:
         # Augmentations on whole batches on the device: circular time shift and SpecAugment masks.
@@ -140,11 +154,11 @@ def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
         gen.manual_seed(cfg.seed * 100003 + epoch)
         seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
         bar = tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not cfg.progress)
+                   disable=not cfg.progress or not ranks.main)
         for batch in bar:
             xb = (batch.x.to(device).float() - mean) / std
             with autocast(device):
-                loss = method.loss(xb, batch.index.to(device), view, gen)
+                loss = trained(xb, batch.index.to(device), view, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

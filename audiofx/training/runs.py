@@ -21,6 +21,7 @@ STAGES = ("pretrain", "finetune", "evaluate")
 @dataclass
 class Run:
     path: Path
+    readonly: bool = False  # ranks other than 0 of a distributed run read but never write
 
     @property
     def name(self) -> str:
@@ -51,6 +52,8 @@ class Run:
         return json.loads((self.path / "config.json").read_text())
 
     def log(self, record: dict[str, Any]) -> None:
+        if self.readonly:
+            return
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -62,6 +65,8 @@ class Run:
 
     def drop_records(self, predicate) -> None:
         """Rewrite metrics.jsonl without the records a resumed run is about to produce again."""
+        if self.readonly:
+            return
         kept = [r for r in self.metrics() if not predicate(r)]
         _atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -71,6 +76,8 @@ class Run:
     def save_checkpoint(self, tag: str, states: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Atomically save state dicts (model, optimizer, ...) and plain metadata."""
         path = self.checkpoint_path(tag)
+        if self.readonly:
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save({"states": states, "meta": meta}, tmp)
@@ -84,7 +91,19 @@ class Run:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def write_text(self, name: str, text: str) -> None:
+        if self.readonly:
+            return
         _atomic_write(self.path / name, text)
+
+
+def open_run(ranks, root: str | Path, stage: str, name: str, config: dict[str, Any], resume: bool) -> Run:
+    """Rank 0 creates (or checks, on --resume) the run folder; the other ranks wait for it and
+    get a read-only handle on the same folder."""
+    from audiofx.training.distributed import barrier
+
+    run = Run.create(root, stage, name, config, resume) if ranks.main else None
+    barrier(ranks)
+    return run or Run(Path(root) / stage / name, readonly=True)
 
 
 def _atomic_write(path: Path, text: str) -> None:

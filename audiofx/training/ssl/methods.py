@@ -10,6 +10,7 @@ import copy
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,6 +32,10 @@ class Method(nn.Module):
 
     def loss(self, x: torch.Tensor, index: torch.Tensor, view: Views, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, view: Views, generator: torch.Generator) -> torch.Tensor:
+        # forward is the loss, so DistributedDataParallel can wrap a method as it is.
+        return self.loss(x, index, view, generator)
 
     def after_step(self) -> None:
         """Called after the optimizer step (momentum encoders update here)."""
@@ -61,7 +66,12 @@ class NPID(Method):
         return loss
 
     def after_step(self):
-        self.bank.update(*self._pending)
+        index, f = self._pending
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank keeps the whole bank: each applies the updates of all ranks' batches
+            # (the loaders give every rank equal batch sizes).
+            index, f = _gather(index), _gather(f)
+        self.bank.update(index, f)
 
 
 class SimCLR(Method):
@@ -112,6 +122,12 @@ class MoCo(Method):
         self.queue.enqueue(self._pending)
         momentum_update(self.encoder, self.key_encoder, self.momentum)
         momentum_update(self.head, self.key_head, self.momentum)
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (NPID, SimCLR, MoCo)}

@@ -1,0 +1,65 @@
+"""Data-parallel runs under torchrun: `torchrun --nproc-per-node N -m audiofx finetune ...`.
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them everything runs in one process.
+NCCL on GPUs, gloo on CPU. Rank 0 alone writes the run folder; every rank trains on its own
+share of each epoch's permutation, and DDP averages the gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from audiofx.training.device import pick_device
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_name: str | None) -> tuple[Ranks, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks(), pick_device(device_name)
+    use_cuda = torch.cuda.is_available() and device_name not in ("cpu",)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Ranks(dist.get_rank(), dist.get_world_size()), device
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.active:
+        dist.barrier()
+
+
+def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device, broadcast_buffers: bool = True) -> torch.nn.Module:
+    """DistributedDataParallel when there are several ranks, the model itself otherwise."""
+    if not ranks.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=broadcast_buffers)
+
+
+def shutdown(ranks: Ranks) -> None:
+    if ranks.active and dist.is_initialized():
+        dist.destroy_process_group()
