@@ -1,1 +1,2 @@
-"""Store -> results: data loading, models, self-supervised and supervised loops (later issues)."""
+"""Store -> results: data loading, models, self-supervised pretraining, fine-tuning and frozen
+evaluation, run folders."""

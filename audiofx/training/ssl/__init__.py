@@ -1,5 +1,5 @@
-"""Self-supervised loss building blocks (pure torch): SimCLR NT-Xent, NPID memory bank + NCE /
-softmax, MoCo v2 queue + InfoNCE + momentum update. See `losses` for the formulas."""
+"""Self-supervised losses (pure torch: SimCLR NT-Xent, NPID memory bank + NCE / softmax, MoCo v2
+queue + InfoNCE + momentum update) and the methods built on them (`methods`)."""
 
 from .losses import (GatherLayer, MemoryBank, MoCoQueue, moco_loss, momentum_update, npid_nce_loss,
                      npid_softmax_loss, nt_xent)
