@@ -225,7 +225,8 @@ Examples:
 def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, nce_k, temperature, seed, device, runs_root,
              name, resume, no_progress):
     """Learn a representation without labels from the cached features (NPID, SimCLR, MoCo v2)."""
-    from audiofx.training.pretrain import PretrainConfig, pretrain as run_pretrain
+    from audiofx.training.pretrain import PretrainConfig
+    from audiofx.training.pretrain import pretrain as run_pretrain
 
     result = run_pretrain(PretrainConfig(
         method=method, datasets=tuple(d for d in datasets.split(",") if d), store=store, preset=preset, arch=arch,
@@ -270,7 +271,8 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
              time_shift, mixup, seed, device, runs_root, name, resume, no_progress):
     """Fine-tune a classifier with k-fold cross-validation on the official folds."""
     from audiofx.training.augment import Augment
-    from audiofx.training.finetune import FinetuneConfig, finetune as run_finetune
+    from audiofx.training.finetune import FinetuneConfig
+    from audiofx.training.finetune import finetune as run_finetune
 
     s = run_finetune(FinetuneConfig(
         dataset=dataset, init=init, weights=weights, store=store, preset=preset, key=key, arch=arch, fold=fold,

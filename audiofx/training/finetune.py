@@ -23,7 +23,7 @@ from audiofx.training.distributed import Ranks, init_distributed, shutdown, wrap
 from audiofx.training.featureset import resolve_featureset, split_folds
 from audiofx.training.init import resolve_init
 from audiofx.training.models import Classifier
-from audiofx.training.runs import Run, default_name, open_run
+from audiofx.training.runs import Run, default_name, open_run, recipe
 
 
 @dataclass
@@ -51,10 +51,7 @@ class FinetuneConfig:
     progress: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for transient in ("resume", "progress", "name", "device"):
-            out.pop(transient)
-        return out
+        return recipe(self)
 
 
 def channel_stats(x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 
 from audiofx.errors import ConfigError
-from audiofx.training.models import Encoder, build_encoder, imagenet_weights_file, load_imagenet
+from audiofx.training.models import (
+    Encoder,
+    build_encoder,
+    imagenet_weights_file,
+    load_imagenet,
+)
 from audiofx.training.runs import list_runs
 
 SSL_METHODS = ("npid", "simclr", "moco")

@@ -8,7 +8,6 @@ are cut into segments of the shortest clip length (GTZAN's 1500 frames become si
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from audiofx.training.featureset import resolve_featureset
 from audiofx.training.finetune import channel_stats
 from audiofx.training.knn import knn_scores
 from audiofx.training.models import ARCHS, build_encoder
-from audiofx.training.runs import default_name, open_run
+from audiofx.training.runs import default_name, open_run, recipe
 from audiofx.training.ssl.methods import METHODS
 
 
@@ -51,11 +50,7 @@ class PretrainConfig:
     progress: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for transient in ("resume", "progress", "name", "device"):
-            out.pop(transient)
-        out["datasets"] = list(self.datasets)
-        return out
+        return recipe(self)
 
 
 def pool_datasets(store: str, preset: str, wanted: tuple[str, ...]) -> list[tuple[str, str, dict]]:

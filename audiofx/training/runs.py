@@ -4,6 +4,7 @@ summary.md. Checkpoints hold only state dicts and plain metadata, so they load w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -124,6 +125,15 @@ def list_runs(root: str | Path, stage: str, method: str | None = None) -> list[P
             continue
         out.append(path)
     return sorted(out, key=lambda p: (p / "checkpoints" / "final.pt").stat().st_mtime)
+
+
+def recipe(config: Any) -> dict[str, Any]:
+    """A stage config as JSON for config.json, without the options that do not change the
+    result (so --resume may differ in them): resume, progress, name, device."""
+    out = dataclasses.asdict(config)
+    for transient in ("resume", "progress", "name", "device"):
+        out.pop(transient, None)
+    return json.loads(json.dumps(out, default=list))
 
 
 def default_name(*parts: str) -> str:

@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from audiofx.training.models import Encoder, ProjectionHead
-from audiofx.training.ssl.losses import MemoryBank, MoCoQueue, moco_loss, momentum_update, npid_nce_loss, npid_softmax_loss, nt_xent
+from audiofx.training.ssl.losses import (
+    MemoryBank,
+    MoCoQueue,
+    moco_loss,
+    momentum_update,
+    npid_nce_loss,
+    npid_softmax_loss,
+    nt_xent,
+)
 
 Views = Callable[[torch.Tensor], torch.Tensor]  # one random augmentation of a batch
 
