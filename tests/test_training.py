@@ -173,3 +173,43 @@ def test_torchrun_data_parallel_on_two_cpu_processes(store, tmp_path):
     assert (tmp_path / "pretrain" / "p" / "checkpoints" / "final.pt").is_file()
     records = metrics(tmp_path / "finetune" / "f")
     assert [r["event"] for r in records] == ["epoch", "fold_done", "summary"]  # written once, by rank 0
+
+
+def test_short_pretraining_beats_the_same_network_at_random_init(store, tmp_path):
+    """The learning test: 10 epochs of SimCLR on the synthetic demo set give a ResNet-18 whose
+    frozen embeddings classify clearly better by weighted kNN than those of randomly
+    initialised ResNet-18s (66-73% over three seeds, measured; SimCLR reaches ~81%)."""
+    from audiofx.training.data import FoldSet, load_in_memory
+    from audiofx.training.evaluate import embed
+    from audiofx.training.featureset import resolve_featureset
+    from audiofx.training.finetune import channel_stats
+    from audiofx.training.knn import knn_scores
+    from audiofx.training.models import build_encoder
+    from audiofx.training.pretrain import PretrainConfig, pretrain
+
+    key, manifest = resolve_featureset(str(store), "demo")
+    data = load_in_memory(FoldSet(str(store), "demo", key, list(manifest["folds"])))
+    fold_of = np.array(data.fold_of)
+
+    def knn_accuracy(encoder, mean, std) -> float:
+        z = embed(encoder, data.x, mean, std, torch.device("cpu"))
+        accs = []
+        for fold in manifest["folds"]:
+            test = torch.from_numpy(fold_of == fold)
+            scores = knn_scores(z[~test], data.y[~test], z[test], 5, k=20)
+            accs.append(float((scores.argmax(1) == data.y[test]).float().mean()))
+        return float(np.mean(accs))
+
+    mean, std = channel_stats(data.x)
+    random_init = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        random_init.append(knn_accuracy(build_encoder("resnet18"), mean, std))
+    result = pretrain(PretrainConfig(method="simclr", datasets=("demo",), store=str(store), arch="resnet18", epochs=10,
+                                     batch_size=32, runs_root=str(tmp_path), name="learn", progress=False),
+                      say=lambda *a: None)
+    final = torch.load(Path(result["run"]) / "checkpoints" / "final.pt", weights_only=True)["states"]
+    encoder = build_encoder("resnet18")
+    encoder.load_state_dict(final["encoder"])
+    learned = knn_accuracy(encoder, final["mean"], final["std"])
+    assert learned > max(random_init) + 0.05, (learned, random_init)
