@@ -34,6 +34,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean-venv:
 	rm -rf $(VENV)
