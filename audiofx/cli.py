@@ -80,10 +80,9 @@ def extract(dataset, root, store, preset, overrides, split, workers, device, str
     if summary.status == "complete":
         click.echo(f"store is complete: {summary.path} ({summary.clips_total} clips); nothing to do")
         return
-    ok = summary.clips_total - len(summary.skipped)
     click.echo(f"extracted {summary.dataset} -> {summary.path}")
     resumed = f", {summary.units_done_before} of {summary.units_total} units were already done" if summary.units_done_before else ""
-    click.echo(f"  clips: {ok} usable of {summary.clips_total}; {summary.clips_written} computed in this run{resumed}")
+    click.echo(f"  clips: {summary.clips_ok} usable of {summary.clips_total}; {summary.clips_written} computed in this run{resumed}")
     click.echo(f"  time: {summary.seconds:.1f} s, {summary.clips_per_second:.1f} clips/s")
     click.echo(f"  store: {_size(summary.stored_bytes)} on disk, compression {summary.compression_ratio:.2f}x")
     if summary.missing:

@@ -71,6 +71,15 @@ def test_gtzan_and_the_unreadable_jazz_00054(tmp_path, ext):
     assert_store_matches_index("gtzan", root, tmp_path / "store", manifest)
 
 
+def test_gtzan_second_copy_of_a_clip_is_recorded_not_extracted(tmp_path):
+    root = L.make_gtzan(tmp_path / "gtzan")
+    (root / "genres/blues/blues.00003.wav").write_bytes((root / "genres/blues/blues.00003.au").read_bytes())
+    _, manifest = run("gtzan", root, tmp_path / "store")
+    assert manifest["clips"] == 30
+    (skip,) = manifest["skipped"]
+    assert skip["clip"].startswith("genres/blues/blues.00003.") and "duplicate" in skip["reason"]
+
+
 def test_gtzan_published_split_is_another_feature_set(tmp_path):
     root = L.make_gtzan(tmp_path / "gtzan")
     split = tmp_path / "split.csv"

@@ -59,7 +59,8 @@ class ExtractSummary:
     key: str
     path: Path
     status: str  # "complete" (nothing to do) or "written"
-    clips_total: int = 0
+    clips_total: int = 0  # rows in the arrays
+    clips_ok: int = 0  # usable rows (the manifest's count)
     clips_written: int = 0  # computed by this run
     units_total: int = 0
     units_done_before: int = 0
@@ -195,7 +196,7 @@ def build_plan(req: ExtractRequest) -> tuple[GroupPlan, DatasetIndex, FeatureCon
     plan = GroupPlan(
         dataset=adapter.name, key=key, config=config, fingerprint=fp.to_dict(), classes=list(index.classes),
         multilabel=index.multilabel, folds=folds, dataset_options=options,
-        missing=missing + [f"{p}: {r}" for p, r in index.skipped],
+        missing=missing, left_out=list(index.skipped),
     )
     return plan, index, config
 
@@ -210,7 +211,7 @@ def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) 
     summary = ExtractSummary(plan.dataset, plan.key, path, "complete", missing=plan.missing)
     if state == "complete":
         manifest = store.read_manifest(plan.dataset, plan.key)
-        summary.clips_total = manifest["clips"]
+        summary.clips_total = summary.clips_ok = manifest["clips"]
         summary.skipped = [(s["clip"], s["reason"]) for s in manifest["skipped"]]
         summary.stored_bytes, summary.raw_bytes = manifest["sizes"]["stored_bytes"], manifest["sizes"]["raw_bytes"]
         return summary
@@ -246,6 +247,7 @@ def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) 
     summary.units_computed = sum(1 for r in results if r.get("computed"))
     summary.clips_written = sum(r.get("clips", 0) for r in results)
     manifest = store.finalize(plan, units, {"workers": workers, "device": device, "seconds": round(summary.seconds, 2)})
+    summary.clips_ok = manifest["clips"]
     summary.skipped = [(s["clip"], s["reason"]) for s in manifest["skipped"]]
     summary.stored_bytes, summary.raw_bytes = manifest["sizes"]["stored_bytes"], manifest["sizes"]["raw_bytes"]
     return summary

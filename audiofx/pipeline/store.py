@@ -123,6 +123,7 @@ class GroupPlan:
     folds: dict[str, list[tuple[str, Any]]]  # fold -> [(relative path, label)] in order
     dataset_options: dict[str, Any] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)  # listed in metadata, absent, allowed
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) dropped by the adapter
 
     def attrs(self) -> dict[str, Any]:
         return {
@@ -270,7 +271,7 @@ class FeatureStore:
                 raise StoreError(f"{len(absent)} write units of {path} are not finished (e.g. {absent[0]})",
                                  "rerun the same extract command to finish them")
             group = zarr.open_group(str(path), mode="r+")
-            skipped = {}
+            skipped = dict(plan.left_out)  # e.g. a second copy of a GTZAN clip, never in the arrays
             for r in records.values():
                 for clip, reason in r["skipped"]:
                     skipped[clip] = reason
