@@ -26,7 +26,7 @@ from audiofx.training.data import (
     make_loader,
     open_foldset,
 )
-from tests import official_layouts as L
+from tests import layouts as L
 from tests.conftest import make_class_folder
 
 FAST = {"sample_rate": 22050, "clip_seconds": 0.5, "frames": 20}
@@ -236,13 +236,13 @@ def test_multilabel_targets(tmp_path):
     summary = _extract("fsd50k", root, tmp_path / "store")
     fset = open_foldset(str(tmp_path / "store"), "fsd50k", summary.key, ["train", "eval"])
     data = load_in_memory(fset)
-    assert data.y.dtype == torch.bool and data.y.shape == (5, 5) and data.multilabel
+    assert data.y.dtype == torch.bool and data.y.shape == (5, 6) and data.multilabel  # 3 train + 2 eval, 6 labels
     batch = next(iter(InMemoryLoader(data, 5, shuffle=False)))
     assert batch.y.dtype == torch.float32 and torch.equal(batch.y, data.y.float())
     streamed = next(iter(StreamingLoader(fset, 5, shuffle=False)))
     assert torch.equal(streamed.y, batch.y) and torch.equal(streamed.x, batch.x)
     _, y = mixup(batch.x, batch.y, alpha=0.4, generator=torch.Generator().manual_seed(0))
-    assert y.shape == (5, 5) and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert y.shape == (5, 6) and float(y.min()) >= 0 and float(y.max()) <= 1
 
 
 # -- augmentations ---------------------------------------------------------------------------
