@@ -213,3 +213,26 @@ def test_short_pretraining_beats_the_same_network_at_random_init(store, tmp_path
     encoder.load_state_dict(final["encoder"])
     learned = knn_accuracy(encoder, final["mean"], final["std"])
     assert learned > max(random_init) + 0.05, (learned, random_init)
+
+
+def test_chain_on_official_layout_fixtures(tmp_path):
+    """pretrain on two datasets in their official layouts (ESC-50 and UrbanSound8K fixtures,
+    extracted with short clips), then finetune --fold all and evaluate on each."""
+    from tests import layouts as L
+
+    store, runs = tmp_path / "features", tmp_path / "runs"
+    for name, root in (("esc50", L.make_esc50(tmp_path / "esc50")), ("urbansound8k", L.make_urbansound8k(tmp_path / "us8k"))):
+        extract(ExtractRequest(dataset=name, root=root, store=str(store), overrides={"clip_seconds": 0.5, "frames": 20},
+                               workers=1, progress=False), on_event=lambda m: None)
+    common = ["--store", str(store), "--runs", str(runs), *TINY]
+    proc = run_cli("pretrain", "--method", "moco", "--epochs", "1", "--batch-size", "16", "--name", "m", *common)
+    assert proc.returncode == 0, proc.stderr
+    assert "on esc50, urbansound8k (45 samples" in proc.stdout  # 25 + 20 clips, the whole store
+    for name, folds in (("esc50", 5), ("urbansound8k", 10)):
+        proc = run_cli("finetune", "--dataset", name, "--init", "moco", "--epochs", "1", "--name", f"ft-{name}", *common)
+        assert proc.returncode == 0, proc.stderr
+        assert f"accuracy over {folds} fold(s)" in proc.stdout
+        proc = run_cli("evaluate", "--run", "moco", "--dataset", name, "--mode", "knn", "--store", str(store), "--runs",
+                       str(runs), "--name", f"knn-{name}")
+        assert proc.returncode == 0, proc.stderr
+        assert f"knn accuracy over {folds} fold(s)" in proc.stdout
