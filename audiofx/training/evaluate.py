@@ -135,8 +135,11 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
         te = torch.from_numpy(fold_of == test_fold).to(device)
         if cfg.mode == "knn":
             scores = knn_scores(z[tr], y[tr], z[te], n_classes, cfg.k, cfg.temperature)
-            best_k, cv = choose_k(z[tr].cpu(), y[tr].cpu(), fold_of[tr.cpu().numpy()], n_classes,
-                                  temperature=cfg.temperature)
+            if len(train_folds) > 1:
+                best_k, cv = choose_k(z[tr].cpu(), y[tr].cpu(), fold_of[tr.cpu().numpy()], n_classes,
+                                      temperature=cfg.temperature)
+            else:  # one training fold (TUT/TAU, FSD50K splits): nothing to cross-validate k on
+                best_k, cv = cfg.k, {}
             cv_scores = knn_scores(z[tr], y[tr], z[te], n_classes, best_k, cfg.temperature)
             result = {"acc": _acc(scores, y[te]), f"acc_k{best_k}_cv": _acc(cv_scores, y[te]), "k_cv": best_k,
                       "cv_acc": cv}
