@@ -34,7 +34,9 @@ def cli() -> None:
     \b
     Quick start (offline, synthetic demo data):
       audiofx extract --dataset demo
-      audiofx cache ls
+      audiofx pretrain --method npid --datasets demo --arch tiny --epochs 10
+      audiofx finetune --dataset demo --init npid --epochs 6 --lr 1e-3
+      audiofx evaluate --run npid --dataset demo --mode knn
     """
 
 
