@@ -58,7 +58,7 @@ Examples:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a feature option (n_mels=64, hops_ms=10,25,50) or a dataset option (folds=5, seed=1).")
 @click.option("--split", type=click.Path(path_type=Path), help="CSV of path,fold with a published split (gtzan, folder).")
-@click.option("--workers", type=int, default=0, help="Worker processes [one per core].")
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="Worker processes [0: one per core].")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda: where features are computed.")
 @click.option("--strict", is_flag=True, help="Stop at the first unusable file instead of recording it as skipped.")
 @click.option("--allow-missing", is_flag=True, help="Go on when files listed in the metadata are missing (recorded).")
@@ -73,8 +73,6 @@ def extract(dataset, root, store, preset, overrides, split, workers, device, str
     values = parse_overrides(overrides)
     if split is not None:
         values["split"] = str(split.resolve())
-    if workers < 0:
-        raise AudiofxError(f"--workers must be >= 0, got {workers}", "use --workers 0 for one per core")
     summary = run_extract(ExtractRequest(
         dataset=dataset, root=root, store=store, preset=preset, overrides=values, workers=workers, device=device,
         strict=strict, allow_missing=allow_missing, rebuild=rebuild, progress=not no_progress,
@@ -212,10 +210,10 @@ Examples:
 @click.option("--store", default="data/features", show_default=True)
 @click.option("--preset", default="shin2021", show_default=True, help="Which extracted features to use.")
 @click.option("--arch", default="resnet50", show_default=True, help="resnet18/34/50, densenet201, vgg16, alexnet, tiny.")
-@click.option("--epochs", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=float, default=None, help="SGD learning rate [the method's default].")
-@click.option("--nce-k", type=int, default=64, show_default=True, help="NPID noise samples (0: full softmax).")
+@click.option("--nce-k", type=click.IntRange(min=0), default=64, show_default=True, help="NPID noise samples (0: full softmax).")
 @click.option("--temperature", type=float, default=None, help="[NPID 0.4, SimCLR 0.5, MoCo 0.2]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -255,8 +253,8 @@ Examples:
 @click.option("--key", default=None, help="A feature key (prefix), when several feature sets match.")
 @click.option("--arch", default=None, help="[resnet50, or the pretrain run's arch]")
 @click.option("--fold", default="all", show_default=True, help="all, or one test fold.")
-@click.option("--epochs", type=int, default=70, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=70, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--weight-decay", type=float, default=1e-3, show_default=True)
 @click.option("--spec-augment", is_flag=True, help="SpecAugment time and frequency masks.")
@@ -295,8 +293,8 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
 @click.option("--store", default="data/features", show_default=True)
 @click.option("--preset", default="shin2021", show_default=True)
 @click.option("--key", default=None)
-@click.option("--k", "k", type=int, default=200, show_default=True, help="kNN neighbours (k by CV is also reported).")
-@click.option("--epochs", "linear_epochs", type=int, default=100, show_default=True, help="Linear probe epochs.")
+@click.option("--k", "k", type=click.IntRange(min=1), default=200, show_default=True, help="kNN neighbours (k by CV is also reported).")
+@click.option("--epochs", "linear_epochs", type=click.IntRange(min=1), default=100, show_default=True, help="Linear probe epochs.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--runs", "runs_root", default="data/runs", show_default=True)
@@ -331,7 +329,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("interrupted: finished write units are kept; rerun the same command to finish", err=True)
         sys.exit(130)
     except click.ClickException as err:
-        err.show()
+        # Usage errors too (a bad value, a missing option): one line, like every user error.
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        click.echo(f"error: {' '.join(err.format_message().split())}{hint}", err=True)
         sys.exit(err.exit_code)
     except BrokenPipeError:
         sys.exit(0)

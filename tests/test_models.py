@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from audiofx.errors import ConfigError
-from audiofx.training.models import Classifier, build_encoder, imagenet_weights_file, load_imagenet
+from audiofx.training.models import (
+    Classifier,
+    build_encoder,
+    imagenet_weights_file,
+    load_imagenet,
+)
 
 
 @pytest.mark.parametrize("arch,dim", [("tiny", 128), ("resnet18", 512), ("resnet50", 2048), ("vgg16", 512),

@@ -16,8 +16,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from audiofx.training.ssl import (MemoryBank, MoCoQueue, moco_loss, momentum_update, npid_nce_loss,
-                                  npid_softmax_loss, nt_xent)
+from audiofx.training.ssl import (
+    MemoryBank,
+    MoCoQueue,
+    moco_loss,
+    momentum_update,
+    npid_nce_loss,
+    npid_softmax_loss,
+    nt_xent,
+)
 
 T = 0.5
 

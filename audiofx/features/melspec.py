@@ -38,11 +38,6 @@ def _filterbank_np(config: FeatureConfig) -> np.ndarray:
     )
 
 
-def mel_filterbank(config: FeatureConfig, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(n_mels, n_fft // 2 + 1) float32 filterbank for the config."""
-    return torch.from_numpy(_filterbank_np(config)).to(device)
-
-
 class BandedFilterbank:
     """Applies the mel filterbank to a squared STFT laid out as (B, T, F, 2) - re^2, im^2 -
     without any copy of the spectrogram.

@@ -6,15 +6,16 @@ import json
 from pathlib import Path
 
 from audiofx.errors import ConfigError
+from audiofx.training.runs import Run
 
 
 def run_row(path: Path) -> tuple[str, str, str, str]:
     cfg_path, metrics_path = path / "config.json", path / "metrics.jsonl"
     if not cfg_path.is_file() or not metrics_path.is_file():
         raise ConfigError(f"{path} is not a finished run", "pass folders under data/runs/finetune or data/runs/evaluate")
-    cfg = json.loads(cfg_path.read_text())
-    summary = next((json.loads(line) for line in reversed(metrics_path.read_text().splitlines())
-                    if '"event": "summary"' in line), None)
+    run = Run(path)
+    cfg = run.config
+    summary = next((r for r in reversed(run.metrics()) if r.get("event") == "summary"), None)
     if summary is None:
         raise ConfigError(f"{path} has no summary yet", "let the run finish (or --resume it)")
     if cfg["stage"] == "finetune":

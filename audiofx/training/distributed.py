@@ -60,6 +60,21 @@ def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device, broadcast_b
     return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=broadcast_buffers)
 
 
+def run_on_ranks(stage, cfg, say):
+    """Run `stage(cfg, ranks, device, say)` in this process or as one torchrun rank: rank 0
+    alone talks, every rank needs the same --name (they open one run folder), and the process
+    group is torn down however the stage ends."""
+    from audiofx.errors import ConfigError
+
+    ranks, device = init_distributed(cfg.device)
+    try:
+        if cfg.name is None and ranks.active:
+            raise ConfigError("a distributed run needs --name", "every rank must open the same run folder")
+        return stage(cfg, ranks, device, say if ranks.main else (lambda *a, **k: None))
+    finally:
+        shutdown(ranks)
+
+
 def shutdown(ranks: Ranks) -> None:
     if ranks.active and dist.is_initialized():
         dist.destroy_process_group()

@@ -123,8 +123,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     data = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, folds), device=device)
     fold_of = np.array(data.fold_of)
     # Inputs standardised with the statistics the encoder was pretrained with, when recorded.
-    stats = _pretrain_stats(init.source)
-    mean, std = stats if stats else channel_stats(data.x)
+    mean, std = init.input_stats or channel_stats(data.x)
     mean, std = mean.to(device), std.to(device)
     z = embed(encoder, data.x, mean, std, device)
     y = data.y.to(device)
@@ -168,14 +167,6 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
 
 def _acc(scores: torch.Tensor, y: torch.Tensor) -> float:
     return float((scores.argmax(1) == y).float().mean())
-
-
-def _pretrain_stats(source: str):
-    path = Path(source) / "checkpoints" / "final.pt"
-    if not path.is_file():
-        return None
-    states = torch.load(path, map_location="cpu", weights_only=True)["states"]
-    return (states["mean"], states["std"]) if "mean" in states else None
 
 
 def _markdown(cfg: EvaluateConfig, init, s: dict[str, Any], report: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from audiofx.errors import ConfigError
 from audiofx.training.augment import Augment
 from audiofx.training.data import FoldSet, InMemoryLoader, load_in_memory
 from audiofx.training.device import autocast, prepare_model, seed_everything
-from audiofx.training.distributed import Ranks, init_distributed, shutdown, wrap
+from audiofx.training.distributed import Ranks, run_on_ranks, wrap
 from audiofx.training.featureset import resolve_featureset, split_folds
 from audiofx.training.init import resolve_init
 from audiofx.training.models import Classifier
@@ -73,13 +73,9 @@ def channel_stats(x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torc
 def predict(model: torch.nn.Module, data, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
             batch_size: int = 64) -> torch.Tensor:
     """Logits of every sample of an in-memory set, in order."""
-    model.eval()
-    out = []
-    for i in range(0, data.x.shape[0], batch_size):
-        x = (data.x[i:i + batch_size].to(device).float() - mean) / std
-        with autocast(device):
-            out.append(model(x).float().cpu())
-    return torch.cat(out)
+    from audiofx.training.evaluate import embed
+
+    return embed(model, data.x, mean, std, device, batch_size).cpu()
 
 
 def subset(data, mask: torch.Tensor):
@@ -102,16 +98,10 @@ def summarize(per_fold: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 
 def finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
-    ranks, device = init_distributed(cfg.device)
-    try:
-        return _finetune(cfg, ranks, device, say if ranks.main else (lambda *a, **k: None))
-    finally:
-        shutdown(ranks)
+    return run_on_ranks(_finetune, cfg, say)
 
 
 def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> dict[str, Any]:
-    if cfg.name is None and ranks.active:
-        raise ConfigError("a distributed run needs --name", "every rank must open the same run folder")
     key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key)
     if manifest["multilabel"]:
         raise ConfigError(f"{cfg.dataset} is multi-label; fine-tuning covers single-label datasets so far",

@@ -33,6 +33,7 @@ class Init:
     source: str  # what to print and record: a path or "scratch"
     encoder_state: dict[str, Any] | None = None
     weights_file: Path | None = None
+    input_stats: tuple[Any, Any] | None = None  # (mean, std) the encoder was pretrained with
 
     def build(self) -> Encoder:
         encoder = build_encoder(self.arch)
@@ -77,14 +78,20 @@ def resolve_init(init: str, arch: str | None, runs_root: str | Path = "data/runs
         run_arch = json.loads((run / "config.json").read_text())["arch"]
         if arch and arch != run_arch:
             raise ConfigError(f"pretrain run {run.name} trained a {run_arch}, not a {arch}", f"drop --arch or pass --arch {run_arch}")
-        return Init("pretrain", run_arch, str(run), encoder_state=ckpt["states"]["encoder"])
+        return Init("pretrain", run_arch, str(run), encoder_state=ckpt["states"]["encoder"],
+                    input_stats=_stats(ckpt["states"]))
     path = Path(init)
     if not path.is_file():
         raise ConfigError(f"--init {init!r} is neither scratch, imagenet, {', '.join(SSL_METHODS)}, NAME:RUN nor a file",
                           "pass one of those, or the path of an encoder state dict")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    stats = None
     if "states" in state:  # an audiofx checkpoint
-        meta = state.get("meta", {})
-        state = state["states"]["encoder"]
+        meta, states = state.get("meta", {}), state["states"]
+        state, stats = states["encoder"], _stats(states)
         arch = arch or meta.get("arch")
-    return Init("file", arch or "resnet50", str(path), encoder_state=state)
+    return Init("file", arch or "resnet50", str(path), encoder_state=state, input_stats=stats)
+
+
+def _stats(states: dict[str, Any]):
+    return (states["mean"], states["std"]) if "mean" in states else None

@@ -20,7 +20,7 @@ from audiofx.pipeline.store import FeatureStore
 from audiofx.training.augment import random_time_shift, spec_augment
 from audiofx.training.data import FoldSet, InMemoryData, InMemoryLoader, load_in_memory
 from audiofx.training.device import autocast, prepare_model, seed_everything
-from audiofx.training.distributed import Ranks, init_distributed, shutdown, wrap
+from audiofx.training.distributed import Ranks, run_on_ranks, wrap
 from audiofx.training.featureset import resolve_featureset
 from audiofx.training.finetune import channel_stats
 from audiofx.training.knn import knn_scores
@@ -82,16 +82,10 @@ def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
         raise ConfigError(f"unknown method {cfg.method!r}", f"use one of {', '.join(METHODS)}")
     if cfg.arch not in ARCHS:
         raise ConfigError(f"unknown architecture {cfg.arch!r}", f"use one of {', '.join(ARCHS)}")
-    ranks, device = init_distributed(cfg.device)
-    try:
-        return _pretrain(cfg, ranks, device, say if ranks.main else (lambda *a, **k: None))
-    finally:
-        shutdown(ranks)
+    return run_on_ranks(_pretrain, cfg, say)
 
 
 def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> dict[str, Any]:
-    if cfg.name is None and ranks.active:
-        raise ConfigError("a distributed run needs --name", "every rank must open the same run folder")
     seed_everything(cfg.seed)
     pool = pool_datasets(cfg.store, cfg.preset, cfg.datasets)
     loaded = [(ds, key, m, load_in_memory(FoldSet(cfg.store, ds, key, list(m["folds"])), device=device))

@@ -39,7 +39,7 @@ class Run:
         run = cls(path)
         if resume:
             old = json.loads((path / "config.json").read_text())
-            changed = sorted(k for k in config if k not in ("resume",) and old.get(k) != config[k])
+            changed = sorted(k for k in config if old.get(k) != config[k])
             if changed:
                 raise ConfigError(f"run {path} was started with other settings ({', '.join(changed)})",
                                   "resume with the same options, or start a new run with --name")
