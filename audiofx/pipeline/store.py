@@ -22,8 +22,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +34,7 @@ from zarr.codecs import BloscCodec
 from audiofx import __version__
 from audiofx.config import FEATURE_CODE_VERSION, FeatureConfig, canonical_json
 from audiofx.errors import StoreError
+from audiofx.pipeline.location import Location
 
 FORMAT = "audiofx-store/1"
 CHUNK_BYTES = 1_500_000  # raw bytes a chunk should at least hold: long sequential reads
@@ -96,16 +95,6 @@ def checksum(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -143,25 +132,44 @@ class GroupPlan:
 
 
 class FeatureStore:
-    """A feature store rooted at a local directory (remote URLs come with the sharing issue)."""
+    """A feature store rooted at a local directory or an fsspec URL (s3://bucket/prefix, ...).
+
+    Local stores serialise creation and finalisation with flock. Remote stores have no lock:
+    creating a group writes the same metadata objects whatever run does it, never deletes
+    anything (but for --rebuild), and writes only whole objects, so two runs on two machines
+    interleave harmlessly. Training reads of a remote store go through the local read-through
+    cache (readcache.py); `verify` and the cache commands read the store itself.
+    """
 
     def __init__(self, root: str | Path):
-        text = str(root)
-        if "://" in text and not text.startswith("file://"):
-            raise StoreError(f"remote store {text} is not supported yet", "use a local path or a shared mount")
-        self.root = Path(text.removeprefix("file://")).expanduser()
+        self.loc = Location(root)
+        self.url = self.loc.url  # what workers are given to open the same store
+        self.remote = self.loc.remote
+        self.root = self.loc.path  # the local directory; None for a remote store
+
+    def __str__(self) -> str:
+        return str(self.loc)
 
     # -- paths -----------------------------------------------------------------------------
-    def group_path(self, dataset: str, key: str) -> Path:
-        return self.root / dataset / key
+    @staticmethod
+    def rel(dataset: str, key: str, *parts: str) -> str:
+        return "/".join((dataset, key, *parts))
 
-    def manifest_path(self, dataset: str, key: str) -> Path:
-        return self.group_path(dataset, key) / MANIFEST
+    def group_path(self, dataset: str, key: str) -> Path | str:
+        """Where a group is, as the user would type it: a Path locally, a URL remotely."""
+        return Path(self.loc.full(self.rel(dataset, key))) if not self.remote else self.loc.show(self.rel(dataset, key))
+
+    def zarr_store(self, dataset: str, key: str, *parts: str, read_only: bool = False):
+        return self.loc.zarr_store(self.rel(dataset, key, *parts), read_only=read_only)
 
     @contextlib.contextmanager
     def lock(self, dataset: str, key: str) -> Iterator[None]:
-        """Exclusive lock for creating or finalizing a group. flock is released by the kernel
-        when its holder dies, so a kill -9 never leaves a stale lock behind."""
+        """Exclusive lock for creating or finalizing a local group. flock is released by the
+        kernel when its holder dies, so a kill -9 never leaves a stale lock behind. Remote
+        stores need none (see the class docstring)."""
+        if self.remote:
+            yield
+            return
         path = self.root / dataset / f".{key}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
@@ -179,98 +187,102 @@ class FeatureStore:
         finished) or "created". Raises StoreError when the group was built from a different
         copy of the dataset, unless rebuild is set.
         """
-        path = self.group_path(plan.dataset, plan.key)
+        rel = self.rel(plan.dataset, plan.key)
+        where = self.group_path(plan.dataset, plan.key)
         with self.lock(plan.dataset, plan.key):
-            if rebuild and path.exists():
-                shutil.rmtree(path)
-            attrs = self._ready_attrs(path)
+            if rebuild:
+                self.loc.remove(rel)
+            attrs = self._ready_attrs(plan.dataset, plan.key)
             if attrs is not None:
                 if attrs.get("fingerprint", {}).get("digest") != plan.fingerprint["digest"]:
                     old = attrs.get("fingerprint", {})
                     raise StoreError(
-                        f"store {path} was built from a different copy of {plan.dataset} "
+                        f"store {where} was built from a different copy of {plan.dataset} "
                         f"({old.get('files')} files, {old.get('bytes')} bytes then; "
                         f"{plan.fingerprint['files']} files, {plan.fingerprint['bytes']} bytes now)",
                         "pass --rebuild to replace it, or --store to write elsewhere",
                     )
                 if canonical_json(attrs.get("feature_config")) != canonical_json(plan.config.to_dict()):
-                    raise StoreError(f"store {path} holds features of another config under the same key",
+                    raise StoreError(f"store {where} holds features of another config under the same key",
                                      "pass --rebuild to replace it")
-                return "complete" if (path / MANIFEST).exists() else "resume"
-            if path.exists():  # a creation that was killed half-way: start it again
-                shutil.rmtree(path)
-            self._create(path, plan)
+                return "complete" if self.loc.exists(f"{rel}/{MANIFEST}") else "resume"
+            if not self.remote and self.loc.exists(rel):
+                # A local creation that was killed half-way: start it again (we hold the lock).
+                self.loc.remove(rel)
+            self._create(plan)
             return "created"
 
-    def _ready_attrs(self, path: Path) -> dict[str, Any] | None:
+    def _ready_attrs(self, dataset: str, key: str) -> dict[str, Any] | None:
         """The group's attrs if it was fully created (attrs are written last), else None."""
-        if not (path / "zarr.json").exists():
-            return None
         try:
-            attrs = dict(zarr.open_group(str(path), mode="r").attrs)
-        except Exception:  # a half-written zarr.json from a killed creation
+            meta = json.loads(self.loc.read_bytes(self.rel(dataset, key, "zarr.json")))
+        except (FileNotFoundError, ValueError):  # absent, or half-written by a killed creation
             return None
+        attrs = meta.get("attributes") or {}
         return attrs if attrs.get("format") == FORMAT else None
 
-    def _create(self, path: Path, plan: GroupPlan) -> None:
-        group = zarr.open_group(str(path), mode="w")
+    def _create(self, plan: GroupPlan) -> None:
+        """Create every array; safe to run twice at once (remote) or after a killed creation:
+        each metadata object and each small array is written whole with the same content."""
+        group = zarr.open_group(self.zarr_store(plan.dataset, plan.key), mode="a")
         c, bins, frames = plan.config.shape
-        dtype = plan.config.dtype
         for fold, clips in plan.folds.items():
             n = len(clips)
-            fg = group.create_group(fold_group(fold))
-            fg.create_array("x", shape=(n, c, bins, frames), chunks=(chunk_clips(plan.config), c, bins, frames),
-                            dtype=dtype, compressors=X_CODEC, fill_value=0)
+            fg = group.require_group(fold_group(fold))
+            _put_array(fg, "x", shape=(n, c, bins, frames), chunks=(chunk_clips(plan.config), c, bins, frames),
+                       dtype=plan.config.dtype, compressors=X_CODEC, fill_value=0)
             if plan.multilabel:
                 y = np.zeros((n, len(plan.classes)), dtype=bool)
                 for i, (_, label) in enumerate(clips):
                     y[i, list(label)] = True
             else:
                 y = np.array([label for _, label in clips], dtype=np.int16)
-            fg.create_array("y", data=y, chunks=y.shape or (1,))
+            _put_array(fg, "y", data=y)
             names = np.array([p for p, _ in clips], dtype=str) if n else np.array([], dtype=str)
-            fg.create_array("clip", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = names
-        (path / UNITS_DIR).mkdir(exist_ok=True)
+            _put_array(fg, "clip", data=names, dtype=str)
+        if not self.remote:
+            (self.root / self.rel(plan.dataset, plan.key, UNITS_DIR)).mkdir(exist_ok=True)
         # Attributes last: their presence marks a fully created layout.
         group.attrs.update(plan.attrs())
 
     # -- units -----------------------------------------------------------------------------
-    def unit_record_path(self, dataset: str, key: str, unit_id: str) -> Path:
-        return self.group_path(dataset, key) / UNITS_DIR / f"{unit_id}.json"
+    def unit_done(self, dataset: str, key: str, unit_id: str) -> bool:
+        return self.loc.exists(self.rel(dataset, key, UNITS_DIR, f"{unit_id}.json"))
 
     def unit_records(self, dataset: str, key: str) -> dict[str, dict[str, Any]]:
+        names = [n for n in self.loc.files(self.rel(dataset, key, UNITS_DIR)) if n.endswith(".json") and "/" not in n]
+        blobs = self.loc.read_many([self.rel(dataset, key, UNITS_DIR, n) for n in names])
         records = {}
-        for p in (self.group_path(dataset, key) / UNITS_DIR).glob("*.json"):
+        for name in names:
             try:
-                record = json.loads(p.read_text())
-            except (OSError, ValueError):
+                records[name.removesuffix(".json")] = json.loads(blobs[self.rel(dataset, key, UNITS_DIR, name)])
+            except (KeyError, ValueError):
                 continue  # unreadable record: the unit is simply done again
-            records[p.stem] = record
         return records
 
     def write_unit(self, dataset: str, key: str, unit: Unit, x: np.ndarray, skipped: list[tuple[str, str]],
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write one whole chunk, then its record. Called in worker processes."""
-        arr = zarr.open_array(str(self.group_path(dataset, key) / fold_group(unit.fold) / "x"), mode="r+")
+        arr = zarr.open_array(self.zarr_store(dataset, key, fold_group(unit.fold), "x"), mode="r+")
         arr[unit.start:unit.stop] = x
         record = {"unit": unit.id, "fold": unit.fold, "start": unit.start, "stop": unit.stop,
                   "checksum": checksum(x), "skipped": [list(s) for s in skipped], **(extra or {})}
-        _atomic_write_text(self.unit_record_path(dataset, key, unit.id), json.dumps(record))
+        self.loc.write_bytes(self.rel(dataset, key, UNITS_DIR, f"{unit.id}.json"), json.dumps(record).encode())
         return record
 
     # -- finalize --------------------------------------------------------------------------
     def finalize(self, plan: GroupPlan, units: list[Unit], extraction: dict[str, Any]) -> dict[str, Any]:
         """Write the ok masks and, last, the manifest. Every unit must have its record."""
-        path = self.group_path(plan.dataset, plan.key)
+        rel = self.rel(plan.dataset, plan.key)
         with self.lock(plan.dataset, plan.key):
-            if (path / MANIFEST).exists():
+            if self.loc.exists(f"{rel}/{MANIFEST}"):
                 return self.read_manifest(plan.dataset, plan.key)
             records = self.unit_records(plan.dataset, plan.key)
             absent = [u.id for u in units if u.id not in records]
             if absent:
-                raise StoreError(f"{len(absent)} write units of {path} are not finished (e.g. {absent[0]})",
-                                 "rerun the same extract command to finish them")
-            group = zarr.open_group(str(path), mode="r+")
+                raise StoreError(f"{len(absent)} write units of {self.group_path(plan.dataset, plan.key)} are not "
+                                 f"finished (e.g. {absent[0]})", "rerun the same extract command to finish them")
+            group = zarr.open_group(self.zarr_store(plan.dataset, plan.key), mode="r+")
             skipped = dict(plan.left_out)  # e.g. a second copy of a GTZAN clip, never in the arrays
             for r in records.values():
                 for clip, reason in r["skipped"]:
@@ -280,14 +292,14 @@ class FeatureStore:
             for fold, clips in plan.folds.items():
                 ok = np.array([p not in skipped for p, _ in clips], dtype=bool)
                 fg = group[fold_group(fold)]
-                fg.create_array("ok", data=ok, chunks=(max(len(ok), 1),), overwrite=True)
+                _put_array(fg, "ok", data=ok)
                 for name in ("y", "clip", "ok"):
                     values = fg[name][:]
                     array_sums[f"{fold_group(fold)}/{name}"] = checksum(values)
                 folds[fold] = {"clips": len(clips), "ok": int(ok.sum()), "skipped": int((~ok).sum()),
                                "chunks": sum(1 for u in units if u.fold == fold)}
             raw = sum(f["clips"] for f in folds.values()) * int(np.prod(plan.config.shape)) * np.dtype(plan.config.dtype).itemsize
-            stored = dir_bytes(path)
+            stored = sum(self.loc.files(rel).values())
             manifest = {
                 **plan.attrs(),
                 "folds": folds,
@@ -302,43 +314,68 @@ class FeatureStore:
                 "extraction": extraction,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            _atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1))
+            self.write_manifest(plan.dataset, plan.key, manifest)
             return manifest
+
+    def write_manifest(self, dataset: str, key: str, manifest: dict[str, Any]) -> None:
+        self.loc.write_bytes(self.rel(dataset, key, MANIFEST), json.dumps(manifest, indent=1).encode())
 
     # -- reading ---------------------------------------------------------------------------
     def read_manifest(self, dataset: str, key: str) -> dict[str, Any]:
-        path = self.manifest_path(dataset, key)
-        if not path.exists():
-            raise StoreError(f"{self.group_path(dataset, key)} has no manifest: the extraction did not finish",
-                             "rerun the extract command to complete it")
         try:
-            return json.loads(path.read_text())
+            text = self.loc.read_bytes(self.rel(dataset, key, MANIFEST))
+        except FileNotFoundError:
+            raise StoreError(f"{self.group_path(dataset, key)} has no manifest: the extraction did not finish",
+                             "rerun the extract command to complete it") from None
+        try:
+            return json.loads(text)
         except ValueError:
-            raise StoreError(f"{path} is not valid JSON", "run audiofx cache verify, then re-extract") from None
+            raise StoreError(f"{self.loc.show(self.rel(dataset, key, MANIFEST))} is not valid JSON",
+                             "run audiofx cache verify, then re-extract") from None
 
-    def groups(self) -> list[tuple[str, str, Path]]:
-        """(dataset, key, path) of every group in the store, complete or not."""
+    def has_manifest(self, dataset: str, key: str) -> bool:
+        return self.loc.exists(self.rel(dataset, key, MANIFEST))
+
+    def groups(self) -> list[tuple[str, str, Path | str]]:
+        """(dataset, key, where) of every group in the store, complete or not."""
         out = []
-        if not self.root.is_dir():
-            return out
-        for ds in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            for grp in sorted(p for p in ds.iterdir() if p.is_dir() and (p / "zarr.json").exists()):
-                out.append((ds.name, grp.name, grp))
+        for ds, is_dir in self.loc.listdir():
+            if not is_dir:
+                continue
+            for key, key_is_dir in self.loc.listdir(ds):
+                if key_is_dir and self.loc.exists(self.rel(ds, key, "zarr.json")):
+                    out.append((ds, key, self.group_path(ds, key)))
         return out
+
+    def group_bytes(self, dataset: str, key: str) -> int:
+        return sum(self.loc.files(self.rel(dataset, key)).values())
 
     def find(self, key: str) -> tuple[str, str]:
         """(dataset, key) of the group whose key starts with the given prefix."""
         hits = [(d, k) for d, k, _ in self.groups() if k.startswith(key) or f"{d}/{k}".startswith(key)]
         if not hits:
-            raise StoreError(f"no feature set {key!r} in store {self.root}", "list them with audiofx cache ls")
+            raise StoreError(f"no feature set {key!r} in store {self}", "list them with audiofx cache ls")
         if len(hits) > 1:
-            raise StoreError(f"{key!r} matches {len(hits)} feature sets in {self.root}", "give more characters of the key")
+            raise StoreError(f"{key!r} matches {len(hits)} feature sets in {self}", "give more characters of the key")
         return hits[0]
 
+    def remove(self, dataset: str, key: str) -> None:
+        """Delete a group, manifest first: a reader never sees a manifest without its data."""
+        self.loc.remove(self.rel(dataset, key, MANIFEST))
+        self.loc.remove(self.rel(dataset, key))
+        if not self.remote:
+            self.loc.remove(f"{dataset}/.{key}.lock")
+
     def open_fold(self, dataset: str, key: str, fold: str):
-        """The zarr group of one fold of a complete feature set."""
-        self.read_manifest(dataset, key)  # only a store with a manifest is trusted
-        return zarr.open_group(str(self.group_path(dataset, key) / fold_group(fold)), mode="r")
+        """The zarr group of one fold of a complete feature set. A remote store's fold is
+        served from the local read-through cache, fetched and checked on first use."""
+        manifest = self.read_manifest(dataset, key)  # only a store with a manifest is trusted
+        check_fold_present(self, dataset, key, fold, manifest)
+        if self.remote:
+            from audiofx.pipeline.readcache import default_cache
+
+            return default_cache().open_fold(self, dataset, key, fold, manifest)
+        return zarr.open_group(self.zarr_store(dataset, key, fold_group(fold), read_only=True), mode="r")
 
     def load_fold(self, dataset: str, key: str, fold: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(x, y, clip) of the usable clips of one fold, read in one sequential pass."""
@@ -347,27 +384,38 @@ class FeatureStore:
         return g["x"][:][ok], g["y"][:][ok], g["clip"][:][ok]
 
     # -- verification ----------------------------------------------------------------------
-    def verify(self, dataset: str, key: str) -> list[str]:
-        """Recompute every checksum; return one line per damaged unit or array (empty: intact)."""
-        path = self.group_path(dataset, key)
-        try:
-            manifest = self.read_manifest(dataset, key)
-        except StoreError as err:
-            return [err.message]
+    def verify(self, dataset: str, key: str, manifest: dict[str, Any] | None = None,
+               folds: list[str] | None = None) -> list[str]:
+        """Recompute every checksum; return one line per damaged unit or array (empty: intact).
+        Reads the store itself (never the read-through cache). `manifest` and `folds` let a
+        copy be checked against its source's manifest before its own manifest is written."""
+        if manifest is None:
+            try:
+                manifest = self.read_manifest(dataset, key)
+            except StoreError as err:
+                return [err.message]
+        present = set(folds if folds is not None else present_folds(manifest))
         problems = []
+        arrays: dict[str, Any] = {}
         for uid, unit in manifest["units"].items():
+            if unit["fold"] not in present:
+                continue
             where = f"{dataset}/{key}/{fold_group(unit['fold'])}/x chunk {uid.rsplit('-', 1)[1]} (clips {unit['start']}-{unit['stop'] - 1})"
             try:
-                arr = zarr.open_array(str(path / fold_group(unit["fold"]) / "x"), mode="r")
-                values = arr[unit["start"]:unit["stop"]]
+                if unit["fold"] not in arrays:
+                    arrays[unit["fold"]] = zarr.open_array(
+                        self.zarr_store(dataset, key, fold_group(unit["fold"]), "x", read_only=True), mode="r")
+                values = arrays[unit["fold"]][unit["start"]:unit["stop"]]
             except Exception as err:  # noqa: BLE001 - any decode failure is damage to report
                 problems.append(f"{where}: unreadable ({type(err).__name__}: {str(err)[:80]})")
                 continue
             if checksum(values) != unit["checksum"]:
                 problems.append(f"{where}: checksum mismatch")
         for name, expected in manifest.get("arrays", {}).items():
+            if name.split("/")[0].removeprefix("fold-") not in present:
+                continue
             try:
-                values = zarr.open_array(str(path / name), mode="r")[:]
+                values = zarr.open_array(self.zarr_store(dataset, key, name, read_only=True), mode="r")[:]
                 got = checksum(values)
             except Exception as err:  # noqa: BLE001
                 problems.append(f"{dataset}/{key}/{name}: unreadable ({type(err).__name__})")
@@ -375,3 +423,35 @@ class FeatureStore:
             if got != expected:
                 problems.append(f"{dataset}/{key}/{name}: checksum mismatch")
         return problems
+
+
+def present_folds(manifest: dict[str, Any]) -> list[str]:
+    """The folds whose data a store holds: all of them, or those a partial pull copied."""
+    partial = manifest.get("partial_folds")
+    return list(partial) if partial is not None else list(manifest["folds"])
+
+
+def check_fold_present(store: FeatureStore, dataset: str, key: str, fold: str, manifest: dict[str, Any]) -> None:
+    if fold in manifest["folds"] and fold not in present_folds(manifest):
+        raise StoreError(f"fold {fold} of {dataset}/{key} was not pulled into {store}",
+                         f"pull it: audiofx cache pull {key[:12]} --from URL --fold {fold} --store {store}")
+
+
+def _put_array(group, name: str, data: np.ndarray | None = None, **spec) -> None:
+    """Create an array, or reuse one of the same shape and type that a concurrent or killed
+    run created, and (with data) write its values in place. Never deletes: deleting and
+    re-creating would open a window in which a concurrent run's chunks are lost."""
+    from zarr.errors import ContainsArrayError
+
+    if data is not None:
+        spec = {"shape": data.shape, "dtype": data.dtype, "chunks": (max(len(data), 1),) + data.shape[1:], **spec}
+    try:
+        arr = group.create_array(name, **spec)
+    except ContainsArrayError:
+        arr = group[name]
+        kinds = {arr.dtype.kind, np.dtype(spec["dtype"]).kind}
+        if tuple(arr.shape) != tuple(spec["shape"]) or (len(kinds) > 1 and not kinds <= set("OUT")):
+            raise StoreError(f"array {name} of {group.store} exists with another shape ({arr.shape} vs {spec['shape']})",
+                             "pass --rebuild to replace the group") from None
+    if data is not None and data.size:
+        arr[...] = data

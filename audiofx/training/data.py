@@ -41,7 +41,7 @@ import torch
 import zarr
 
 from audiofx.errors import StoreError
-from audiofx.pipeline.store import FeatureStore, chunk_clips, fold_group
+from audiofx.pipeline.store import FeatureStore, chunk_clips
 
 # How much raw data one sequential read asks for when loading a fold into memory: large
 # enough that every read is many whole chunks, small enough to bound the extra peak memory.
@@ -464,8 +464,10 @@ class StreamingLoader:
         if arrays is None:
             arrays = self._local.arrays = {}
         if fold not in arrays:
-            path = self.foldset.feature_store().group_path(self.foldset.dataset, self.foldset.key)
-            arrays[fold] = zarr.open_array(str(path / fold_group(self.foldset.folds[fold]) / "x"), mode="r")
+            # open_fold: a remote store's fold comes from the local read-through cache
+            group = self.foldset.feature_store().open_fold(self.foldset.dataset, self.foldset.key,
+                                                           self.foldset.folds[fold])
+            arrays[fold] = group["x"]
         return arrays[fold]
 
     def _read(self, piece: _Piece) -> np.ndarray:

@@ -91,6 +91,31 @@ class Run:
             return None
         return torch.load(path, map_location="cpu", weights_only=True)
 
+    def save_predictions(self, fold: str, clips: list[str], y_true, scores) -> None:
+        """The test fold's final scores (logits, kNN votes or fused posteriors), one row per
+        clip, so that reports need neither the store nor the model to draw a confusion matrix."""
+        if self.readonly:
+            return
+        import numpy as np
+
+        path = self.path / "predictions" / f"fold-{fold}.npz"
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        scores = np.asarray(scores, dtype=np.float32)
+        np.savez_compressed(tmp, clip=np.asarray(clips, dtype=str), y_true=np.asarray(y_true, dtype=np.int64),
+                            y_pred=scores.argmax(1), scores=scores)
+        os.replace(tmp, path)
+
+    def predictions(self) -> dict[str, dict[str, Any]]:
+        """fold -> {clip, y_true, y_pred, scores} for every fold with saved predictions."""
+        import numpy as np
+
+        out = {}
+        for path in sorted((self.path / "predictions").glob("fold-*.npz")):
+            with np.load(path) as f:
+                out[path.stem.removeprefix("fold-")] = {k: f[k] for k in f.files}
+        return out
+
     def write_text(self, name: str, text: str) -> None:
         if self.readonly:
             return
