@@ -388,10 +388,14 @@ class StreamingLoader:
         self.chunk_clips = _manifest_chunk_clips(manifest)
         # The small arrays (ok, y, clip) are read here once; threads read only x.
         self.runs: list[_Run] = []
+        self._x_sources: list[tuple[Any, str]] = []
         ys, self.clips, self.fold_of = [], [], []
         first = 0
         for f, fold in enumerate(foldset.folds):
             g = fs.open_fold(foldset.dataset, foldset.key, fold)
+            # Where the reader threads open x: for a remote store, the local read-through
+            # cache that open_fold has just filled, so no thread goes back to the remote.
+            self._x_sources.append((g.store, f"{g.path}/x".lstrip("/")))
             ok = np.asarray(g["ok"][:], dtype=bool)
             ys.append(np.asarray(g["y"][:])[ok])
             self.clips += [str(c) for c in np.asarray(g["clip"][:])[ok]]
@@ -464,10 +468,8 @@ class StreamingLoader:
         if arrays is None:
             arrays = self._local.arrays = {}
         if fold not in arrays:
-            # open_fold: a remote store's fold comes from the local read-through cache
-            group = self.foldset.feature_store().open_fold(self.foldset.dataset, self.foldset.key,
-                                                           self.foldset.folds[fold])
-            arrays[fold] = group["x"]
+            store, path = self._x_sources[fold]
+            arrays[fold] = zarr.open_array(store, path=path, mode="r")
         return arrays[fold]
 
     def _read(self, piece: _Piece) -> np.ndarray:
