@@ -1,12 +1,18 @@
 """Encoders and heads. An encoder maps a batch of features (B, 3, bins, T) to vectors (B, D).
 
 torchvision's ImageNet CNNs are used as the papers did (Shin, Lin: ResNet-50; Zhou: VGG-16
-and AlexNet as fully convolutional networks with global average pooling), plus `tiny`, a
-small CNN for the offline demo and the tests on CPU.
+and AlexNet as fully convolutional networks with global average pooling: the `features`
+conv stack only, without torchvision's adaptive pool to 7 x 7 or 6 x 6 and its classifier),
+plus `tiny`, a small CNN for the offline demo and the tests on CPU. Being fully
+convolutional, an encoder takes any (bins, T) at least ``min_input_size(arch)``.
+
+Heads: ``linear`` (global average pooling + a linear layer) and ``mlp-attn`` (Zhou et al.
+2019's MLP attention over the unpooled map).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -27,17 +33,28 @@ ARCHS = tuple(TORCHVISION) + ("tiny",)
 
 
 class Encoder(nn.Module):
-    """A backbone followed by global average pooling: (B, C, H, W) -> (B, out_dim)."""
+    """A backbone followed by global average pooling: (B, C, H, W) -> (B, out_dim).
 
-    def __init__(self, body: nn.Module, out_dim: int, arch: str):
+    ``features(x)`` is the backbone's map before pooling, (B, out_dim, h, w), for heads that
+    look at positions (the MLP-attention head); ``forward`` is its global average. The state
+    dict is the backbone's only (``body.*``), so checkpoints do not depend on the head used.
+    """
+
+    def __init__(self, body: nn.Module, out_dim: int, arch: str, min_size: int = 1):
         super().__init__()
         self.body = body
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = out_dim
         self.arch = arch
+        self.min_size = min_size  # smallest input height and width that leave a non-empty map
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] < self.min_size or x.shape[-1] < self.min_size:
+            raise _too_small(self.arch, self.min_size, x.shape[-2], x.shape[-1])
+        return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(x)).flatten(1)
+        return self.pool(self.features(x)).flatten(1)
 
 
 def _tiny_body() -> nn.Module:
@@ -61,12 +78,58 @@ def _torchvision_body(arch: str) -> nn.Module:
     return model.features
 
 
+def _body(arch: str) -> nn.Module:
+    return _tiny_body() if arch == "tiny" else _torchvision_body(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def min_input_size(arch: str) -> int:
+    """The smallest square input (bins = frames) an arch's body maps to at least 1 x 1.
+
+    Found by running the body on the "meta" device (shapes only, no weights, no compute) and
+    bisecting; every body here uses square kernels and strides, so one number holds for both
+    axes. AlexNet's stride-4 stem and three 3/2 max pools need 63 (VGG-16 32, tiny 16): a
+    short clip cut into fragments can fall below that, and torch's own error ("Output size
+    is too small") does not say which option to change.
+    """
+    with torch.device("meta"):
+        body = _body(arch).eval()
+
+    def fits(size: int) -> bool:
+        try:
+            body(torch.empty(1, 3, size, size, device="meta"))
+        except RuntimeError:  # torch's shape checks: kernel larger than input, empty output
+            return False
+        return True
+
+    lo, hi = 1, 4096  # invariant: hi fits
+    if fits(lo):
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def _too_small(arch: str, need: int, bins: int, frames: int) -> ConfigError:
+    return ConfigError(
+        f"input of {bins} bins x {frames} frames is too small for {arch} (its strides need at least {need} x {need})",
+        "use fewer --fragments, more frames per clip (extract with --set frames=N), or another --arch")
+
+
+def check_input_size(arch: str, bins: int, frames: int) -> None:
+    """Raise a ConfigError before any training when (bins, frames) inputs are too small for arch."""
+    need = min_input_size(arch)
+    if bins < need or frames < need:
+        raise _too_small(arch, need, bins, frames)
+
+
 def build_encoder(arch: str = "resnet50") -> Encoder:
     if arch == "tiny":
-        return Encoder(_tiny_body(), 128, arch)
+        return Encoder(_tiny_body(), 128, arch, min_input_size(arch))
     if arch not in TORCHVISION:
         raise ConfigError(f"unknown architecture {arch!r}", f"use one of {', '.join(ARCHS)}")
-    return Encoder(_torchvision_body(arch), TORCHVISION[arch][2], arch)
+    return Encoder(_torchvision_body(arch), TORCHVISION[arch][2], arch, min_input_size(arch))
 
 
 def imagenet_weights_file(arch: str, weights: Path | None = None) -> Path:
@@ -116,16 +179,52 @@ def load_imagenet(encoder: Encoder, path: Path) -> None:
     encoder.body.load_state_dict(mapped)
 
 
-class Classifier(nn.Module):
-    """Encoder + linear head: what fine-tuning and the linear probe train."""
+HEADS = ("linear", "mlp-attn")
 
-    def __init__(self, encoder: Encoder, n_classes: int):
+
+class MLPAttentionHead(nn.Module):
+    """Zhou et al. 2019's MLP-attention head on an FCN's feature map.
+
+    For every position i of the map (all frequency x time positions), with a_i the C encoder
+    channels there: e_i = u * tanh(W a_i + b) (element-wise product; W: C' x C, b and the
+    learnable u: C'); the mean of e_i over positions goes to a linear classifier C' -> classes.
+    u starts at ones, so the head starts as the mean of tanh(W a_i + b) and learns a weight per
+    hidden unit.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: int = 256):
         super().__init__()
+        self.proj = nn.Linear(in_dim, hidden)  # W, b
+        self.u = nn.Parameter(torch.ones(hidden))
+        self.fc = nn.Linear(hidden, n_classes)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        a = fmap.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, positions, C)
+        e = self.u * torch.tanh(self.proj(a))  # (B, positions, C')
+        return self.fc(e.mean(dim=1))
+
+
+class Classifier(nn.Module):
+    """Encoder + head: what fine-tuning and the linear probe train.
+
+    ``head="linear"``: global average pooling and a linear layer (state dict keys
+    ``encoder.*``, ``head.weight``, ``head.bias``, as every earlier checkpoint has).
+    ``head="mlp-attn"``: ``MLPAttentionHead`` on the encoder's unpooled map.
+    """
+
+    def __init__(self, encoder: Encoder, n_classes: int, head: str = "linear", hidden: int = 256):
+        super().__init__()
+        if head not in HEADS:
+            raise ConfigError(f"unknown head {head!r}", f"use one of {', '.join(HEADS)}")
         self.encoder = encoder
-        self.head = nn.Linear(encoder.out_dim, n_classes)
+        self.head_kind = head
+        self.head = nn.Linear(encoder.out_dim, n_classes) if head == "linear" else \
+            MLPAttentionHead(encoder.out_dim, n_classes, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+        if self.head_kind == "linear":
+            return self.head(self.encoder(x))
+        return self.head(self.encoder.features(x))
 
 
 class ProjectionHead(nn.Sequential):

@@ -1,0 +1,65 @@
+"""Zhou et al. 2019's sample expansion and late fusion, as pure functions of tensors.
+
+A clip (C, F, T) becomes several samples that all carry the clip's label:
+- ``split_fragments``: N equal time fragments (Zhou: 6 fragments of a 10 s scene);
+- ``expand_channels``: one sample per channel (left, right, mid for the ``zhou2019`` preset),
+  each repeated to 3 channels so that ImageNet-style 3-channel encoders take it.
+Each function returns the samples and ``clip_index``, the row of the source clip of every
+sample. At test time ``fuse_posteriors`` averages the softmax posteriors of a clip's samples
+into one prediction per clip. Expansions compose: map the second ``clip_index`` through the
+first (``first[second]``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from audiofx.errors import ConfigError
+
+
+def split_fragments(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clips, C, F, T) -> (clips * n, C, F, T // n) and the source clip of every fragment.
+
+    Fragment j of clip i is row i * n + j: ``x[i, :, :, j * L:(j + 1) * L]`` with L = T // n.
+    The last T - n * L frames of every clip are dropped (fewer than n frames), so that all
+    fragments have one length and batch together. n = 1 returns ``x`` itself, untouched.
+    """
+    if n < 1:
+        raise ConfigError(f"--fragments must be at least 1, got {n}", "pass --fragments 1 (whole clips) or more")
+    clips, t = x.shape[0], x.shape[-1]
+    index = torch.arange(clips, device=x.device).repeat_interleave(n)
+    if n == 1:
+        return x, index
+    length = t // n
+    if length == 0:
+        raise ConfigError(f"cannot cut {t} frames into {n} fragments", f"use --fragments {t} or fewer")
+    # (clips, C, F, n, L) -> (clips, n, C, F, L): one copy, fragments of a clip side by side.
+    parts = x[..., :n * length].unflatten(-1, (n, length)).permute(0, 3, 1, 2, 4)
+    return parts.reshape(clips * n, *x.shape[1:-1], length), index
+
+
+def expand_channels(x: torch.Tensor, repeat: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clips, C, F, T) -> (clips * C, repeat, F, T): channel c of clip i is row i * C + c,
+    repeated ``repeat`` times, and the source clip of every row.
+
+    The result is a view of ``x`` (the repeat has stride 0), so the expansion costs no memory;
+    a batch drawn from it by indexing is an ordinary tensor.
+    """
+    clips, c = x.shape[0], x.shape[1]
+    index = torch.arange(clips, device=x.device).repeat_interleave(c)
+    return x.reshape(clips * c, 1, *x.shape[2:]).expand(-1, repeat, -1, -1), index
+
+
+def fuse_posteriors(logits: torch.Tensor, clip_index: torch.Tensor, n_clips: int) -> torch.Tensor:
+    """Late fusion: the mean softmax posterior of every clip's samples, (n_clips, classes).
+
+    Every clip must have at least one sample (it would have no prediction otherwise).
+    """
+    probs = torch.softmax(logits.float(), dim=1)
+    clip_index = clip_index.to(probs.device)
+    counts = torch.bincount(clip_index, minlength=n_clips)
+    if counts.numel() != n_clips or bool((counts == 0).any()):
+        raise ValueError(f"clip_index must name every clip in [0, {n_clips}) at least once")
+    fused = torch.zeros(n_clips, probs.shape[1], dtype=probs.dtype, device=probs.device)
+    fused.index_add_(0, clip_index, probs)
+    return fused / counts.unsqueeze(1).to(probs.dtype)
