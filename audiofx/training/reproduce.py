@@ -1,0 +1,419 @@
+"""`audiofx reproduce RECIPE`: a paper's whole sequence of stages (extract, pretrain, finetune,
+evaluate) as `audiofx ...` commands, run in-process through the real CLI, ending with the
+paper's table next to ours.
+
+The plan is built first, from the recipe (audiofx/recipes.py) and the state of the store and
+the run folders, without writing anything; --dry-run prints it. Each command's argument list
+is printed and executed as is, so the dry run shows exactly what runs. Run names are
+deterministic (<recipe>-<dataset>-<setting>, <recipe>-<pool>-<method> for pretraining), so a
+second reproduce skips finished runs and resumes unfinished ones with --resume.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from audiofx.errors import AudiofxError, ConfigError, StoreError
+from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, Recipe, Setting
+
+TRAINING = ("pretrain", "finetune", "evaluate")
+# Options whose value may differ between a finished run and a rerun without changing its result.
+_TRANSIENT = {"device", "name", "resume", "no_progress", "store", "runs_root", "key", "weights"}
+
+
+@dataclass
+class ReproduceOptions:
+    recipe: str
+    dry_run: bool = False
+    epochs_scale: float = 1.0
+    store: str = "data/features"
+    runs: str = "data/runs"
+    arch: str | None = None  # overrides the recipe's backbone
+    device: str | None = None  # passed to every stage (extract only takes cpu / cuda)
+    weights: str | None = None  # ImageNet checkpoint for --init imagenet
+    roots: dict[str, str] = field(default_factory=dict)  # dataset -> root for extract
+    datasets: tuple[str, ...] = ()  # a subset of the recipe's datasets
+    progress: bool = True
+
+
+@dataclass
+class Step:
+    kind: str  # extract | pretrain | finetune | evaluate
+    args: list[str]  # what follows `audiofx`: printed and executed as is
+    status: str  # run | resume | restart | done | have (features there, or no longer needed) | missing
+    run_dir: Path | None = None
+    dataset: str | None = None
+    setting: Setting | None = None
+    folds: int | None = None
+    pool: tuple[str, ...] = ()  # pretrain: the datasets it reads
+    note: str = ""
+
+    @property
+    def command(self) -> str:
+        return shlex.join(["audiofx", *self.args])
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    arch: str
+    datasets: tuple[str, ...]
+    settings: tuple[Setting, ...]  # the table's rows (ImageNet rows dropped for archs without weights)
+    steps: list[Step]
+    notes: list[str]
+    problems: list[str]  # what stops a real run (missing data, weights, unknown options)
+    out_dir: Path
+
+
+def scale_epochs(args: tuple[str, ...] | list[str], scale: float) -> list[str]:
+    """The value after every --epochs multiplied by scale, rounded half up, at least 1."""
+    out = list(args)
+    for i, a in enumerate(out[:-1]):
+        if a == "--epochs":
+            out[i + 1] = str(max(1, math.floor(int(out[i + 1]) * scale + 0.5)))
+    return out
+
+
+def parse_roots(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    roots = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--root {item!r} is not DATASET=PATH", "e.g. --root esc50=/data/ESC-50-master")
+        roots[name.strip()] = path
+    return roots
+
+
+def run_name(recipe: Recipe, dataset: str, slug: str) -> str:
+    return f"{recipe.name}-{dataset}-{slug}"
+
+
+def pretrain_name(recipe: Recipe, pool: tuple[str, ...], method: str) -> str:
+    return run_name(recipe, "+".join(pool), method)
+
+
+def _summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return next((r for r in reversed(records) if r.get("event") == "summary"), None)
+
+
+def _run_state(kind: str, run_dir: Path) -> str:
+    finished = (run_dir / "checkpoints" / "final.pt").is_file() if kind == "pretrain" else _summary(run_dir) is not None
+    if finished:
+        return "done"
+    if not run_dir.exists():
+        return "run"
+    # evaluate has no --resume (it is one pass over frozen embeddings): it starts again.
+    return "resume" if kind != "evaluate" and (run_dir / "config.json").is_file() else "restart"
+
+
+def _features(store: str, dataset: str, preset: str) -> dict[str, Any] | None:
+    from audiofx.training.featureset import resolve_featureset
+
+    try:
+        return resolve_featureset(store, dataset, preset)[1]
+    except (StoreError, ConfigError):
+        return None
+
+
+def _fold_count(manifest: dict[str, Any] | None, dataset: str) -> int | None:
+    if manifest is None:
+        return DEFAULT_FOLDS.get(dataset)
+    from audiofx.training.featureset import split_folds
+
+    return len(split_folds(list(manifest["folds"]), "all"))
+
+
+def _command_params(kind: str, args: list[str]) -> dict[str, Any]:
+    """Parse a stage's arguments with the real click command (raises on unknown options)."""
+    import click
+
+    from audiofx.cli import cli
+
+    try:
+        return cli.commands[kind].make_context(kind, list(args)).params
+    except click.UsageError as err:
+        raise ConfigError(f"`{shlex.join(['audiofx', *args])}` does not parse: {err.format_message()}",
+                          "this audiofx lacks an option the recipe needs; update audiofx") from err
+
+
+def _differences(kind: str, args: list[str], run_dir: Path) -> list[str]:
+    """Options of the planned command that a finished run was not made with (e.g. a smoke run
+    with --epochs-scale in the same --runs folder): such a run must not fill the table."""
+    config = json.loads((run_dir / "config.json").read_text())
+    out = []
+    for name, value in _command_params(kind, args).items():
+        key = {"run_spec": "run"}.get(name, name)
+        if name in _TRANSIENT or value is None or key not in config:
+            continue
+        if kind == "pretrain" and name == "datasets":
+            value = [d for d in value.split(",") if d]
+        if isinstance(value, tuple):
+            value = list(value)
+        if value != config[key]:
+            out.append(f"{key} {config[key]!r}, not {value!r}")
+    return out
+
+
+def _extract_root(opts: ReproduceOptions, dataset: str) -> str | None:
+    """An explicit --root, else the default data/raw/<dataset> when it exists. ESC-10 is a
+    subset of ESC-50 with the same files: ESC-50's root serves it too."""
+    for name in (dataset, "esc50") if dataset == "esc10" else (dataset,):
+        if name in opts.roots:
+            return opts.roots[name]
+    if (Path("data/raw") / dataset).is_dir():
+        return ""  # extract's default root
+    if dataset == "esc10" and (Path("data/raw") / "esc50").is_dir():
+        return str(Path("data/raw") / "esc50")
+    return None
+
+
+def _missing_hint(recipe: Recipe, dataset: str, store: str) -> str:
+    if dataset in DOWNLOAD_AS:
+        name = DOWNLOAD_AS[dataset]
+        get = (f"`audiofx download {name}` (into data/raw/{name}, which reproduce then uses) "
+               f"or pass --root {dataset}=PATH")
+    else:
+        get = f"download it yourself (`audiofx datasets` shows the layout) and pass --root {dataset}=PATH"
+    return f"{dataset}: no {recipe.preset} features in {store} and no root: {get}"
+
+
+def make_plan(opts: ReproduceOptions) -> Plan:
+    """The recipe's steps with the state of each (run, resume, done, ...). Writes nothing."""
+    from audiofx.training.models import TORCHVISION, imagenet_weights_file
+
+    if opts.recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {opts.recipe!r}", f"use one of {', '.join(RECIPES)}")
+    recipe = RECIPES[opts.recipe]
+    unknown = [d for d in opts.datasets if d not in recipe.datasets]
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)} not in recipe {recipe.name}",
+                          f"its datasets are {', '.join(recipe.datasets)}")
+    datasets = tuple(d for d in recipe.datasets if not opts.datasets or d in opts.datasets)
+    arch = opts.arch or recipe.arch
+    notes = [f"{recipe.name}: {recipe.title}", *recipe.notes]
+    if arch != recipe.arch or opts.epochs_scale != 1:
+        notes.append(f"smoke settings (backbone {arch}, epochs x {opts.epochs_scale}): not comparable with the paper")
+    settings = recipe.settings
+    if arch not in TORCHVISION and any(s.source == "imagenet" for s in settings):
+        settings = tuple(s for s in settings if s.source != "imagenet")
+        notes.append(f"no ImageNet weights exist for arch {arch}: the ImageNet rows are left out")
+    # Features to extract: the selected datasets and the recipe's own pretraining pools (FSD50K).
+    wanted = list(dict.fromkeys([*datasets, *(d for p in recipe.pretrain for d in p.pool)]))
+    ignored = [d for d in opts.roots if d not in wanted and not (d == "esc50" and "esc10" in wanted)]
+    if ignored:
+        notes.append(f"--root for {', '.join(ignored)} ignored: not a dataset of {recipe.name}")
+    manifests = {d: _features(opts.store, d, recipe.preset) for d in wanted}
+
+    training = _training_steps(opts, recipe, arch, datasets, settings, manifests)
+    pending = [s for s in training if s.status != "done"]
+    needed = {d for s in pending for d in (s.pool if s.kind == "pretrain" else (s.dataset,))}
+    extract = _extract_steps(opts, recipe, wanted, manifests)
+    for step in (s for s in extract if s.status == "missing" and s.dataset not in needed):
+        step.status, step.note = "have", f"{step.dataset}: no features, but every run that reads them is finished"
+    problems = [s.note for s in extract if s.status == "missing"]
+    if arch in TORCHVISION and any(s.setting and s.setting.source == "imagenet" for s in pending):
+        try:
+            imagenet_weights_file(arch, Path(opts.weights) if opts.weights else None)
+        except AudiofxError as err:
+            problems.append(f"{err.message} ({err.hint})")
+    for step in pending:  # an option this audiofx lacks stops the run before anything trains
+        try:
+            _command_params(step.kind, step.args[1:])
+        except ConfigError as err:
+            problems.append(err.message)
+            break
+    return Plan(recipe, arch, datasets, settings, extract + training, notes, problems,
+                Path(opts.runs) / f"reproduce-{recipe.name}")
+
+
+def _training_steps(opts: ReproduceOptions, recipe: Recipe, arch: str, datasets: tuple[str, ...],
+                    settings: tuple[Setting, ...], manifests: dict[str, Any]) -> list[Step]:
+    """pretrain, then finetune, then evaluate steps, each with its run's state."""
+    runs = Path(opts.runs)
+    common = ["--store", opts.store, "--runs", opts.runs]
+    device = ["--device", opts.device] if opts.device else []
+    progress = [] if opts.progress else ["--no-progress"]  # evaluate has no progress bar
+    steps: list[Step] = []
+
+    def add(kind: str, args: list[str], run_dir: Path, **kw) -> None:
+        status = _run_state(kind, run_dir)
+        if status in ("done", "resume"):  # checked before anything runs, not hours later
+            diff = _differences(kind, args[1:], run_dir)
+            if diff:
+                what = "finished" if status == "done" else "was started"
+                raise ConfigError(f"run {run_dir} {what} with other settings ({'; '.join(diff)})",
+                                  "pass another --runs folder, or delete that run to redo it")
+        steps.append(Step(kind, args + (["--resume"] if status == "resume" else []), status, run_dir, **kw))
+
+    pretrain_of: dict[str, str] = {}  # method -> run name, for --init METHOD:RUN / --run METHOD:RUN
+    for p in recipe.pretrain:
+        pool = p.pool or datasets
+        name = pretrain_name(recipe, pool, p.method)
+        pretrain_of[p.method] = name
+        add("pretrain", ["pretrain", "--method", p.method, "--datasets", ",".join(pool), "--preset", recipe.preset,
+                         "--arch", arch, *scale_epochs(p.args, opts.epochs_scale), *common, "--name", name, *device,
+                         *progress], runs / "pretrain" / name, pool=pool)
+    for stage in ("finetune", "evaluate"):
+        for ds in datasets:
+            for s in (s for s in settings if s.stage == stage):
+                name = run_name(recipe, ds, s.slug)
+                ref = f"{s.source}:{pretrain_of[s.source]}" if s.source in pretrain_of else s.source
+                options = scale_epochs(s.args, opts.epochs_scale)
+                if stage == "finetune":
+                    weights = ["--weights", opts.weights] if s.source == "imagenet" and opts.weights else []
+                    args = ["finetune", "--dataset", ds, "--init", ref, "--arch", arch, "--preset", recipe.preset,
+                            *options, *weights, *common, "--name", name, *device, *progress]
+                else:
+                    args = ["evaluate", "--run", ref, "--dataset", ds, "--preset", recipe.preset, *options, *common,
+                            "--name", name, *device]
+                add(stage, args, runs / stage / name, dataset=ds, setting=s, folds=_fold_count(manifests[ds], ds))
+    return steps
+
+
+def _extract_steps(opts: ReproduceOptions, recipe: Recipe, wanted: list[str], manifests: dict[str, Any]) -> list[Step]:
+    """extract from a root when there is one; else the features must be in the store already."""
+    steps = []
+    for ds in wanted:
+        root = _extract_root(opts, ds)
+        args = ["extract", "--dataset", ds, "--preset", recipe.preset, "--store", opts.store]
+        args += ["--root", root] if root else []
+        if opts.device in ("cpu", "cuda") or (opts.device or "").startswith("cuda:"):
+            args += ["--device", opts.device]  # extract has no "auto"
+        args += [] if opts.progress else ["--no-progress"]
+        if root is not None:
+            steps.append(Step("extract", args, "run", dataset=ds))
+        elif manifests[ds] is not None:
+            steps.append(Step("extract", args, "have", dataset=ds,
+                              note=f"{ds}: {recipe.preset} features found in {opts.store}"))
+        else:
+            steps.append(Step("extract", args, "missing", dataset=ds, note=_missing_hint(recipe, ds, opts.store)))
+    return steps
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """The dry run: comments (#) and one `audiofx ...` command per line, in order, so the
+    output is also a shell script."""
+    lines = [f"# {n}" for n in plan.notes]
+    for step in plan.steps:
+        if step.status == "have":
+            lines.append(f"# skip ({step.note}): {step.command}")
+        elif step.status == "done":
+            lines.append(f"# skip (finished: {step.run_dir}): {step.command}")
+        else:
+            if step.status == "missing":
+                lines.append(f"# missing: {step.note}")
+            elif step.status == "restart":
+                lines.append(f"# unfinished {step.run_dir} will be moved aside and started again")
+            elif step.status == "resume":
+                lines.append(f"# resumes the unfinished {step.run_dir}")
+            lines.append(step.command)
+    noted = {s.note for s in plan.steps}
+    lines += [f"# problem: {p}" for p in plan.problems if p not in noted]
+    lines.append("# " + count_line(plan))
+    return lines
+
+
+def count_line(plan: Plan) -> str:
+    steps = [s for s in plan.steps if s.kind in TRAINING]
+    n = {k: sum(s.kind == k for s in steps) for k in TRAINING}
+    folds = {s.dataset: s.folds for s in steps if s.dataset}
+    fold_runs = {k: sum(s.folds or 0 for s in steps if s.kind == k) for k in ("finetune", "evaluate")}
+    text = (f"{len(steps)} training runs: {n['pretrain']} pretrain, {n['finetune']} finetune, {n['evaluate']} evaluate; "
+            "each finetune/evaluate --fold all is one run over its dataset's folds ("
+            + ", ".join(f"{d}: {f}" for d, f in folds.items()) + f"): {fold_runs['finetune']} finetune and "
+            f"{fold_runs['evaluate']} evaluate folds")
+    done = sum(s.status == "done" for s in steps)
+    resume = sum(s.status in ("resume", "restart") for s in steps)
+    if done or resume:
+        text += f"; {done} already finished, {resume} unfinished"
+    return text
+
+
+def execute(plan: Plan, say: Callable[[str], None] = print) -> None:
+    """Run every step that is not done, in order, through the real CLI in this process."""
+    from audiofx.cli import cli
+
+    if plan.problems:
+        for p in plan.problems:
+            say(f"cannot start: {p}")
+        first = plan.problems[0]
+        raise AudiofxError(f"reproduce {plan.recipe.name} cannot start: {len(plan.problems)} problem(s), first: {first}",
+                           "fix them (see above), or leave datasets out with --datasets")
+    for n in plan.notes:
+        say(f"note: {n}")
+    total = len(plan.steps)
+    for i, step in enumerate(plan.steps, 1):
+        tag = f"[{i}/{total}]"
+        if step.status == "have":
+            say(f"{tag} skip, {step.note}: {step.command}")
+            continue
+        if step.status == "done":
+            say(f"{tag} skip, finished ({step.run_dir}): {step.command}")
+            continue
+        if step.status == "restart":
+            aside = step.run_dir.with_name(f"{step.run_dir.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
+            step.run_dir.rename(aside)
+            say(f"{tag} the unfinished {step.run_dir} was moved to {aside}; starting it again")
+        say(f"{tag} {'resume' if step.status == 'resume' else 'run'}: {step.command}")
+        cli.main(args=list(step.args), prog_name="audiofx", standalone_mode=False)
+
+
+def _cell(summary: dict[str, Any] | None, paper: str | None) -> str:
+    ours = "-"
+    if summary is not None:
+        mean, std = ((summary["last_acc_mean"], summary["last_acc_std"]) if "last_acc_mean" in summary
+                     else (summary["acc_mean"], summary["acc_std"]))
+        ours = f"{100 * mean:.2f} ± {100 * std:.2f}"
+    return f"{ours} (paper {paper or 'n/a'})"
+
+
+def results_table(plan: Plan) -> str:
+    """Rows = settings, columns = datasets, each cell "ours (paper N)": finetune's last-epoch
+    accuracy or evaluate's accuracy, mean ± std over folds (in %), from each run's summary."""
+    runs = {(s.dataset, s.setting.slug): s.run_dir for s in plan.steps if s.setting}
+    header = ["setting", *plan.datasets]
+    rows = [[s.label, *(_cell(_summary(runs[(d, s.slug)]) if (d, s.slug) in runs else None, s.paper_number(d))
+                        for d in plan.datasets)] for s in plan.settings]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def table_text(plan: Plan) -> str:
+    return "\n".join([
+        f"{plan.recipe.name}: accuracy %, ours as mean ± std over folds (finetune: last epoch), "
+        "the paper's number in parentheses",
+        "", results_table(plan), "", *(f"note: {n}" for n in plan.notes[1:])])
+
+
+def reproduce(opts: ReproduceOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
+    plan = make_plan(opts)
+    if opts.dry_run:
+        for line in plan_lines(plan):
+            say(line)
+        return {"plan": plan}
+    execute(plan, say)
+    text = table_text(plan)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    (plan.out_dir / "table.md").write_text(text + "\n")
+    result: dict[str, Any] = {"plan": plan, "table": text, "table_path": plan.out_dir / "table.md", "report": None}
+    finished = [s.run_dir for s in plan.steps if s.kind in TRAINING and _run_state(s.kind, s.run_dir) == "done"]
+    if finished and importlib.util.find_spec("audiofx.training.report") is not None:
+        from audiofx.training.report import build_report
+
+        result["report"] = build_report(finished, plan.out_dir / "report", store=opts.store, say=say)
+    return result

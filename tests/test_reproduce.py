@@ -1,0 +1,291 @@
+"""`audiofx reproduce`: the dry-run plans of every recipe parse with the real CLI and carry the
+papers' settings; a tiny shin2021 run on official-layout fixtures ends with a table whose
+numbers are the runs' summaries, and a rerun skips, resumes and restarts the right runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from audiofx.cli import cli
+from audiofx.recipes import RECIPES
+from audiofx.training.reproduce import scale_epochs
+from tests.conftest import assert_one_line_error, run_cli
+
+EXPECTED_RUNS = {  # (pretrain, finetune, evaluate) runs per recipe
+    "shin2021": (1, 9, 3),  # SimCLR; 3 inits x 3 datasets; linear x 3
+    "hornauer2021": (1, 8, 0),  # NPID on the pool; npid + scratch x 4 datasets
+    "zhou2019": (0, 5, 0),  # five rows on TUT 2018
+    "lin2022": (2, 16, 16),  # NPID + MoCo; 4 inits x 4 datasets; linear + kNN of both x 4
+}
+
+
+def dry_run(*args: str) -> list[str]:
+    result = CliRunner().invoke(cli, ["reproduce", *args, "--dry-run"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output.splitlines()
+
+
+def commands(lines: list[str]) -> list[tuple[str, dict]]:
+    """Every command line parsed by the click command it names: an option the CLI lacks
+    raises here (make_context does the full parse, --help-free)."""
+    out = []
+    for line in lines:
+        if line.startswith("#"):
+            continue
+        argv = shlex.split(line)
+        assert argv[0] == "audiofx", line
+        out.append((argv[1], cli.commands[argv[1]].make_context(argv[1], argv[2:]).params))
+    return out
+
+
+def run_count(lines: list[str]) -> tuple[int, int, int, int]:
+    m = re.search(r"^# (\d+) training runs: (\d+) pretrain, (\d+) finetune, (\d+) evaluate", "\n".join(lines), re.M)
+    assert m, lines[-1]
+    return tuple(int(g) for g in m.groups())
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_dry_run_prints_commands_that_parse_and_counts_them(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines = dry_run(recipe, "--store", "store", "--runs", "runs")
+    assert all(line.startswith(("# ", "audiofx ")) for line in lines), lines  # also a shell script
+    parsed = commands(lines)
+    kinds = [k for k, _ in parsed]
+    datasets = RECIPES[recipe].datasets
+    assert kinds[:kinds.index(next(k for k in kinds if k != "extract"))] == ["extract"] * (
+        len(datasets) + (recipe == "lin2022"))  # FSD50K for lin2022's pretraining
+    total, *per_kind = run_count(lines)
+    assert tuple(per_kind) == EXPECTED_RUNS[recipe]
+    assert total == sum(per_kind) == sum(k in ("pretrain", "finetune", "evaluate") for k in kinds)
+    # stages in order: extract, pretrain, finetune, evaluate
+    order = ["extract", "pretrain", "finetune", "evaluate"]
+    assert kinds == sorted(kinds, key=order.index)
+    names = [p["name"] for k, p in parsed if k != "extract"]
+    assert len(set(names)) == len(names) and all(n.startswith(f"{recipe}-") for n in names)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "runs").exists()  # touches nothing
+
+
+def test_dry_run_commands_carry_the_papers_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shin = commands(dry_run("shin2021"))
+    pre = [p for k, p in shin if k == "pretrain"]
+    assert len(pre) == 1 and pre[0]["method"] == "simclr" and pre[0]["datasets"] == "gtzan,esc50,urbansound8k"
+    pool = "simclr:" + pre[0]["name"]
+    ft = [p for k, p in shin if k == "finetune"]
+    assert sorted({p["init"] for p in ft}) == sorted(["scratch", "imagenet", pool])
+    for p in ft:
+        assert (p["arch"], p["epochs"], p["batch_size"], p["lr"], p["weight_decay"], p["fold"], p["preset"]) == (
+            "resnet50", 70, 32, 1e-4, 1e-3, "all", "shin2021")
+        assert p["name"] == f"shin2021-{p['dataset']}-{p['init'].split(':')[0]}"
+    ev = [p for k, p in shin if k == "evaluate"]
+    assert {(p["run_spec"], p["mode"], p["dataset"]) for p in ev} == {
+        (pool, "linear", d) for d in ("gtzan", "esc50", "urbansound8k")}
+
+    (hornauer,) = [p for k, p in commands(dry_run("hornauer2021")) if k == "pretrain"]
+    assert (hornauer["method"], hornauer["nce_k"], hornauer["temperature"], hornauer["epochs"], hornauer["batch_size"],
+            hornauer["datasets"], hornauer["preset"]) == ("npid", 64, 0.4, 200, 64, "esc10,esc50,urbansound8k,dcase2013",
+                                                         "hornauer2021")
+
+    zhou = [p for k, p in commands(dry_run("zhou2019")) if k == "finetune"]
+    assert [(p["init"], p["fragments"], p["channel_fusion"], p["head"]) for p in zhou] == [
+        ("scratch", 1, False, "linear"), ("imagenet", 1, False, "linear"), ("imagenet", 6, False, "linear"),
+        ("imagenet", 6, True, "linear"), ("imagenet", 6, True, "mlp-attn")]
+    assert {(p["dataset"], p["arch"], p["preset"]) for p in zhou} == {("tut2018", "vgg16", "zhou2019")}
+
+    lin = commands(dry_run("lin2022"))
+    assert {(p["method"], p["datasets"]) for k, p in lin if k == "pretrain"} == {("npid", "fsd50k"), ("moco", "fsd50k")}
+    assert {p["epochs"] for k, p in lin if k == "finetune"} == {30}
+    modes = [(p["run_spec"].split(":")[0], p["mode"]) for k, p in lin if k == "evaluate" and p["dataset"] == "gtzan"]
+    assert sorted(modes) == sorted([("npid", "linear"), ("moco", "linear"), ("npid", "knn"), ("moco", "knn")])
+
+
+def test_epochs_scale_multiplies_every_epoch_budget(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def epochs(*args: str) -> dict[str, set]:
+        out: dict[str, set] = {}
+        for kind, p in commands(dry_run("shin2021", *args)):
+            if kind != "extract":
+                out.setdefault(kind, set()).add(p["epochs"] if kind != "evaluate" else p["linear_epochs"])
+        return out
+
+    assert epochs() == {"pretrain": {200}, "finetune": {70}, "evaluate": {100}}
+    assert epochs("--epochs-scale", "0.5") == {"pretrain": {100}, "finetune": {35}, "evaluate": {50}}
+    assert epochs("--epochs-scale", "0.001") == {"pretrain": {1}, "finetune": {1}, "evaluate": {1}}
+    # rounded half up, at least 1; nothing but --epochs values changes
+    assert scale_epochs(["--epochs", "70", "--batch-size", "32"], 0.05) == ["--epochs", "4", "--batch-size", "32"]
+    assert scale_epochs(["--epochs", "70"], 0.02) == ["--epochs", "1"]
+    assert scale_epochs(["--k", "200"], 0.01) == ["--k", "200"]
+
+
+def test_options_pass_through_to_the_stages(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "r18.pth"
+    weights.write_bytes(b"")
+    lines = dry_run("shin2021", "--datasets", "esc50", "--arch", "resnet18", "--weights", str(weights), "--device", "cuda",
+                    "--root", "esc50=/data/ESC-50-master", "--no-progress", "--store", "s", "--runs", "r")
+    parsed = commands(lines)
+    assert [k for k, _ in parsed] == ["extract", "pretrain", "finetune", "finetune", "finetune", "evaluate"]
+    extract = parsed[0][1]
+    assert (str(extract["root"]), extract["device"], extract["store"], extract["no_progress"]) == (
+        "/data/ESC-50-master", "cuda", "s", True)
+    for kind, p in parsed[1:]:
+        assert (p["device"], p["store"], p["runs_root"], p["dataset"] if kind != "pretrain" else p["datasets"]) == (
+            "cuda", "s", "r", "esc50")
+        assert kind == "evaluate" or (p["arch"], p["no_progress"]) == ("resnet18", True)
+        assert kind != "finetune" or p["weights"] == (str(weights) if p["init"] == "imagenet" else None)
+    assert parsed[1][1]["name"] == "shin2021-esc50-simclr"
+    assert "# 5 training runs: 1 pretrain, 3 finetune, 1 evaluate" in "\n".join(lines)
+    assert "(esc50: 5)" in lines[-1]
+
+    tiny = dry_run("shin2021", "--arch", "tiny")  # no ImageNet weights for tiny: those rows are left out
+    assert not any(p.get("init") == "imagenet" for _, p in commands(tiny))
+    assert any("no ImageNet weights exist for arch tiny" in line for line in tiny)
+
+
+def test_table_shows_the_papers_numbers_and_na_where_they_are_not_given(tmp_path, monkeypatch):
+    from audiofx.training.reproduce import ReproduceOptions, make_plan, results_table
+
+    monkeypatch.chdir(tmp_path)
+
+    def rows(recipe: str) -> dict[str, list[str]]:
+        return table(results_table(make_plan(ReproduceOptions(recipe, store="s", runs="r"))))
+
+    lin = rows("lin2022")
+    assert lin[""] == ["esc50", "urbansound8k", "dcase2013", "gtzan"]
+    assert lin["NPID kNN"] == ["- (paper 36.9)", "- (paper 56.6)", "- (paper n/a)", "- (paper 47.3)"]
+    assert lin["MoCo fine-tune"] == ["- (paper 74.2)", "- (paper 73.0)", "- (paper n/a)", "- (paper 57.5)"]
+    assert lin["NPID frozen linear"] == ["- (paper n/a)"] * 4
+    zhou = rows("zhou2019")
+    assert [cells[0] for row, cells in zhou.items() if row] == [f"- (paper {n})" for n in
+                                                                ("61.9", "70.6", "73.9", "75.5", "77.8")]
+    assert {c for row, cells in rows("hornauer2021").items() if row for c in cells} == {"- (paper n/a)"}
+    assert rows("shin2021")["Table 1: ImageNet supervised init"] == [
+        "- (paper 90.50)", "- (paper 90.55)", "- (paper 83.34)"]
+
+
+def test_user_errors_are_one_line(tmp_path):
+    proc = run_cli("reproduce", "shin2021", "--datasets", "esc50", "--arch", "tiny", "--store", "s", "--runs", "r",
+                   cwd=tmp_path)
+    assert_one_line_error(proc, "cannot start", "esc50: no shin2021 features", "audiofx download esc50",
+                          "--root esc50=PATH")
+    assert not (tmp_path / "r").exists()
+    assert_one_line_error(run_cli("reproduce", "zhou2019", "--datasets", "esc50", cwd=tmp_path),
+                          "esc50 not in recipe zhou2019", "tut2018")
+    assert_one_line_error(run_cli("reproduce", "shin2021", "--root", "esc50", cwd=tmp_path), "not DATASET=PATH")
+
+
+# -- end to end ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    """shin2021 with a tiny CNN and every epoch budget x 0.01 (1-2 epochs) on fixtures in the
+    official layouts: ESC-50 (15 clips, 5 folds) extracted by reproduce from --root, and
+    UrbanSound8K (10 clips, 10 folds) already in the store (extracted beforehand with short
+    clips, to keep the CPU time down), so both the extract and the features-found paths run."""
+    from audiofx.pipeline.extract import ExtractRequest, extract
+    from tests import layouts as L
+
+    base = tmp_path_factory.mktemp("reproduce")
+    L.make_esc50(base / "ESC-50-master", categories=L.ESC50_CATEGORIES[:3])
+    extract(ExtractRequest(dataset="urbansound8k", root=L.make_urbansound8k(base / "UrbanSound8K", per_fold=1),
+                           store=str(base / "features"), overrides={"clip_seconds": 0.5, "frames": 20}, workers=1,
+                           progress=False), on_event=lambda m: None)
+    common = ["shin2021", "--epochs-scale", "0.01", "--arch", "tiny", "--datasets", "esc50,urbansound8k",
+              "--store", "features", "--runs", "runs", "--no-progress"]
+    roots = ["--root", "esc50=ESC-50-master"]
+    plan = run_cli("reproduce", *common, *roots, "--dry-run", cwd=base)
+    assert plan.returncode == 0, plan.stderr
+    proc = run_cli("reproduce", *common, *roots, cwd=base)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return base, common, plan.stdout.splitlines(), proc.stdout
+
+
+def summary(run: Path) -> dict:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"summary"' in line][-1]
+
+
+def table(stdout: str) -> dict[str, list[str]]:
+    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows[1:])} | {
+        "": header[1:]}
+
+
+def expected_cell(run: Path, paper: str) -> str:
+    s = summary(run)
+    mean, std = (s["last_acc_mean"], s["last_acc_std"]) if "last_acc_mean" in s else (s["acc_mean"], s["acc_std"])
+    return f"{100 * mean:.2f} ± {100 * std:.2f} (paper {paper})"
+
+
+def assert_table_matches_runs(stdout: str, runs: Path) -> None:
+    t = table(stdout)
+    assert t[""] == ["esc50", "urbansound8k"]
+    expected = {  # row -> (run-name part, finetune or evaluate, the paper's ESC-50 and UrbanSound8K)
+        "Table 1: ResNet-50 from scratch": ("scratch", "finetune", "78.25", "76.11"),
+        "Table 1: SimCLR init": ("simclr", "finetune", "90.15", "83.30"),
+        "Table 2: SimCLR init, frozen linear": ("simclr-linear", "evaluate", "63.40", "74.24"),
+    }
+    assert set(t) - {""} == set(expected)  # the ImageNet row is left out for --arch tiny
+    for row, (slug, stage, *paper) in expected.items():
+        assert t[row] == [expected_cell(runs / stage / f"shin2021-{ds}-{slug}", p)
+                          for ds, p in zip(("esc50", "urbansound8k"), paper)]
+
+
+def test_reproduce_runs_the_dry_run_commands_and_ends_with_the_table(reproduced):
+    base, _, plan, stdout = reproduced
+    planned = [line for line in plan if line.startswith("audiofx ")]
+    ran = re.findall(r"^\[\d+/\d+\] run: (audiofx .*)$", stdout, re.M)
+    assert ran == planned and len(ran) == 8  # 1 extract, 1 pretrain, 4 finetunes, 2 evaluates
+    assert re.search(r"^\[2/9\] skip, urbansound8k: shin2021 features found in features: audiofx extract", stdout, re.M)
+    runs = base / "runs"
+    assert (runs / "pretrain" / "shin2021-esc50+urbansound8k-simclr" / "checkpoints" / "final.pt").is_file()
+    assert summary(runs / "finetune" / "shin2021-urbansound8k-scratch")["n_folds"] == 10
+    assert summary(runs / "evaluate" / "shin2021-esc50-simclr-linear")["n_folds"] == 5
+    assert_table_matches_runs(stdout, runs)
+    assert "| Table 1: SimCLR init" in (runs / "reproduce-shin2021" / "table.md").read_text()
+    assert "pretrain has no --init" in stdout  # the difference from the paper is said
+
+
+def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(reproduced):
+    base, common, _, first = reproduced
+    runs = base / "runs"
+    again = run_cli("reproduce", *common, "--dry-run", cwd=base)  # no --root: the features are found
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("# skip (finished") == 7 and again.stdout.count("shin2021 features found in features)") == 2
+    assert "7 already finished, 0 unfinished" in again.stdout
+    assert not [line for line in again.stdout.splitlines() if line.startswith("audiofx ")]
+
+    # Interrupted runs: a finetune without its summary resumes; an evaluate starts again.
+    for run in (runs / "finetune" / "shin2021-esc50-scratch", runs / "evaluate" / "shin2021-urbansound8k-simclr-linear"):
+        log = run / "metrics.jsonl"
+        log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if '"summary"' not in line))
+    proc = run_cli("reproduce", *common, cwd=base)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert len(re.findall(r"^\[\d+/9\] skip, finished", out, re.M)) == 5
+    assert re.search(r"^\[\d+/9\] resume: audiofx finetune .*--name shin2021-esc50-scratch --no-progress --resume$", out, re.M)
+    assert "fold 1: already done" in out
+    assert "shin2021-urbansound8k-simclr-linear was moved to" in out
+    assert list((runs / "evaluate").glob("shin2021-urbansound8k-simclr-linear.unfinished-*"))
+    assert_table_matches_runs(out, runs)
+    for row in ("Table 1: ResNet-50 from scratch", "Table 1: SimCLR init"):  # the same finetune runs' numbers
+        assert table(out)[row] == table(first)[row]
+
+    # Without the features (another store) nothing is missing once every run that reads them is done.
+    elsewhere = run_cli("reproduce", *[a if a != "features" else "empty" for a in common], "--dry-run", cwd=base)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert elsewhere.stdout.count("no features, but every run that reads them is finished") == 2
+    assert "# missing" not in elsewhere.stdout and "# problem" not in elsewhere.stdout
+
+    # A finished run made with other settings never fills the table.
+    changed = run_cli("reproduce", *common[:2], "0.03", *common[3:], "--dry-run", cwd=base)
+    assert_one_line_error(changed, "finished with other settings", "epochs 2, not 6", "another --runs")
