@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 
 # The whole chain on the synthetic demo dataset, offline on CPU in a few minutes: extract,
 # NPID pretraining of a small CNN, fine-tuning from scratch and from NPID over all 5 folds,
-# weighted kNN on the frozen NPID encoder, and a table comparing the three.
+# weighted kNN on the frozen NPID encoder, a table comparing the three, and a report with
+# figures (data/runs/demo/report/report.md).
 DEMO_RUNS := data/runs/demo
 DEMO_TRAIN := --arch tiny --no-progress --runs $(DEMO_RUNS)
 
@@ -27,6 +28,7 @@ demo: $(STAMP)
 	$(BIN)/audiofx finetune --dataset demo --init npid --epochs 6 --lr 1e-3 --name npid-finetune --no-progress --runs $(DEMO_RUNS)
 	$(BIN)/audiofx evaluate --run npid --dataset demo --mode knn --name npid-knn --runs $(DEMO_RUNS)
 	$(BIN)/audiofx compare $(DEMO_RUNS)/finetune/scratch $(DEMO_RUNS)/finetune/npid-finetune $(DEMO_RUNS)/evaluate/npid-knn
+	$(BIN)/audiofx report $(DEMO_RUNS)/finetune/scratch $(DEMO_RUNS)/finetune/npid-finetune $(DEMO_RUNS)/evaluate/npid-knn --out $(DEMO_RUNS)/report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

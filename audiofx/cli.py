@@ -15,6 +15,7 @@ import click
 from audiofx import __version__
 from audiofx.config import PRESETS, parse_overrides
 from audiofx.errors import AudiofxError, StoreError
+from audiofx.recipes import RECIPES
 
 
 def _size(n: float) -> str:
@@ -23,6 +24,31 @@ def _size(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+STORE_HELP = "Feature store: a directory, or an fsspec URL (s3://bucket/prefix, gs://..., file://...)."
+
+
+def store_option(f):
+    return click.option("--store", default="data/features", show_default=True, help=STORE_HELP)(f)
+
+
+def _set_cache(ctx, param, value):
+    """Applied while the options are parsed, so commands need no extra parameters."""
+    if value is not None:
+        from audiofx.pipeline.readcache import configure
+
+        configure(**{"root" if param.name == "cache_dir" else "limit": value})
+    return value
+
+
+def read_cache_options(f):
+    """--cache-dir / --cache-size: where reads of a remote store are cached locally."""
+    f = click.option("--cache-size", default=None, metavar="SIZE", expose_value=False, callback=_set_cache,
+                     help="Limit of the read-through cache, e.g. 50GB [$AUDIOFX_CACHE_SIZE or 50GB].")(f)
+    return click.option("--cache-dir", default=None, type=click.Path(path_type=Path), expose_value=False,
+                        callback=_set_cache,
+                        help="Local read-through cache of remote stores [$AUDIOFX_CACHE_DIR or ~/.cache/audiofx/features].")(f)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,35 +73,44 @@ Examples:
   audiofx extract --dataset gtzan --workers 2 --set n_mels=64
   audiofx extract --dataset urbansound8k --preset palanisamy2020 --allow-missing
   audiofx extract --dataset folder --root my_sounds --set folds=5
+  audiofx extract --dataset esc50 --root /shared/ESC-50-master --store /shared/features --scheduler tcp://head:8786
 """
 
 
 @cli.command(epilog=EXTRACT_EXAMPLE)
 @click.option("--dataset", required=True, help="Dataset name (audiofx datasets lists them).")
 @click.option("--root", type=click.Path(path_type=Path), help="Dataset root in its official layout [data/raw/<dataset>].")
-@click.option("--store", default="data/features", show_default=True, help="Feature store directory.")
+@store_option
 @click.option("--preset", default="shin2021", show_default=True, help=f"Feature recipe: {', '.join(PRESETS)}.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a feature option (n_mels=64, hops_ms=10,25,50) or a dataset option (folds=5, seed=1).")
 @click.option("--split", type=click.Path(path_type=Path), help="CSV of path,fold with a published split (gtzan, folder).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Worker processes [0: one per core].")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda: where features are computed.")
+@click.option("--scheduler", metavar="local:N|tcp://HOST:PORT",
+              help="Run on Dask instead of joblib: N local worker processes, or a running cluster's scheduler "
+                   "(its workers must see --root and --store at the same paths; see docs/scaling.md).")
 @click.option("--strict", is_flag=True, help="Stop at the first unusable file instead of recording it as skipped.")
 @click.option("--allow-missing", is_flag=True, help="Go on when files listed in the metadata are missing (recorded).")
 @click.option("--rebuild", is_flag=True, help="Replace a store built from a different copy of the dataset.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def extract(dataset, root, store, preset, overrides, split, workers, device, strict, allow_missing, rebuild, no_progress):
+@click.option("--download", "fetch_first", is_flag=True,
+              help="Download the dataset first when its root is missing (as audiofx download does).")
+def extract(dataset, root, store, preset, overrides, split, workers, device, scheduler, strict, allow_missing, rebuild,
+            no_progress, fetch_first):
     """Decode, resample and turn every clip of a dataset into three-window log-mel features,
     written in parallel into a resumable Zarr feature store."""
     from audiofx.pipeline.extract import ExtractRequest
     from audiofx.pipeline.extract import extract as run_extract
 
+    if fetch_first:
+        _download_if_missing(dataset, root, progress=not no_progress)
     values = parse_overrides(overrides)
     if split is not None:
         values["split"] = str(split.resolve())
     summary = run_extract(ExtractRequest(
         dataset=dataset, root=root, store=store, preset=preset, overrides=values, workers=workers, device=device,
-        strict=strict, allow_missing=allow_missing, rebuild=rebuild, progress=not no_progress,
+        strict=strict, allow_missing=allow_missing, rebuild=rebuild, progress=not no_progress, scheduler=scheduler,
     ))
     if summary.status == "complete":
         click.echo(f"store is complete: {summary.path} ({summary.clips_total} clips); nothing to do")
@@ -104,27 +139,101 @@ def datasets():
         click.echo(f"{'':13s} layout: {a.layout}")
 
 
-@cli.group()
+DOWNLOAD_EXAMPLE = """
+\b
+Examples:
+  audiofx download esc50                               # -> data/raw/esc50
+  audiofx download urbansound8k --root /data/UrbanSound8K
+  audiofx download gtzan --mirror http://mirror.lab:8000
+  audiofx download fsd50k --list                       # the files, URLs and md5s, to fetch by hand
+"""
+
+
+@cli.command("download", epilog=DOWNLOAD_EXAMPLE)
+@click.argument("dataset")
+@click.option("--root", type=click.Path(path_type=Path), help="Where the dataset goes [data/raw/<dataset>].")
+@click.option("--mirror", metavar="URL",
+              help="Base URL that replaces every file's scheme and host [$AUDIOFX_DOWNLOAD_MIRROR].")
+@click.option("--keep-archives", is_flag=True, help="Keep the archives (in <root>/../downloads) after the check.")
+@click.option("--list", "list_only", is_flag=True, help="Only print the files, their URLs and checksums.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def download_cmd(dataset, root, mirror, keep_archives, list_only, no_progress):
+    """Fetch DATASET (esc50, esc10, urbansound8k, gtzan, fsd50k, tau2019) from its official
+    location, resuming interrupted transfers, unpack it into its official layout and check
+    the layout and clip count with the dataset's adapter."""
+    import os
+
+    from audiofx.pipeline.download import MIRROR_ENV, default_root, download, get_source, resolve_url
+
+    if list_only:
+        source = get_source(dataset)
+        base = mirror or os.environ.get(MIRROR_ENV)
+        click.echo(f"{dataset}: {len(source.archives)} file(s) from {source.page}; {source.clips} clips once complete")
+        for a in source.archives:
+            click.echo(f"  {a.name}  {resolve_url(a.url, base)}  md5 {a.md5 or '-'}")
+        click.echo(f"  unpack {source.folder + '/ as' if source.folder else 'into'} {root or default_root(dataset)}")
+        if source.note:
+            click.echo(f"  note: {source.note}")
+        return
+    s = download(dataset, root, mirror=mirror, progress=not no_progress, keep_archives=keep_archives, say=click.echo)
+    if s.status == "present":
+        click.echo(f"{dataset} is already complete in {s.root} ({s.clips} clips); nothing to do")
+        return
+    resumed = f", resumed {', '.join(s.resumed)}" if s.resumed else ""
+    click.echo(f"downloaded {dataset} -> {s.root}: {s.clips} clips, layout checked")
+    click.echo(f"  fetched {_size(s.fetched_bytes)}{resumed}; archives {'kept in' if s.kept_archives else 'removed from'} "
+               f"{s.archives}")
+
+
+def _download_if_missing(dataset: str, root: Path | None, progress: bool) -> None:
+    """extract --download: fetch the dataset when its root (same default as extract) is missing."""
+    from audiofx.pipeline.download import default_root, download
+
+    target = root or default_root(dataset)
+    if target.is_dir() and any(target.iterdir()):
+        return
+    s = download(dataset, target, progress=progress, say=click.echo)
+    click.echo(f"downloaded {dataset} -> {s.root}: {s.clips} clips, layout checked")
+
+
+CACHE_EXAMPLE = """
+\b
+Examples:
+  audiofx cache ls --store s3://lab-audio/features
+  audiofx cache push 3fa2 --to s3://lab-audio/features
+  audiofx cache pull 3fa2 --from s3://lab-audio/features --fold 1
+  audiofx cache verify --store s3://lab-audio/features
+  audiofx cache gc --yes
+"""
+
+
+@cli.group(epilog=CACHE_EXAMPLE)
 def cache():
-    """Inspect and check the feature store."""
+    """Inspect, check, share and clean feature stores (local or remote).
+
+    KEY is a feature key prefix or DATASET/KEY, as `audiofx cache ls` shows them."""
 
 
 @cache.command("ls")
-@click.option("--store", default="data/features", show_default=True)
+@store_option
 def cache_ls(store):
     """Datasets, keys, folds, clip counts, sizes and creation times in a store."""
-    from audiofx.pipeline.store import FeatureStore, dir_bytes
+    from audiofx.pipeline.store import FeatureStore
 
     fs = FeatureStore(store)
     rows = []
-    for ds, key, path in fs.groups():
+    for ds, key, _ in fs.groups():
         try:
             m = fs.read_manifest(ds, key)
-            rows.append((ds, key, str(len(m["folds"])), str(m["clips"]), _size(m["sizes"]["stored_bytes"]), m["created_at"], "complete"))
         except StoreError:
-            rows.append((ds, key, "-", "-", _size(dir_bytes(path)), "-", "incomplete"))
+            rows.append((ds, key, "-", "-", _size(fs.group_bytes(ds, key)), "-", "incomplete"))
+            continue
+        partial = m.get("partial_folds")
+        status = "complete" if partial is None else f"partial (folds {','.join(partial)})"
+        rows.append((ds, key, str(len(m["folds"])), str(m["clips"]), _size(m["sizes"]["stored_bytes"]), m["created_at"],
+                     status))
     if not rows:
-        click.echo(f"no feature sets in {fs.root} (make one with: audiofx extract --dataset demo)")
+        click.echo(f"no feature sets in {fs} (make one with: audiofx extract --dataset demo)")
         return
     header = ("dataset", "key", "folds", "clips", "size", "created", "status")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
@@ -134,10 +243,10 @@ def cache_ls(store):
 
 @cache.command("info")
 @click.argument("key")
-@click.option("--store", default="data/features", show_default=True)
+@store_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest.")
 def cache_info(key, store, as_json):
-    """Everything about one feature set (KEY: a key prefix or dataset/key)."""
+    """Everything about one feature set."""
     from audiofx.pipeline.store import FeatureStore
 
     fs = FeatureStore(store)
@@ -151,7 +260,9 @@ def cache_info(key, store, as_json):
     click.echo(f"  shape per clip {tuple(m['shape'])} {m['feature_config']['dtype']}, {len(m['classes'])} classes"
                f"{' (multi-label)' if m['multilabel'] else ''}")
     for fold, f in m["folds"].items():
-        click.echo(f"  fold {fold}: {f['ok']} clips" + (f" ({f['skipped']} skipped)" if f["skipped"] else ""))
+        absent = m.get("partial_folds") is not None and fold not in m["partial_folds"]
+        click.echo(f"  fold {fold}: {f['ok']} clips" + (f" ({f['skipped']} skipped)" if f["skipped"] else "")
+                   + (" (not pulled here)" if absent else ""))
     cfg = m["feature_config"]
     click.echo("  config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     if m["dataset_options"]:
@@ -166,7 +277,7 @@ def cache_info(key, store, as_json):
 
 @cache.command("verify")
 @click.argument("key", required=False)
-@click.option("--store", default="data/features", show_default=True)
+@store_option
 def cache_verify(key, store):
     """Recompute every checksum and name each damaged chunk or array."""
     from audiofx.pipeline.store import FeatureStore
@@ -174,7 +285,7 @@ def cache_verify(key, store):
     fs = FeatureStore(store)
     targets = [fs.find(key)] if key else [(d, k) for d, k, _ in fs.groups()]
     if not targets:
-        raise StoreError(f"no feature sets in {fs.root}", "check --store")
+        raise StoreError(f"no feature sets in {fs}", "check --store")
     damaged = 0
     for ds, k in targets:
         problems = fs.verify(ds, k)
@@ -187,6 +298,100 @@ def cache_verify(key, store):
     if damaged:
         raise AudiofxError(f"{damaged} of {len(targets)} feature sets are damaged",
                            "re-extract them with --rebuild")
+
+
+def _copy(key: str, src_url: str, dst_url: str, folds: tuple[str, ...], progress: bool, verb: str) -> None:
+    from audiofx.pipeline.store import FeatureStore
+    from audiofx.pipeline.transfer import copy_group
+
+    src, dst = FeatureStore(src_url), FeatureStore(dst_url)
+    ds, full = src.find(key)
+    r = copy_group(src, dst, ds, full, folds=list(folds) or None, progress=progress)
+    if r.up_to_date:
+        click.echo(f"{ds}/{full} is already in {dst}; nothing to {verb}")
+        return
+    resumed = f", {r.objects_skipped} already there" if r.objects_skipped else ""
+    click.echo(f"{verb}ed {ds}/{full} ({'folds ' + ','.join(r.folds)}) {src} -> {dst}: "
+               f"{r.objects_copied} objects, {_size(r.bytes_copied)}{resumed}; checksums verified")
+
+
+@cache.command("push")
+@click.argument("key")
+@click.option("--to", "to_url", required=True, help="Destination store (URL or directory).")
+@click.option("--store", default="data/features", show_default=True, help="The local store to push from.")
+@click.option("--no-progress", is_flag=True)
+def cache_push(key, to_url, store, no_progress):
+    """Copy a complete feature set to a shared store. Resumes after an interruption; the
+    destination's manifest is written last, after every value is checked."""
+    _copy(key, store, to_url, (), not no_progress, "push")
+
+
+@cache.command("pull")
+@click.argument("key")
+@click.option("--from", "from_url", required=True, help="Source store (URL or directory).")
+@click.option("--store", default="data/features", show_default=True, help="The local store to pull into.")
+@click.option("--fold", "folds", multiple=True, help="Only this fold (repeatable) [all].")
+@click.option("--no-progress", is_flag=True)
+def cache_pull(key, from_url, store, folds, no_progress):
+    """Copy a feature set (or some folds of it) from a shared store. Resumes after an
+    interruption; the local manifest is written last, after every value is checked."""
+    _copy(key, from_url, store, folds, not no_progress, "pull")
+
+
+@cache.command("rm")
+@click.argument("keys", nargs=-1, required=True)
+@store_option
+@click.option("--yes", is_flag=True, help="Remove without asking.")
+def cache_rm(keys, store, yes):
+    """Remove feature sets from a store."""
+    from audiofx.pipeline.store import FeatureStore
+
+    fs = FeatureStore(store)
+    targets = [fs.find(k) for k in keys]
+    for ds, k in targets:
+        click.echo(f"remove {ds}/{k} ({_size(fs.group_bytes(ds, k))}) from {fs}")
+    if not _confirmed(yes, f"remove {len(targets)} feature set(s)?"):
+        return
+    for ds, k in targets:
+        fs.remove(ds, k)
+    click.echo(f"removed {len(targets)} feature set(s)")
+
+
+@cache.command("gc")
+@store_option
+@click.option("--runs", "runs_root", default="data/runs", show_default=True, help="Runs whose feature sets are kept.")
+@click.option("--min-age", default=24.0, show_default=True, type=click.FloatRange(min=0),
+              help="Hours an incomplete set must be untouched before it counts as abandoned.")
+@click.option("--yes", is_flag=True, help="Remove without asking.")
+@read_cache_options
+def cache_gc(store, runs_root, min_age, yes):
+    """Remove what is no longer useful: incomplete sets untouched for --min-age hours (an
+    extraction in progress is left alone), sets of an older feature code version that no
+    run in --runs uses, and, in the read-through cache, the least recently used sets over
+    its size limit."""
+    from audiofx.pipeline.gc import collect_garbage
+
+    plan = collect_garbage(store, runs_root, min_age_hours=min_age, remove=False)
+    if not plan.items:
+        click.echo(f"nothing to remove in {plan.store}")
+    for item in plan.items:
+        click.echo(f"remove {item.dataset}/{item.key} ({_size(item.bytes)}): {item.reason}")
+    if plan.items and _confirmed(yes, f"remove {len(plan.items)} feature set(s)?"):
+        collect_garbage(store, runs_root, min_age_hours=min_age, remove=True, only=plan.items)
+        click.echo(f"removed {len(plan.items)} feature set(s), {_size(sum(i.bytes for i in plan.items))}")
+    evicted = plan.evict_cache()
+    if evicted:
+        click.echo(f"read-through cache: removed {len(evicted)} least recently used set(s) over its limit")
+
+
+def _confirmed(yes: bool, question: str) -> bool:
+    """--yes, or a yes at an interactive prompt; without a terminal nothing is removed."""
+    if yes:
+        return True
+    if sys.stdin.isatty():
+        return click.confirm(question, default=False)
+    click.echo("nothing removed: pass --yes to remove")
+    return False
 
 
 def _main_rank() -> bool:
@@ -207,7 +412,8 @@ Examples:
 @cli.command(epilog=TRAIN_EXAMPLE)
 @click.option("--method", required=True, help="npid, simclr or moco.")
 @click.option("--datasets", default="", help="Comma-separated datasets for the unlabeled pool [every dataset in the store].")
-@click.option("--store", default="data/features", show_default=True)
+@store_option
+@read_cache_options
 @click.option("--preset", default="shin2021", show_default=True, help="Which extracted features to use.")
 @click.option("--arch", default="resnet50", show_default=True, help="resnet18/34/50, densenet201, vgg16, alexnet, tiny.")
 @click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True)
@@ -241,6 +447,7 @@ Examples:
   audiofx finetune --dataset esc50 --init imagenet --fold all
   audiofx finetune --dataset gtzan --init simclr --epochs 70 --batch-size 32 --lr 1e-4
   audiofx finetune --dataset urbansound8k --init npid:npid-resnet50-20261121-101500 --fold 3
+  audiofx finetune --dataset tut2018 --preset zhou2019 --arch vgg16 --init imagenet --fragments 6 --channel-fusion --head mlp-attn
 """
 
 
@@ -248,10 +455,13 @@ Examples:
 @click.option("--dataset", required=True)
 @click.option("--init", default="scratch", show_default=True, help="scratch, imagenet, simclr, npid, moco, METHOD:RUN or a PATH.")
 @click.option("--weights", default=None, help="ImageNet checkpoint file (for --init imagenet offline).")
-@click.option("--store", default="data/features", show_default=True)
+@store_option
+@read_cache_options
 @click.option("--preset", default="shin2021", show_default=True)
 @click.option("--key", default=None, help="A feature key (prefix), when several feature sets match.")
-@click.option("--arch", default=None, help="[resnet50, or the pretrain run's arch]")
+@click.option("--arch", default=None,
+              help="resnet18/34/50, densenet201, vgg16, alexnet (fully convolutional + GAP), tiny "
+                   "[resnet50, or the pretrain run's arch].")
 @click.option("--fold", default="all", show_default=True, help="all, or one test fold.")
 @click.option("--epochs", type=click.IntRange(min=1), default=70, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -260,6 +470,12 @@ Examples:
 @click.option("--spec-augment", is_flag=True, help="SpecAugment time and frequency masks.")
 @click.option("--time-shift", type=int, default=0, help="Random circular time shift of up to N frames.")
 @click.option("--mixup", type=float, default=0.0, help="Mixup with Beta(a, a); 0 is off.")
+@click.option("--fragments", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Cut each clip into N time fragments (trained as samples; posteriors averaged per clip).")
+@click.option("--channel-fusion", is_flag=True,
+              help="Each channel (zhou2019: left, right, mid) its own sample; posteriors averaged per clip.")
+@click.option("--head", type=click.Choice(["linear", "mlp-attn"]), default="linear", show_default=True,
+              help="linear: global average pool + linear; mlp-attn: Zhou et al.'s MLP attention.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--runs", "runs_root", default="data/runs", show_default=True)
@@ -267,7 +483,7 @@ Examples:
 @click.option("--resume", is_flag=True)
 @click.option("--no-progress", is_flag=True)
 def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, batch_size, lr, weight_decay, spec_augment,
-             time_shift, mixup, seed, device, runs_root, name, resume, no_progress):
+             time_shift, mixup, fragments, channel_fusion, head, seed, device, runs_root, name, resume, no_progress):
     """Fine-tune a classifier with k-fold cross-validation on the official folds."""
     from audiofx.training.augment import Augment
     from audiofx.training.finetune import FinetuneConfig
@@ -276,8 +492,9 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
     s = run_finetune(FinetuneConfig(
         dataset=dataset, init=init, weights=weights, store=store, preset=preset, key=key, arch=arch, fold=fold,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        augment=Augment(spec_augment=spec_augment, time_shift=time_shift, mixup=mixup), seed=seed, device=device,
-        runs_root=runs_root, name=name, resume=resume, progress=not no_progress), say=click.echo)
+        augment=Augment(spec_augment=spec_augment, time_shift=time_shift, mixup=mixup), fragments=fragments,
+        channel_fusion=channel_fusion, head=head, seed=seed, device=device, runs_root=runs_root, name=name,
+        resume=resume, progress=not no_progress), say=click.echo)
     if not _main_rank():
         return
     click.echo(f"accuracy over {s['n_folds']} fold(s): last epoch {100 * s['last_acc_mean']:.2f} ± "
@@ -290,7 +507,8 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
 @click.option("--dataset", required=True)
 @click.option("--mode", default="knn", show_default=True, help="knn or linear.")
 @click.option("--fold", default="all", show_default=True)
-@click.option("--store", default="data/features", show_default=True)
+@store_option
+@read_cache_options
 @click.option("--preset", default="shin2021", show_default=True)
 @click.option("--key", default=None)
 @click.option("--k", "k", type=click.IntRange(min=1), default=200, show_default=True, help="kNN neighbours (k by CV is also reported).")
@@ -317,6 +535,69 @@ def compare(runs):
     from audiofx.training.compare import compare_table
 
     click.echo(compare_table(list(runs)))
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for report.md and its figures [data/reports/<time>].")
+@click.option("--store", default=None, help="Feature store for the t-SNE [the one each run recorded].")
+@read_cache_options
+@click.option("--no-tsne", is_flag=True, help="Leave out the t-SNE figures (they need the store and checkpoints).")
+def report(runs, out, store, no_tsne):
+    """A markdown report with figures from finetune, evaluate and pretrain runs: accuracy
+    table, accuracy and loss curves, confusion matrices, per-class scores, t-SNE."""
+    import time
+
+    from audiofx.training.report import build_report
+
+    out = out or Path("data/reports") / time.strftime("%Y%m%d-%H%M%S")
+    path = build_report(list(runs), out, store=store, tsne=not no_tsne, say=click.echo)
+    figures = sorted((path.parent / "figures").glob("*.png"))
+    click.echo(f"report with {len(figures)} figure(s): {path}")
+
+
+REPRODUCE_EXAMPLE = """
+\b
+Examples:
+  audiofx reproduce shin2021 --dry-run
+  audiofx reproduce shin2021 --root esc50=/data/ESC-50-master --root gtzan=/data/gtzan --weights resnet50.pth
+  audiofx reproduce lin2022 --datasets esc50 --arch tiny --epochs-scale 0.02   # a smoke run
+"""
+
+
+@cli.command(epilog=REPRODUCE_EXAMPLE)
+@click.argument("recipe", type=click.Choice(list(RECIPES)))
+@click.option("--dry-run", is_flag=True, help="Print the audiofx commands and the number of training runs; run nothing.")
+@click.option("--epochs-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Multiply every epoch budget (rounded, at least 1): e.g. 0.02 for a smoke run.")
+@store_option
+@read_cache_options
+@click.option("--runs", "runs_root", default="data/runs", show_default=True)
+@click.option("--arch", default=None, help="Override the recipe's backbone (e.g. tiny for a smoke run).")
+@click.option("--device", default=None, help="auto, cpu or cuda, for every stage [each stage's default].")
+@click.option("--weights", default=None, help="ImageNet checkpoint file for the ImageNet inits (offline).")
+@click.option("--root", "roots", multiple=True, metavar="DATASET=PATH", help="A dataset root for extract (repeatable).")
+@click.option("--datasets", default="", help="Only these of the recipe's datasets (comma-separated).")
+@click.option("--no-progress", is_flag=True)
+def reproduce(recipe, dry_run, epochs_scale, store, runs_root, arch, device, weights, roots, datasets, no_progress):
+    """Run a paper's stages (extract, pretrain, finetune, evaluate) with its settings and end
+    with its table next to the paper's numbers. Finished runs are skipped, unfinished ones
+    resumed."""
+    from audiofx.training.reproduce import ReproduceOptions, parse_roots
+    from audiofx.training.reproduce import reproduce as run_reproduce
+
+    result = run_reproduce(ReproduceOptions(
+        recipe=recipe, dry_run=dry_run, epochs_scale=epochs_scale, store=store, runs=runs_root, arch=arch,
+        device=device, weights=weights, roots=parse_roots(roots), datasets=tuple(d for d in datasets.split(",") if d),
+        progress=not no_progress), say=click.echo)
+    if dry_run:
+        return
+    click.echo("")
+    click.echo(result["table"])
+    click.echo(f"table: {result['table_path']}")
+    if result["report"]:
+        click.echo(f"report: {result['report']}")
 
 
 def main(argv: list[str] | None = None) -> None:

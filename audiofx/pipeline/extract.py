@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +28,7 @@ from audiofx.config import (
 from audiofx.errors import AudioSkip, ConfigError, DatasetError
 from audiofx.pipeline.datasets.base import DatasetIndex, get_adapter
 from audiofx.pipeline.decode import decode_clip
+from audiofx.pipeline.executors import Scheduler, open_executor, parse_scheduler
 from audiofx.pipeline.fingerprint import file_sizes, fingerprint
 from audiofx.pipeline.store import (
     FeatureStore,
@@ -51,6 +52,7 @@ class ExtractRequest:
     allow_missing: bool = False
     rebuild: bool = False
     progress: bool = True
+    scheduler: str | None = None  # None: joblib here; "local:N" or "tcp://HOST:PORT": Dask (see executors.py)
 
 
 @dataclass
@@ -114,8 +116,7 @@ def run_unit(job: UnitJob) -> dict[str, Any]:
 
     _one_thread_per_worker()
     store = FeatureStore(job.store)
-    done = store.unit_record_path(job.dataset, job.key, job.unit.id)
-    if done.exists():  # finished meanwhile by a concurrent run
+    if store.unit_done(job.dataset, job.key, job.unit.id):  # finished meanwhile by a concurrent run
         return {"unit": job.unit.id, "computed": False, "skipped": [], "clips": 0}
     started = time.perf_counter()
     config = FeatureConfig.from_dict(job.config)
@@ -204,6 +205,7 @@ def build_plan(req: ExtractRequest) -> tuple[GroupPlan, DatasetIndex, FeatureCon
 def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) -> ExtractSummary:
     say = on_event or (lambda msg: print(msg, file=sys.stderr))
     device = check_device(req.device)
+    scheduler = parse_scheduler(req.scheduler, req.workers)
     plan, index, config = build_plan(req)
     store = FeatureStore(req.store)
     path = store.group_path(plan.dataset, plan.key)
@@ -231,13 +233,13 @@ def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) 
 
     workers = max(1, min(req.workers or default_workers(), len(todo) or 1))
     jobs = [
-        UnitJob(str(store.root), plan.dataset, plan.key, u, str(index.root),
+        UnitJob(store.url, plan.dataset, plan.key, u, str(index.root),
                 tuple(p for p, _ in plan.folds[u.fold][u.start:u.stop]), config.to_dict(), device, req.strict,
                 batch=16 if device != "cpu" else 2)  # small batches keep CPU intermediates in cache
         for u in todo
     ]
     started = time.perf_counter()
-    results = _run_jobs(jobs, workers, req.progress, summary, plan.dataset)
+    results, ran = _run_jobs(jobs, workers, scheduler, req.progress, summary, plan.dataset)
     for result in results:
         if "strict_failure" in result:
             rel, reason = result["strict_failure"]
@@ -246,37 +248,64 @@ def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) 
     summary.seconds = time.perf_counter() - started
     summary.units_computed = sum(1 for r in results if r.get("computed"))
     summary.clips_written = sum(r.get("clips", 0) for r in results)
-    manifest = store.finalize(plan, units, {"workers": workers, "device": device, "seconds": round(summary.seconds, 2)})
+    manifest = store.finalize(plan, units, {**ran, "device": device, "seconds": round(summary.seconds, 2)})
     summary.clips_ok = manifest["clips"]
     summary.skipped = [(s["clip"], s["reason"]) for s in manifest["skipped"]]
     summary.stored_bytes, summary.raw_bytes = manifest["sizes"]["stored_bytes"], manifest["sizes"]["raw_bytes"]
     return summary
 
 
-def _run_jobs(jobs: list[UnitJob], workers: int, progress: bool, summary: ExtractSummary, name: str) -> list[dict]:
+def _run_jobs(jobs: list[UnitJob], workers: int, scheduler: Scheduler | None, progress: bool,
+              summary: ExtractSummary, name: str) -> tuple[list[dict], dict[str, Any]]:
+    """Run the units with joblib (scheduler None) or on Dask; return the results and how they
+    ran (the manifest's extraction info: metadata only, it changes no array)."""
     from tqdm import tqdm
 
+    if scheduler is None:
+        ran: dict[str, Any] = {"workers": workers}
+    else:
+        # Workers elsewhere have another working directory: give them absolute local paths.
+        local = FeatureStore(jobs[0].store).root if jobs else None  # None: a remote store URL
+        store_url = str(local.resolve()) if local is not None else None
+        jobs = [replace(j, root=str(Path(j.root).resolve()), store=store_url or j.store) for j in jobs]
+        ran = {"workers": scheduler.local_workers, "scheduler": scheduler.text}
+    if not jobs:  # every unit finished before: nothing to start a cluster for
+        return [], ran
     total = summary.clips_total
     initial = total - sum(len(j.paths) for j in jobs)
+    sizes = {j.unit.id: len(j.paths) for j in jobs}
     results: list[dict] = []
-    bar = tqdm(total=total, initial=initial, unit="clip", desc=f"extract {name}", disable=not progress,
-               file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
-    try:
-        if workers == 1:
-            stream = map(run_unit, jobs)
-        else:
-            from joblib import Parallel, delayed
+    with open_executor(scheduler, workers) as executor:
+        if scheduler is not None:
+            _check_workers_see(executor, jobs[0])
+        ran = executor.info
+        bar = tqdm(total=total, initial=initial, unit="clip", desc=f"extract {name}", disable=not progress,
+                   file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+        try:
+            for result in executor.map_unordered(run_unit, jobs):
+                results.append(result)
+                if "strict_failure" in result:
+                    break  # leaving the executor cancels the units not yet run
+                bar.update(sizes[result["unit"]])
+        finally:
+            bar.close()
+    return results, ran
 
-            # Whole units per task; results come back as they finish so the bar moves smoothly.
-            stream = Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered", batch_size=1)(
-                delayed(run_unit)(j) for j in jobs
-            )
-        sizes = {j.unit.id: len(j.paths) for j in jobs}
-        for result in stream:
-            results.append(result)
-            if "strict_failure" in result:
-                break
-            bar.update(sizes[result["unit"]])
-    finally:
-        bar.close()
-    return results
+
+def _missing_paths(paths: list[str]) -> list[str]:
+    """Run on each worker: which of the coordinator's paths this machine does not see."""
+    return [p for p in paths if not Path(p).exists()]
+
+
+def _check_workers_see(executor: Any, job: UnitJob) -> None:
+    """Dask workers on other machines must see the dataset root and a local store at the same
+    paths (a shared filesystem); say so at once rather than failing in every task."""
+    paths = [job.root, str(Path(job.root) / job.paths[0])]
+    store = FeatureStore(job.store)
+    if not store.remote:
+        paths.append(str(store.group_path(job.dataset, job.key)))
+    for worker, missing in sorted(executor.on_every_worker(_missing_paths, paths).items()):
+        if missing:
+            raise DatasetError(f"Dask worker {worker} does not see {missing[0]}",
+                               "every worker needs the dataset root and the store at the same paths "
+                               "(a shared filesystem), or an s3:// store; see docs/scaling.md")

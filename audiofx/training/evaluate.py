@@ -27,6 +27,7 @@ from audiofx.training.featureset import resolve_featureset, split_folds
 from audiofx.training.finetune import channel_stats
 from audiofx.training.init import resolve_init
 from audiofx.training.knn import choose_k, knn_scores
+from audiofx.training.metrics import per_class_report
 from audiofx.training.runs import Run, default_name
 
 MODES = ("knn", "linear")
@@ -90,18 +91,6 @@ def linear_probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor,
         return head(test)
 
 
-def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    labels = list(range(len(classes)))
-    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    return {
-        "classes": classes,
-        "precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(), "support": support.tolist(),
-        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-    }
-
-
 def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode {cfg.mode!r}", f"use one of {', '.join(MODES)}")
@@ -147,6 +136,8 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                                   cfg.seed)
             scores, result = logits, {"acc": _acc(logits, y[te])}
         per_fold[test_fold] = result
+        run.save_predictions(test_fold, [c for c, f in zip(data.clips, fold_of) if f == test_fold],
+                             y[te].cpu().numpy(), scores.float().cpu().numpy())
         y_true.append(y[te].cpu().numpy())
         y_pred.append(scores.argmax(1).cpu().numpy())
         run.log({"event": "fold_done", "fold": test_fold, **{k: v for k, v in result.items() if k != "cv_acc"}})

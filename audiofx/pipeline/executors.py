@@ -1,0 +1,221 @@
+"""Where the write units run: joblib/loky processes on this machine (the default), or a Dask
+cluster (`--scheduler local:N` starts a LocalCluster of N one-thread worker processes for the
+length of the command; `--scheduler tcp://HOST:PORT` uses a running cluster).
+
+Both executors run the same picklable task on the same jobs and hand results back unordered,
+as each finishes, so the caller's progress bar and its handling of a strict failure do not
+depend on where the work ran. Leaving an executor's `with` block (normally, on an error, or on
+Ctrl-C) cancels what has not run yet and closes what the executor started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from audiofx.errors import AudiofxError, ConfigError
+
+CONNECT_TIMEOUT_S = 5  # a scheduler that does not answer within this is reported, not waited for
+WORKERS_TIMEOUT_S = 10  # how long a reachable scheduler may take to show its first worker
+SCHEDULER_HINT = "use --scheduler local:N for N local Dask worker processes, or tcp://HOST:PORT of a running dask scheduler"
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """A parsed --scheduler value: either `local_workers` > 0 or an `address`."""
+
+    text: str
+    local_workers: int = 0
+    address: str = ""
+    host: str = ""
+    port: int = 0
+
+
+def _require_distributed() -> None:
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise ConfigError("--scheduler needs Dask's distributed package, which is not installed",
+                          "pip install 'audiofx[dask]'") from None
+
+
+def parse_scheduler(text: str | None, workers: int = 0) -> Scheduler | None:
+    """Check a --scheduler value without connecting; None means joblib on this machine."""
+    if not text:
+        return None
+    if workers:
+        raise ConfigError("--workers sets joblib processes on this machine and does not apply with --scheduler",
+                          "drop --workers: use --scheduler local:N for N local Dask workers, or size the cluster itself")
+    _require_distributed()
+    if text.startswith("local:"):
+        n = text.removeprefix("local:")
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"--scheduler {text!r}: N in local:N must be a whole number >= 1", SCHEDULER_HINT)
+        return Scheduler(text, local_workers=int(n))
+    if text.startswith("tcp://"):
+        from distributed.comm import get_address_host_port
+
+        # Checked here: distributed's Client, given a malformed address, fails and then prints a
+        # traceback from its destructor at exit.
+        try:
+            host, port = get_address_host_port(text)
+        except ValueError as err:
+            raise ConfigError(f"malformed --scheduler address {text!r}: {err}", SCHEDULER_HINT) from None
+        if not host or not 0 < port < 65536:
+            raise ConfigError(f"malformed --scheduler address {text!r}", SCHEDULER_HINT)
+        return Scheduler(text, address=text, host=host, port=port)
+    raise ConfigError(f"unknown --scheduler {text!r}", SCHEDULER_HINT)
+
+
+class LocalProcesses:
+    """joblib's loky processes on this machine; one worker runs in this process."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._stream: Any = None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"workers": self.workers}
+
+    def on_every_worker(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
+        return {}  # the workers are this machine: they see what the caller sees
+
+    def map_unordered(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        if self.workers == 1:
+            return map(fn, items)
+        from joblib import Parallel, delayed
+
+        # One item per task; results come back as they finish so a progress bar moves smoothly.
+        self._stream = Parallel(n_jobs=self.workers, backend="loky", return_as="generator_unordered", batch_size=1)(
+            delayed(fn)(item) for item in items
+        )
+        return self._stream
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()  # joblib aborts the tasks that have not started
+
+
+class DaskExecutor:
+    """A Dask distributed client, and the LocalCluster it started for `local:N`."""
+
+    def __init__(self, scheduler: Scheduler, client: Any, cluster: Any = None):
+        self.scheduler = scheduler
+        self.client = client
+        self.cluster = cluster
+        self._futures: list[Any] = []
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"workers": len(self.client.nthreads()), "scheduler": self.scheduler.text}
+
+    def on_every_worker(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
+        """fn(*args) on each worker: {worker address: result}."""
+        return self.client.run(fn, *args)
+
+    def map_unordered(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        from concurrent.futures import CancelledError
+
+        from distributed import KilledWorker, as_completed
+
+        # pure=False: every task is run (the tasks write files), never merged with another
+        # client's task of the same arguments.
+        self._futures = self.client.map(fn, list(items), pure=False)
+        try:
+            for _future, result in as_completed(self._futures, loop=self.client.loop, with_results=True):
+                yield result
+        except KilledWorker as err:  # Dask retried the task on other workers, and they died too
+            raise AudiofxError(f"Dask workers died while running a task ({err})",
+                               "finished units are kept: check the workers' memory and logs, then rerun") from None
+        except CancelledError:  # not by us (we cancel only after the loop): the scheduler went away
+            raise AudiofxError(f"the tasks were cancelled on {self.scheduler.text} (scheduler restarted or lost?)",
+                               "finished units are kept: rerun the same command") from None
+
+    def close(self) -> None:
+        try:
+            if self._futures:
+                self.client.cancel(self._futures)  # a cluster we do not own stops our queued tasks too
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+
+
+def dask_setup(worker: Any) -> None:
+    """Preload of the LocalCluster's worker processes. Ctrl-C in a terminal reaches the whole
+    process group; the workers leave it to this process, which closes the cluster (otherwise
+    each worker prints its own KeyboardInterrupt traceback)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+async def _identity(address: str) -> dict[str, Any]:
+    from distributed.comm import connect
+
+    comm = await connect(address, timeout=CONNECT_TIMEOUT_S)
+    try:
+        await comm.write({"op": "identity"})
+        return await comm.read()
+    finally:
+        comm.abort()  # not close(): that can wait on a peer that never answers
+
+
+def _connect(scheduler: Scheduler) -> DaskExecutor:
+    from distributed import Client, LocalCluster
+
+    if scheduler.local_workers:
+        # One thread per worker process: parallelism comes from processes (torch and Blosc are
+        # set to one thread inside each task, too). No dashboard: it would take a port.
+        cluster = LocalCluster(n_workers=scheduler.local_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR, preload=[__name__])
+        try:
+            return DaskExecutor(scheduler, Client(cluster, set_as_default=False), cluster)
+        except BaseException:
+            cluster.close()
+            raise
+    where = f"the Dask scheduler at {scheduler.address}"
+    # A plain TCP connect first: "connection refused" or an unknown host is then reported at
+    # once, rather than after distributed's retries.
+    try:
+        socket.create_connection((scheduler.host, scheduler.port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConfigError(f"cannot reach {where}: {err.strerror or err}",
+                          "is `dask scheduler` running there and the port open? " + SCHEDULER_HINT) from None
+    # Then ask it who it is, with a deadline: distributed's Client waits forever on a port
+    # where something other than a Dask scheduler listens and never answers.
+    try:
+        kind = asyncio.run(asyncio.wait_for(_identity(scheduler.address), CONNECT_TIMEOUT_S)).get("type")
+    except (OSError, TimeoutError, asyncio.TimeoutError, ValueError, TypeError, AttributeError):
+        kind = None
+    if kind != "Scheduler":
+        raise ConfigError(f"no Dask scheduler answered at {scheduler.address} within {CONNECT_TIMEOUT_S} s",
+                          "give the address that `dask scheduler` printed, e.g. tcp://HOST:8786")
+    try:
+        client = Client(scheduler.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+    except (OSError, TimeoutError) as err:
+        raise ConfigError(f"cannot connect to {where}: {err}", SCHEDULER_HINT) from None
+    try:
+        client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
+    except (TimeoutError, OSError):
+        client.close()
+        raise ConfigError(f"{where} has no workers (waited {WORKERS_TIMEOUT_S} s)",
+                          f"start some with: dask worker {scheduler.address} --nthreads 1") from None
+    return DaskExecutor(scheduler, client)
+
+
+@contextmanager
+def open_executor(scheduler: Scheduler | None, workers: int) -> Iterator[LocalProcesses | DaskExecutor]:
+    """joblib with `workers` processes when scheduler is None, else a Dask client (and cluster).
+    Everything it started is closed on the way out, Ctrl-C included."""
+    executor = LocalProcesses(workers) if scheduler is None else _connect(scheduler)
+    try:
+        yield executor
+    finally:
+        executor.close()

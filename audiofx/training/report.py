@@ -1,0 +1,466 @@
+"""`audiofx report`: one markdown report with figures from several run folders, in the form
+of the papers' tables and figures.
+
+- an accuracy table: rows are inits (fine-tuning) or methods (frozen kNN / linear), columns
+  are datasets, cells are mean ± std over test folds in percent with the fold count;
+- accuracy-vs-epoch curves with a band of ±1 std across folds (Lin 2022, Figures 3.3-3.8);
+- training-loss curves of fine-tuning and pretraining (Shin 2021, Figure 6);
+- per run: a confusion matrix, a per-class precision / recall / F1 table (Lin, Table 3.3)
+  and a t-SNE of the encoder's embeddings of one test fold (Shin, Figure 7; Lin, Figure 3.5).
+
+Everything but the t-SNE comes from what the runs wrote (metrics.jsonl, per_class.json,
+predictions/); the t-SNE needs the run's checkpoint and its features from the store, and is
+skipped, with a line saying why, when either is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from audiofx.errors import AudiofxError, ConfigError
+from audiofx.training import plots
+from audiofx.training.init import SSL_METHODS
+from audiofx.training.runs import STAGES, Run
+
+TSNE_MAX_CLIPS = 2000  # t-SNE is O(n log n) but slow in absolute terms; larger folds are subsampled
+MODE_NAMES = {"knn": "kNN", "linear": "linear"}
+
+
+@dataclass
+class RunData:
+    """A run folder as the report sees it."""
+
+    path: Path
+    stage: str
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    label: str = ""  # the row of the accuracy table
+    slug: str = ""  # unique file-name part for its figures
+    per_class: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        return next((r for r in reversed(self.records) if r.get("event") == "summary"), None)
+
+    @property
+    def dataset(self) -> str:
+        if self.stage == "pretrain":
+            return ", ".join(self.config.get("pool") or self.config.get("datasets") or [])
+        return self.config["dataset"]
+
+    def accuracy(self) -> tuple[float, float, int]:
+        """(mean, std, folds) of the headline accuracy: last epoch for fine-tuning."""
+        s = self.summary
+        if self.stage == "finetune":
+            return s["last_acc_mean"], s["last_acc_std"], s["n_folds"]
+        return s["acc_mean"], s["acc_std"], s["n_folds"]
+
+
+# -- reading runs ----------------------------------------------------------------------------
+
+def load_run(path: Path) -> RunData:
+    path = Path(path)
+    hint = "pass run folders such as data/runs/finetune/<name> or data/runs/evaluate/<name>"
+    if not path.exists():
+        raise ConfigError(f"run {path} does not exist", hint)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        why = "it is a file" if not path.is_dir() else "it has no config.json"
+        raise ConfigError(f"{path} is not a run folder ({why})", hint)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        run = Run(path)
+        records = run.metrics()
+    except ValueError as err:
+        raise ConfigError(f"run {path} has a damaged config.json or metrics.jsonl ({err})", hint) from None
+    stage = config.get("stage") or path.parent.name
+    if stage not in STAGES:
+        raise ConfigError(f"{path} is not a run folder (unknown stage {stage!r})", hint)
+    data = RunData(path, stage, config, records)
+    if stage in ("finetune", "evaluate") and data.summary is None:
+        raise ConfigError(f"run {path} has no summary yet", "let the run finish (or --resume it), or leave it out")
+    if stage == "pretrain" and not any(r.get("event") == "epoch" for r in records):
+        raise ConfigError(f"pretrain run {path} has no epoch logged yet", "let it train, or leave it out")
+    if (path / "per_class.json").is_file():
+        data.per_class = json.loads((path / "per_class.json").read_text())
+    data.label = row_label(data)
+    return data
+
+
+def pretrain_dir(run: RunData) -> Path | None:
+    """The pretrain run (or checkpoint file) an evaluate run used: its recorded source, or a
+    run of that name beside it when the runs root was moved or given as a relative path."""
+    source = Path(run.config.get("source", ""))
+    if source.exists() and str(source) not in ("", "."):
+        return source
+    beside = run.path.parents[1] / "pretrain" / source.name
+    return beside if source.name and beside.exists() else None
+
+
+def _method_of(run: RunData) -> str:
+    source = pretrain_dir(run)
+    if source is not None and (source / "config.json").is_file():
+        return json.loads((source / "config.json").read_text()).get("method", source.name)
+    spec = str(run.config.get("run", ""))
+    return spec.split(":")[0] if spec.split(":")[0] in SSL_METHODS else Path(spec or run.config.get("source", "?")).stem
+
+
+def row_label(run: RunData) -> str:
+    """The row of the accuracy table: 'scratch', 'imagenet', 'npid (fine-tuned)', 'npid kNN'."""
+    cfg = run.config
+    if run.stage == "finetune":
+        init = str(cfg.get("init", "?"))
+        if init in ("scratch", "imagenet"):
+            return init
+        method = init.split(":")[0]
+        return f"{method if method in SSL_METHODS else Path(init).stem} (fine-tuned)"
+    if run.stage == "evaluate":
+        return f"{_method_of(run)} {MODE_NAMES.get(cfg.get('mode'), cfg.get('mode'))}"
+    return str(cfg.get("method", "?"))
+
+
+def _disambiguate(runs: list[RunData]) -> None:
+    """Two runs with one row label on one dataset (two scratch runs of different archs) get
+    their run names appended, so no table cell holds two results."""
+    seen: dict[tuple[str, str], int] = {}
+    for r in runs:
+        if r.stage != "pretrain":
+            seen[(r.label, r.dataset)] = seen.get((r.label, r.dataset), 0) + 1
+    clash = {label for (label, _), n in seen.items() if n > 1}
+    for r in runs:
+        if r.label in clash and r.stage != "pretrain":
+            r.label = f"{r.label} [{r.name}]"
+    used: set[str] = set()
+    for r in runs:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{r.stage}-{r.name}")
+        slug, i = base, 2
+        while slug in used:
+            slug, i = f"{base}-{i}", i + 1
+        used.add(slug)
+        r.slug = slug
+
+
+def _fold_order(fold: str) -> tuple[bool, str]:
+    return (not fold.isdigit(), fold.zfill(6))
+
+
+# -- tables ----------------------------------------------------------------------------------
+
+def _ordered(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def accuracy_table(runs: list[RunData]) -> list[str]:
+    """Markdown rows: init/method x dataset, mean ± std (folds) of the headline accuracy."""
+    scored = [r for r in runs if r.stage in ("finetune", "evaluate")]
+    datasets = _ordered(r.dataset for r in scored)
+    labels = _ordered(r.label for r in scored)
+    cells = {}
+    for r in scored:
+        mean, std, n = r.accuracy()
+        cells[(r.label, r.dataset)] = f"{100 * mean:.2f} ± {100 * std:.2f} ({n})"
+    lines = ["| init / method | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    lines += [f"| {label} | " + " | ".join(cells.get((label, d), "–") for d in datasets) + " |" for label in labels]
+    return lines
+
+
+def runs_table(runs: list[RunData]) -> list[str]:
+    lines = ["| run | stage | dataset | init / method | arch | epochs | features | folder |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        cfg = r.config
+        if r.stage == "pretrain":
+            what, key = cfg.get("method", "?"), ", ".join((cfg.get("pool") or {}).values())
+            epochs = cfg.get("epochs", "")
+        elif r.stage == "finetune":
+            what, key, epochs = str(cfg.get("init", "?")), cfg.get("key", ""), cfg.get("epochs", "")
+            source = Path(str(cfg.get("init_source", what)))
+            if what not in ("scratch", "imagenet") and source.name != what:
+                what = f"{what} ({source.name})"  # which pretrain run or file
+        else:
+            source = pretrain_dir(r) or Path(str(cfg.get("source", "?")))
+            method = _method_of(r)
+            what = f"{MODE_NAMES.get(cfg.get('mode'), cfg.get('mode'))} of {method}"
+            what += f" ({source.name})" if source.name != method else ""
+            key = cfg.get("key", "")
+            epochs = cfg.get("linear_epochs", "") if cfg.get("mode") == "linear" else "–"
+        lines.append(f"| {r.name} | {r.stage} | {r.dataset} | {what} | {cfg.get('arch', '?')} | {epochs} | {key} | "
+                     f"`{r.path}` |")
+    return lines
+
+
+def per_class_table(report: dict[str, Any]) -> list[str]:
+    lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for i, c in enumerate(report["classes"]):
+        lines.append(f"| {c} | {report['precision'][i]:.3f} | {report['recall'][i]:.3f} | {report['f1'][i]:.3f} | "
+                     f"{report['support'][i]} |")
+    macro = [float(np.mean(report[k])) for k in ("precision", "recall", "f1")]
+    lines.append(f"| *macro average* | {macro[0]:.3f} | {macro[1]:.3f} | {macro[2]:.3f} | {sum(report['support'])} |")
+    return lines
+
+
+# -- curves ----------------------------------------------------------------------------------
+
+def per_epoch(records: list[dict[str, Any]], metric: str, label: str) -> plots.Curve | None:
+    """Mean and std (ddof=1) over folds of a per-epoch metric of a fine-tune run (or the one
+    series of a pretrain run). A resumed run's repeated epoch keeps its last record."""
+    by_fold: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r.get("event") == "epoch" and r.get(metric) is not None:
+            by_fold.setdefault(str(r.get("fold", "")), {})[int(r["epoch"])] = float(r[metric])
+    if not by_fold:
+        return None
+    epochs = sorted({e for f in by_fold.values() for e in f})
+    values = [[f[e] for f in by_fold.values() if e in f] for e in epochs]
+    mean = np.array([np.mean(v) for v in values])
+    std = np.array([np.std(v, ddof=1) if len(v) > 1 else np.nan for v in values])
+    folds = len(by_fold)
+    if any("fold" in r for r in records):  # fine-tuning: say over how many folds
+        label = f"{label} ({folds} fold{'s' if folds != 1 else ''})"
+    return plots.Curve(label, np.array(epochs), mean, std if folds > 1 else None)
+
+
+# -- t-SNE -----------------------------------------------------------------------------------
+
+class Skip(Exception):
+    """Why a run gets no t-SNE (shown in the report instead of the figure)."""
+
+
+def _load_fold(run: RunData, fold: str, store: str | None, device):
+    from audiofx.training.data import FoldSet, load_in_memory
+
+    store = store or run.config.get("store", "data/features")
+    local = Path(str(store).removeprefix("file://")).expanduser()
+    if "://" not in str(store).removeprefix("file://") and not local.exists():
+        raise Skip(f"its feature store {store} does not exist (pass --store to read the features from another copy)")
+    try:
+        return load_in_memory(FoldSet(store, run.config["dataset"], run.config["key"], [fold]), device=device)
+    except (AudiofxError, OSError, KeyError) as err:
+        why = err.message if isinstance(err, AudiofxError) else f"{type(err).__name__}: {err}"
+        raise Skip(f"its features (fold {fold} of {run.config['dataset']}/{run.config['key']}) could not be read from "
+                   f"store {store}: {why} (pass --store to read them from another copy)") from None
+
+
+def tsne_inputs(run: RunData, store: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], str]:
+    """(embeddings, y_true, y_pred, classes, fold) of the first test fold of a run, one row
+    per clip: the fine-tuned encoder of that fold, or the evaluated pretrained encoder."""
+    import torch
+
+    from audiofx.training.device import pick_device
+    from audiofx.training.evaluate import embed
+    from audiofx.training.finetune import channel_stats
+    from audiofx.training.init import resolve_init
+
+    predictions = Run(run.path).predictions()
+    device = pick_device("auto")
+    own = None  # the classifier's own predictions, for runs that saved none
+    if run.stage == "finetune":
+        folds = sorted((p.stem.removeprefix("fold-") for p in (run.path / "checkpoints").glob("fold-*.pt")), key=_fold_order)
+        if not folds:
+            raise Skip("the run has no fold checkpoint (checkpoints/fold-<k>.pt)")
+        fold = next((f for f in folds if f in predictions), folds[0])
+        ckpt = torch.load(run.path / "checkpoints" / f"fold-{fold}.pt", map_location="cpu", weights_only=True)
+        data = _load_fold(run, fold, store, device)
+        z, own = _finetuned_embeddings(run, ckpt, data, device)
+    else:
+        if not predictions:
+            raise Skip("the run saved no predictions (predictions/fold-<k>.npz)")
+        fold = sorted(predictions, key=_fold_order)[0]
+        source = pretrain_dir(run)
+        if source is None:
+            raise Skip(f"its pretrained encoder {run.config.get('source')} is gone")
+        ckpt_path = source / "checkpoints" / "final.pt" if source.is_dir() else source
+        if not ckpt_path.is_file():
+            raise Skip(f"its pretrained encoder has no checkpoint {ckpt_path}")
+        init = resolve_init(str(ckpt_path), run.config.get("arch"))
+        encoder = init.build().to(device)
+        data = _load_fold(run, fold, store, device)
+        mean, std = init.input_stats or channel_stats(data.x)  # evaluate's own choice
+        z = embed(encoder, data.x, mean.to(device), std.to(device), device)
+    y_true = data.y.cpu().numpy()
+    saved = predictions.get(fold)
+    y_pred = own
+    if saved is not None:
+        by_clip = dict(zip(saved["clip"].tolist(), saved["y_pred"].tolist()))
+        if all(c in by_clip for c in data.clips):
+            y_pred = np.array([by_clip[c] for c in data.clips])
+    if y_pred is None:
+        raise Skip(f"the saved predictions of fold {fold} do not match the clips in the store")
+    return z.float().cpu().numpy(), y_true, y_pred, data.classes, fold
+
+
+def _finetuned_embeddings(run: RunData, ckpt: dict[str, Any], data, device):
+    """Encoder embeddings of a fold's clips with the fold's fine-tuned model (a Classifier,
+    rebuilt from the checkpoint's arch, the run's head and the set's class count), fed as
+    fine-tuning fed it; and the model's own predictions. Runs with Zhou et al.'s fragments or
+    channel fusion embed every sample and average the embeddings of each clip."""
+    import torch
+
+    from audiofx.training.evaluate import embed
+    from audiofx.training.models import Classifier, build_encoder
+
+    cfg, states = run.config, ckpt["states"]
+    arch = ckpt["meta"].get("arch") or cfg["arch"]
+    head = cfg.get("head", "linear")
+    encoder = build_encoder(arch)
+    model = Classifier(encoder, len(data.classes), head=head) if head != "linear" else \
+        Classifier(encoder, len(data.classes))
+    model.load_state_dict(states["model"])
+    model.to(device)
+    mean, std = states["mean"].to(device), states["std"].to(device)
+    fragments, fusion = int(cfg.get("fragments", 1)), bool(cfg.get("channel_fusion", False))
+    if fragments == 1 and not fusion:
+        z = embed(model.encoder, data.x, mean, std, device)
+        with torch.no_grad():
+            own = model.head(z) if head == "linear" else embed(model, data.x, mean, std, device)
+        return z, own.argmax(1).cpu().numpy()
+    from audiofx.training.finetune import zhou_samples
+    from audiofx.training.fusion import fuse_posteriors
+
+    samples, clip_index, (m, s), _ = zhou_samples(data, fragments, fusion, stats=(mean, std))
+    z_samples = embed(model.encoder, samples.x, m.to(device), s.to(device), device)
+    clip_index = clip_index.to(z_samples.device)
+    counts = torch.bincount(clip_index, minlength=len(data)).clamp_min(1).unsqueeze(1)
+    z = torch.zeros(len(data), z_samples.shape[1], device=z_samples.device).index_add_(0, clip_index, z_samples) / counts
+    logits = embed(model, samples.x, m.to(device), s.to(device), device)
+    return z, fuse_posteriors(logits, clip_index, len(data)).argmax(1).cpu().numpy()
+
+
+def tsne_2d(z: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float]:
+    """2-D t-SNE of embeddings (cosine distance, as the kNN evaluation uses). Perplexity is
+    30 or (n - 1) / 3 for small folds: sklearn needs it below the sample count, and a
+    perplexity near n makes every point a neighbour of every other."""
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, (len(z) - 1) / 3))
+    xy = TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca", random_state=seed).fit_transform(z)
+    return xy, perplexity
+
+
+def tsne_section(run: RunData, store: str | None, figures: Path, say: Callable[[str], None]) -> list[str]:
+    try:
+        z, y_true, y_pred, classes, fold = tsne_inputs(run, store)
+    except Skip as why:
+        say(f"t-SNE of {run.name} skipped: {why}")
+        return [f"t-SNE skipped: {why}."]
+    n_all = len(z)
+    if n_all < 5:
+        return [f"t-SNE skipped: test fold {fold} has only {n_all} clips."]
+    keep = np.arange(n_all)
+    if n_all > TSNE_MAX_CLIPS:
+        keep = np.sort(np.random.default_rng(0).choice(n_all, TSNE_MAX_CLIPS, replace=False))
+    say(f"t-SNE of {run.name}: test fold {fold}, {len(keep)} clips")
+    xy, perplexity = tsne_2d(z[keep])
+    title = f"t-SNE of the encoder's embeddings: {run.label} on {run.dataset}, test fold {fold}"
+    path = plots.tsne_figure(xy, y_true[keep], y_pred[keep], classes, title, figures / f"tsne-{run.slug}.png")
+    sub = f" ({len(keep)} of {n_all} clips drawn at random)" if len(keep) < n_all else f" ({n_all} clips)"
+    return [f"![t-SNE of {run.name}]({path.parent.name}/{path.name})", "",
+            f"t-SNE (cosine distance, perplexity {perplexity:.0f}) of the encoder's embeddings of test fold {fold}{sub}, "
+            "coloured by true class (left) and by predicted class (right; crosses are misclassified)."
+            + (" Each clip's embedding is the mean of its samples' (fragments / channels), as its prediction fuses them."
+               if int(run.config.get("fragments", 1)) > 1 or run.config.get("channel_fusion") else "")]
+
+
+# -- the report ------------------------------------------------------------------------------
+
+def build_report(runs: list[Path], out: Path, store: str | None = None, tsne: bool = True,
+                 say: Callable[[str], None] | None = None) -> Path:
+    """Write out/report.md and its figures (out/figures/*.png) from run folders; returns the
+    markdown's path. ``store`` overrides the store recorded in the runs (for the t-SNE)."""
+    say = say or (lambda message: None)
+    if not runs:
+        raise ConfigError("no runs to report on", "pass one or more run folders")
+    unique = {Path(p).resolve(): Path(p) for p in runs}  # a run named twice is reported once
+    data = [load_run(p) for p in unique.values()]
+    _disambiguate(data)
+    out = Path(out)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for stale in figures.glob("*.png"):  # figures of an earlier report into the same folder
+        stale.unlink()
+
+    def img(path: Path, alt: str) -> str:
+        return f"![{alt}]({path.relative_to(out).as_posix()})"
+
+    scored = [r for r in data if r.stage in ("finetune", "evaluate")]
+    finetunes = [r for r in data if r.stage == "finetune"]
+    pretrains = [r for r in data if r.stage == "pretrain"]
+    md = ["# audiofx report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {len(data)} run(s).", "",
+          "## Runs", "", *runs_table(data), ""]
+    if scored:
+        md += ["## Accuracy (%)", "", *accuracy_table(scored), "",
+               "Mean ± standard deviation over test folds (ddof=1; 0 for one fold), fold count in brackets. "
+               "Fine-tuning rows give the **last-epoch** accuracy of each fold. The best-epoch accuracy is not used: "
+               "it is selected on the test fold and therefore optimistic (each run's summary.md lists it). kNN and "
+               "linear rows evaluate a frozen pretrained encoder.", ""]
+    if finetunes:
+        md += ["## Accuracy vs epoch", ""]
+        for dataset in _ordered(r.dataset for r in finetunes):
+            curves = [c for r in finetunes if r.dataset == dataset and (c := per_epoch(r.records, "test_acc", r.label))]
+            if curves:
+                path = plots.curves_figure(curves, f"test accuracy vs epoch on {dataset} (mean ± 1 std over folds)",
+                                           "test accuracy (%)", figures / f"accuracy-vs-epoch-{_safe(dataset)}.png",
+                                           percent=True)
+                md += [img(path, f"accuracy vs epoch on {dataset}"), ""]
+        md += ["Mean test accuracy over folds after each epoch; the band is ±1 standard deviation across folds.", ""]
+    if finetunes or pretrains:
+        md += ["## Training loss", ""]
+        if finetunes:
+            curves = [c for r in finetunes if (c := per_epoch(r.records, "train_loss", f"{r.label} on {r.dataset}"))]
+            if curves:
+                path = plots.curves_figure(curves, "fine-tuning training loss (mean ± 1 std over folds)",
+                                           "cross-entropy loss", figures / "loss-finetune.png")
+                md += [img(path, "fine-tuning loss"), ""]
+        if pretrains:
+            losses = [c for r in pretrains if (c := per_epoch(r.records, "loss", _pretrain_label(r)))]
+            knn = [c for r in pretrains if (c := per_epoch(r.records, "knn_acc", _pretrain_label(r, knn=True)))]
+            path = plots.pretrain_figure(losses, knn, figures / "loss-pretrain.png")
+            md += [img(path, "pretraining loss"), "",
+                   "Pretraining loss per epoch" + (" and the weighted-kNN accuracy on the first fold of a labelled "
+                                                   "dataset of the pool, logged for monitoring only (nothing is selected "
+                                                   "with it)." if knn else "."), ""]
+    for r in scored:
+        md += [f"## {r.label} on {r.dataset} (`{r.stage}/{r.name}`)", ""]
+        mean, std, n = r.accuracy()
+        md += [f"Accuracy {100 * mean:.2f} ± {100 * std:.2f}% over {n} fold(s)"
+               + (" (last epoch)." if r.stage == "finetune" else "."), ""]
+        if r.per_class:
+            pooled = "last-epoch predictions" if r.stage == "finetune" else "predictions"
+            path = plots.confusion_figure(np.array(r.per_class["confusion"]), r.per_class["classes"],
+                                          f"{r.label} on {r.dataset}: confusion matrix ({pooled} of {n} test "
+                                          f"fold{'s' if n != 1 else ''})",
+                                          figures / f"confusion-{r.slug}.png")
+            md += [img(path, f"confusion matrix of {r.name}"), "",
+                   f"Confusion matrix of the {pooled} pooled over the test folds (rows: true class; colours normalised "
+                   "per row).", "", *per_class_table(r.per_class), ""]
+        else:
+            md += ["No per_class.json in this run (made before per-class reports): no confusion matrix or per-class "
+                   "table.", ""]
+        if tsne:
+            md += [*tsne_section(r, store, figures, say), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(md).rstrip() + "\n")
+    return path
+
+
+def _pretrain_label(run: RunData, knn: bool = False) -> str:
+    """'npid on demo', plus the run name when it is not just the method, and for the
+    monitoring curve the dataset whose first fold it measures."""
+    text = f"{run.label} on {run.dataset}" + (f" [{run.name}]" if run.name != run.label else "")
+    monitored = next((str(r["knn_dataset"]) for r in run.records if r.get("knn_dataset")), None)
+    return f"{text}: kNN on {monitored} (first fold)" if knn and monitored else text
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
