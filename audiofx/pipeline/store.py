@@ -224,11 +224,20 @@ class FeatureStore:
     def _create(self, plan: GroupPlan) -> None:
         """Create every array; safe to run twice at once (remote) or after a killed creation:
         each metadata object and each small array is written whole with the same content."""
-        group = zarr.open_group(self.zarr_store(plan.dataset, plan.key), mode="a")
+        from zarr.errors import ContainsGroupError
+
+        store = self.zarr_store(plan.dataset, plan.key)
+        try:
+            group = zarr.open_group(store, mode="a")
+        except ContainsGroupError:  # created by a concurrent run between zarr's check and its write
+            group = zarr.open_group(store, mode="r+")
         c, bins, frames = plan.config.shape
         for fold, clips in plan.folds.items():
             n = len(clips)
-            fg = group.require_group(fold_group(fold))
+            try:
+                fg = group.require_group(fold_group(fold))
+            except ContainsGroupError:  # the same race, one level down
+                fg = group[fold_group(fold)]
             _put_array(fg, "x", shape=(n, c, bins, frames), chunks=(chunk_clips(plan.config), c, bins, frames),
                        dtype=plan.config.dtype, compressors=X_CODEC, fill_value=0)
             if plan.multilabel:
