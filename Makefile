@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/remote.py
 
 clean-venv:
 	rm -rf $(VENV)
