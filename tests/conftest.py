@@ -71,3 +71,28 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_read_cache(tmp_path_factory):
+    """Reads of remote stores go through a cache in the test's temp dir, never ~/.cache."""
+    os.environ["AUDIOFX_CACHE_DIR"] = str(tmp_path_factory.mktemp("read-cache"))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto) on 127.0.0.1 with the bucket `audiofx-test`."""
+    from tests.s3server import moto_server
+
+    with moto_server("audiofx-test") as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_url(request, tmp_path) -> str:
+    """The same store test against a local directory and against the S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    request.getfixturevalue("s3_endpoint")
+    return f"s3://audiofx-test/{tmp_path.name}/store"
+

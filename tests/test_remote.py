@@ -21,16 +21,15 @@ import zarr
 from audiofx.errors import StoreError
 from audiofx.pipeline.store import FeatureStore
 from tests.conftest import assert_one_line_error, audiofx_cmd, cli_env, make_class_folder, run_cli
-from tests.s3server import moto_server, s3_filesystem
+from tests.s3server import s3_filesystem
 
 BUCKET = "audiofx-test"
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with moto_server(BUCKET) as endpoint:
-        yield endpoint
+def s3(s3_endpoint):
+    return s3_endpoint
 
 
 @pytest.fixture(scope="module")

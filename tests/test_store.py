@@ -21,16 +21,16 @@ from tests.conftest import make_class_folder, real_signal
 SMALL = {"sample_rate": 22050, "clip_seconds": 1.0, "frames": 50, "folds": 3}
 
 
-def run(root: Path, store: Path, **kw) -> "ExtractSummary":  # noqa: F821
+def run(root: Path, store: Path | str, **kw) -> "ExtractSummary":  # noqa: F821
     overrides = {**SMALL, **kw.pop("overrides", {})}
     return extract(ExtractRequest(dataset="folder", root=root, store=str(store), overrides=overrides, workers=1,
                                   progress=False, **kw), on_event=lambda msg: None)
 
 
-def test_round_trip_values_labels_and_paths(small_folder, tmp_path):
-    summary = run(small_folder, tmp_path / "store")
+def test_round_trip_values_labels_and_paths(small_folder, store_url):
+    summary = run(small_folder, store_url)
     assert summary.status == "written" and summary.clips_total == 30 and not summary.skipped
-    fs = FeatureStore(tmp_path / "store")
+    fs = FeatureStore(store_url)
     manifest = fs.read_manifest("folder", summary.key)
     assert manifest["clips"] == 30 and sorted(manifest["folds"]) == ["1", "2", "3"]
     assert manifest["classes"] == ["class0", "class1", "class2"]
@@ -69,12 +69,14 @@ def test_chunks_hold_at_least_1_5_mb():
     assert chunk_clips(resolve_feature_config({"frames": 50})) == 16
 
 
-def test_second_run_does_nothing(small_folder, tmp_path):
-    first = run(small_folder, tmp_path / "store")
-    manifest_before = (first.path / "manifest.json").read_bytes()
-    second = run(small_folder, tmp_path / "store")
+def test_second_run_does_nothing(small_folder, store_url):
+    first = run(small_folder, store_url)
+    fs = FeatureStore(store_url)
+    manifest = fs.rel("folder", first.key, "manifest.json")
+    before = fs.loc.read_bytes(manifest)
+    second = run(small_folder, store_url)
     assert second.status == "complete" and second.key == first.key
-    assert (first.path / "manifest.json").read_bytes() == manifest_before
+    assert fs.loc.read_bytes(manifest) == before
 
 
 def test_other_config_gets_another_key(small_folder, tmp_path):
@@ -85,15 +87,15 @@ def test_other_config_gets_another_key(small_folder, tmp_path):
     assert zarr.open_array(str(b.path / "fold-1" / "x"), mode="r").shape[2] == 64
 
 
-def test_changed_dataset_is_never_reused_silently(small_folder, tmp_path):
-    first = run(small_folder, tmp_path / "store")
-    old = FeatureStore(tmp_path / "store").read_manifest("folder", first.key)["fingerprint"]
+def test_changed_dataset_is_never_reused_silently(small_folder, store_url):
+    first = run(small_folder, store_url)
+    old = FeatureStore(store_url).read_manifest("folder", first.key)["fingerprint"]
     sf.write(small_folder / "class0" / "class0-000.wav", real_signal(22050, 1.3, seed=99), 22050)
     with pytest.raises(StoreError, match="different copy of folder"):
-        run(small_folder, tmp_path / "store")
-    rebuilt = run(small_folder, tmp_path / "store", rebuild=True)
+        run(small_folder, store_url)
+    rebuilt = run(small_folder, store_url, rebuild=True)
     assert rebuilt.status == "written" and rebuilt.key == first.key
-    new = FeatureStore(tmp_path / "store").read_manifest("folder", first.key)["fingerprint"]
+    new = FeatureStore(store_url).read_manifest("folder", first.key)["fingerprint"]
     assert new["digest"] != old["digest"] and new["bytes"] > old["bytes"]
 
 
@@ -113,8 +115,9 @@ def test_verify_names_the_damaged_chunk_and_array(small_folder, tmp_path):
     assert problems[1] == f"folder/{summary.key}/fold-3/y: checksum mismatch"
 
 
-def test_reader_refuses_a_store_without_manifest(small_folder, tmp_path):
-    summary = run(small_folder, tmp_path / "store")
-    (summary.path / "manifest.json").unlink()
+def test_reader_refuses_a_store_without_manifest(small_folder, store_url):
+    summary = run(small_folder, store_url)
+    fs = FeatureStore(store_url)
+    fs.loc.remove(fs.rel("folder", summary.key, "manifest.json"))
     with pytest.raises(StoreError, match="no manifest"):
-        FeatureStore(tmp_path / "store").load_fold("folder", summary.key, "1")
+        FeatureStore(store_url).load_fold("folder", summary.key, "1")
