@@ -314,8 +314,7 @@ def _finetuned_embeddings(run: RunData, ckpt: dict[str, Any], data, device):
     arch = ckpt["meta"].get("arch") or cfg["arch"]
     head = cfg.get("head", "linear")
     encoder = build_encoder(arch)
-    model = Classifier(encoder, len(data.classes), head=head) if head != "linear" else \
-        Classifier(encoder, len(data.classes))
+    model = Classifier(encoder, len(data.classes), head=head)
     model.load_state_dict(states["model"])
     model.to(device)
     mean, std = states["mean"].to(device), states["std"].to(device)
