@@ -572,7 +572,6 @@ Examples:
 @click.option("--epochs-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Multiply every epoch budget (rounded, at least 1): e.g. 0.02 for a smoke run.")
 @store_option
-@read_cache_options
 @click.option("--runs", "runs_root", default="data/runs", show_default=True)
 @click.option("--arch", default=None, help="Override the recipe's backbone (e.g. tiny for a smoke run).")
 @click.option("--device", default=None, help="auto, cpu or cuda, for every stage [each stage's default].")
