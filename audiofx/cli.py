@@ -371,13 +371,13 @@ def cache_gc(store, runs_root, min_age, yes):
     its size limit."""
     from audiofx.pipeline.gc import collect_garbage
 
-    plan = collect_garbage(store, runs_root, min_age_hours=min_age, remove=False)
+    plan = collect_garbage(store, runs_root, min_age_hours=min_age)
     if not plan.items:
         click.echo(f"nothing to remove in {plan.store}")
     for item in plan.items:
         click.echo(f"remove {item.dataset}/{item.key} ({_size(item.bytes)}): {item.reason}")
     if plan.items and _confirmed(yes, f"remove {len(plan.items)} feature set(s)?"):
-        collect_garbage(store, runs_root, min_age_hours=min_age, remove=True, only=plan.items)
+        plan.remove()
         click.echo(f"removed {len(plan.items)} feature set(s), {_size(sum(i.bytes for i in plan.items))}")
     evicted = plan.evict_cache()
     if evicted:

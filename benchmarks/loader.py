@@ -94,8 +94,9 @@ def synth_clip(rng: np.random.Generator) -> np.ndarray:
     return (0.8 * x / np.abs(x).max()).astype(np.float32)
 
 
-def build(base: Path, clips: int) -> tuple[list[Path], object, Path, Path, object]:
-    """WAVs, the feature config, the store root, the memmap path and the group's FoldSet."""
+def build(base: Path, clips: int, memmap: bool = True) -> tuple[list[Path], object, Path, Path | None, object]:
+    """WAVs, the feature config, the store root, the memmap path (None without `memmap`) and
+    the group's FoldSet."""
     rng = np.random.default_rng(SEED)
     config = resolve_feature_config({"sample_rate": RATE, "clip_seconds": SECONDS, "frames": 250})
     wavs = []
@@ -118,8 +119,9 @@ def build(base: Path, clips: int) -> tuple[list[Path], object, Path, Path, objec
     store = FeatureStore(base / "store")
     store.prepare(plan, rebuild=True)
     units = plan_units({f: len(c) for f, c in folds.items()}, chunk_clips(config))
-    mm_path = base / "features.npy"
-    mm = np.lib.format.open_memmap(mm_path, mode="w+", dtype=np.float16, shape=(clips,) + config.shape)
+    mm_path = base / "features.npy" if memmap else None
+    mm = np.lib.format.open_memmap(mm_path, mode="w+", dtype=np.float16, shape=(clips,) + config.shape) \
+        if memmap else None
     offsets = np.cumsum([0] + [len(c) for c in folds.values()])
     fold_offset = dict(zip(folds, offsets[:-1].tolist()))
     for unit in units:
@@ -127,10 +129,12 @@ def build(base: Path, clips: int) -> tuple[list[Path], object, Path, Path, objec
         x = feats[rng.integers(0, BASE_CLIPS, n)] + 0.05 * rng.standard_normal((n,) + config.shape, dtype=np.float32)
         x = x.astype(np.float16)
         store.write_unit(DATASET, plan.key, unit, x, [])
-        a = fold_offset[unit.fold] + unit.start  # the memmap holds the folds one after another
-        mm[a:a + n] = x
-    mm.flush()
-    del mm
+        if mm is not None:
+            a = fold_offset[unit.fold] + unit.start  # the memmap holds the folds one after another
+            mm[a:a + n] = x
+    if mm is not None:
+        mm.flush()
+        del mm
     store.finalize(plan, units, {"workers": 1, "device": "cpu", "seconds": 0.0})
     foldset = open_foldset(str(store.root), DATASET, plan.key, list(folds))
     return wavs, config, store.root, mm_path, foldset

@@ -29,6 +29,7 @@ from audiofx.pipeline import download as dl
 from audiofx.pipeline.splitzip import open_split_zip
 from tests.conftest import assert_one_line_error, run_cli
 from tests.layouts import make_fsd50k, make_tut, make_urbansound8k, tone
+from tests.s3server import free_port
 
 # -- a local file server with Range support and a switch that cuts transfers ------------------
 
@@ -88,12 +89,6 @@ def serve(srv, source: dl.Source, blobs: dict[str, bytes]) -> None:
     """Put each archive's bytes at the path of its official URL (the mirror keeps paths)."""
     for a in source.archives:
         srv.files[urllib.parse.urlsplit(a.url).path] = blobs[a.name]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- archives in the official layouts -----------------------------------------------------------
@@ -196,7 +191,7 @@ def test_cli_wrong_layout_is_one_line_error(server, esc50_zip, tmp_path, monkeyp
 def test_cli_offline_names_url_and_root_then_a_hand_fetched_file_is_used(esc50_zip, tmp_path):
     root = tmp_path / "raw" / "esc10"
     saved = tmp_path / "raw" / "downloads" / "ESC-50-master.zip"
-    mirror = f"http://127.0.0.1:{closed_port()}"
+    mirror = f"http://127.0.0.1:{free_port()}"
     proc = run_cli("download", "esc10", "--root", str(root), "--mirror", mirror, "--no-progress")
     line = assert_one_line_error(proc, f"{mirror}/karoldvl/ESC-50/archive/master.zip", str(root), str(saved),
                                  f"rerun `audiofx download esc10 --root {root}`")

@@ -103,10 +103,14 @@ def test_extract_into_s3_equals_local_and_a_second_machine_trains_through_its_ca
     assert (mirror / "SOURCE").read_text().strip() == url
     cached = {p: p.stat().st_mtime_ns for p in mirror.rglob("*") if p.is_file() and "/x/" in p.as_posix()}
     assert cached, "the folds were not cached"
-    # A second run on machine 2 reads the cache: not one chunk is fetched again.
+    # A second run on machine 2 reads the cache (it is used: its LRU mark moves), and not one
+    # chunk is fetched again.
+    marker = mirror / "folder" / key / ".last-used"
+    used_before = marker.stat().st_mtime_ns
     again = run_cli(*train, "--store", url, "--cache-dir", str(cache), "--runs", str(tmp_path / "runs2"), "--name", "r2")
     assert again.returncode == 0, again.stderr
     assert {p: p.stat().st_mtime_ns for p in cached} == cached
+    assert marker.stat().st_mtime_ns > used_before
 
 
 def test_two_concurrent_extracts_into_one_s3_key_make_one_valid_store(s3, folder_raw, local_folder):
@@ -168,7 +172,16 @@ def test_push_killed_midway_resumes_and_pull_of_some_folds_is_partial(s3, local_
     assert local.verify("demo", key) == []
 
 
-def test_a_corrupted_object_is_named_by_verify_and_never_served(s3, local_demo, tmp_path):
+@pytest.fixture
+def read_cache(tmp_path, monkeypatch):
+    """This test's own read-through cache; the process-wide one is put back afterwards."""
+    from audiofx.pipeline import readcache
+
+    monkeypatch.setattr(readcache, "_default", None)
+    return lambda **limit: readcache.configure(tmp_path / "cache", **limit)
+
+
+def test_a_corrupted_object_is_named_by_verify_and_never_served(s3, local_demo, tmp_path, read_cache):
     store, key = local_demo
     url = f"s3://{BUCKET}/corrupt/features"
     assert run_cli("cache", "push", key[:8], "--to", url, "--store", str(store), "--no-progress").returncode == 0
@@ -180,9 +193,7 @@ def test_a_corrupted_object_is_named_by_verify_and_never_served(s3, local_demo, 
     assert_one_line_error(check, "1 of 1 feature sets are damaged")
     assert f"DAMAGED demo/{key}/fold-3/x chunk 1 (clips 16-31): checksum mismatch" in check.stdout
     # A reader with an empty cache fetches fold 3, checks it and refuses it.
-    from audiofx.pipeline.readcache import configure
-
-    configure(tmp_path / "cache")
+    read_cache()
     with pytest.raises(StoreError, match="fold-3/x chunk 1"):
         FeatureStore(url).open_fold("demo", key, "3")
     x, _, _ = FeatureStore(url).load_fold("demo", key, "1")  # the intact folds stay usable
@@ -208,6 +219,7 @@ def test_rm_and_gc_remove_only_what_they_should(s3, local_demo, tmp_path):
     url = f"s3://{BUCKET}/rm/features"
     assert run_cli("cache", "push", key[:8], "--to", url, "--store", str(work), "--no-progress").returncode == 0
     assert run_cli("cache", "rm", key[:8], "--store", url).stdout.strip().endswith("nothing removed: pass --yes to remove")
+    assert s3_filesystem().find(f"{BUCKET}/rm")  # still there
     removed = run_cli("cache", "rm", key[:8], "--store", url, "--yes")
     assert removed.returncode == 0, removed.stderr
     assert s3_filesystem().find(f"{BUCKET}/rm") == []
@@ -229,14 +241,12 @@ def test_remote_errors_are_one_line(s3, tmp_path):
     assert "hunter2" not in line
 
 
-def test_read_cache_evicts_least_recently_used(s3, local_demo, tmp_path):
+def test_read_cache_evicts_least_recently_used(s3, local_demo, tmp_path, read_cache):
     store, key = local_demo
     url = f"s3://{BUCKET}/evict/features"
     assert run_cli("cache", "push", key[:8], "--to", url, "--store", str(store), "--no-progress").returncode == 0
-    from audiofx.pipeline.readcache import configure
-
     fold_bytes = FeatureStore(store).group_bytes("demo", key) / 5
-    cache = configure(tmp_path / "cache", limit=int(1.5 * fold_bytes))
+    cache = read_cache(limit=int(1.5 * fold_bytes))
     remote = FeatureStore(url)
     remote.open_fold("demo", key, "1")
     [(_, first_size, group)] = cache.entries()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from datetime import timedelta
 
 import numpy as np
@@ -25,6 +24,7 @@ from audiofx.training.ssl import (
     npid_softmax_loss,
     nt_xent,
 )
+from tests.s3server import free_port
 
 T = 0.5
 
@@ -114,15 +114,9 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_nt_xent_distributed_matches_single_process(tmp_path):
     world = 2
-    mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_dist_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     for name, sizes in DIST_CASES.items():

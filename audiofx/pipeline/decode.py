@@ -31,7 +31,7 @@ _BYTES_PER_SAMPLE = {
 }
 
 
-def declared_frames(path: Path, info: sf._SoundFileInfo) -> int | None:
+def declared_frames(path: Path, info: sf.SoundFile) -> int | None:
     """Frames promised by a WAV or AU header, or None when the format does not say.
 
     libsndfile silently shortens a truncated file to the bytes it finds, so truncation is
@@ -66,28 +66,30 @@ def read_audio(path: Path, max_seconds: float) -> tuple[np.ndarray, int]:
 
     Long files are cropped here, at decode, so a 2-hour file costs no more memory than a clip.
     """
+    # One open: the SoundFile gives the header facts (frames, rate, format) and the samples.
     try:
-        info = sf.info(str(path))
+        f = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
         if path.is_file() and path.stat().st_size == 0:
             raise AudioSkip("empty file (0 bytes)") from None
         raise AudioSkip(f"not readable as audio: {_short(err)}") from None
-    if info.frames <= 0:
-        raise AudioSkip("empty: no audio frames")
-    expected = declared_frames(path, info)
-    if expected is not None and info.frames < expected:
-        raise AudioSkip(f"truncated: header promises {expected} frames, file holds {info.frames}")
-    want = min(info.frames, int(math.ceil((max_seconds + _RESAMPLE_MARGIN_S) * info.samplerate)))
-    try:
-        with sf.SoundFile(str(path)) as f:
+    with f:
+        if f.frames <= 0:
+            raise AudioSkip("empty: no audio frames")
+        expected = declared_frames(path, f)
+        if expected is not None and f.frames < expected:
+            raise AudioSkip(f"truncated: header promises {expected} frames, file holds {f.frames}")
+        rate = f.samplerate
+        want = min(f.frames, int(math.ceil((max_seconds + _RESAMPLE_MARGIN_S) * rate)))
+        try:
             data = f.read(frames=want, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        raise AudioSkip(f"decoding failed: {_short(err)}") from None
+        except (sf.LibsndfileError, RuntimeError, OSError) as err:
+            raise AudioSkip(f"decoding failed: {_short(err)}") from None
     if len(data) < want:
         raise AudioSkip(f"truncated: expected {want} frames, decoded {len(data)}")
     if not np.isfinite(data).all():
         raise AudioSkip("contains NaN or infinite samples")
-    return data.T, info.samplerate
+    return data.T, rate
 
 
 def decode_clip(path: Path, config: FeatureConfig) -> np.ndarray:

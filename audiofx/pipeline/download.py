@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
-import hashlib
 import http.client
 import os
 import re
@@ -42,7 +41,7 @@ from typing import Callable, Iterator
 
 from audiofx import __version__
 from audiofx.errors import ConfigError, DatasetError
-from audiofx.pipeline.datasets.base import get_adapter, safe_relpath
+from audiofx.pipeline.datasets.base import default_root, file_digest, get_adapter, safe_relpath
 
 MIRROR_ENV = "AUDIOFX_DOWNLOAD_MIRROR"
 CHUNK = 1 << 20
@@ -147,11 +146,6 @@ def get_source(name: str) -> Source:
     return SOURCES[name]
 
 
-def default_root(name: str) -> Path:
-    """Where extract looks by default, so `download X` then `extract --dataset X` just works."""
-    return Path("data/raw") / name
-
-
 def resolve_url(url: str, mirror: str | None) -> str:
     """The URL with its scheme and host replaced by the mirror's (a mirror path is a prefix)."""
     if not mirror:
@@ -207,14 +201,6 @@ def _offline(url: str, reason: object, target: Path, root: Path, source: Source)
         f"fetch it by hand and save it as {target.resolve()}{others}, then rerun "
         f"`audiofx download {source.dataset} --root {root}`; or unpack {where} so that it is {root}",
     )
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _total_from_content_range(value: str | None) -> tuple[int | None, int | None]:
@@ -310,7 +296,7 @@ def fetch(url: str, target: Path, *, md5: str = "", timeout: float = 30.0, retri
         raise DatasetError(f"the download of {url} was interrupted ({last}); {size} bytes are kept in {part}",
                            "rerun the same command to resume from there")
     if md5:
-        got = _md5(part)
+        got = file_digest(part, "md5")
         if got != md5:
             part.unlink()
             raise DatasetError(f"{target.name}: md5 {got} differs from the published {md5}",
@@ -358,7 +344,7 @@ def _extract_zip(parts: list[Path], staging: Path, progress: bool) -> None:
             for info in tqdm(members, unit="file", desc=f"extract {parts[-1].name}", disable=not progress,
                              file=sys.stderr):
                 zf.extract(info, staging)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise DatasetError(f"{parts[-1].name} is not a readable zip archive ({e})",
                            f"delete {', '.join(str(p) for p in parts)} and rerun") from None
 
@@ -450,13 +436,16 @@ def download(name: str, root: Path | str | None = None, *, mirror: str | None = 
                                "move it away or pass another --root, then rerun") from None
 
     downloads = root.parent / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
+    try:
+        downloads.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f"cannot write {downloads}: {e.strerror or e}", "pass a writable --root") from None
     summary = DownloadSummary(name, root, "downloaded", 0, archives=downloads, kept_archives=keep_archives)
     with _lock(downloads / f".{name}.lock", name):
         for archive in source.archives:
             target = downloads / archive.name
             if target.is_file():  # from an earlier --keep-archives run, or saved by hand
-                if archive.md5 and _md5(target) != archive.md5:
+                if archive.md5 and file_digest(target, "md5") != archive.md5:
                     raise DatasetError(f"{target}: md5 differs from the published {archive.md5}",
                                        "delete it and rerun to download it again")
                 say(f"{archive.name}: already downloaded")

@@ -27,11 +27,10 @@ SCHEDULER_HINT = "use --scheduler local:N for N local Dask worker processes, or 
 
 @dataclass(frozen=True)
 class Scheduler:
-    """A parsed --scheduler value: either `local_workers` > 0 or an `address`."""
+    """A parsed --scheduler value: either `local_workers` > 0 or a tcp:// address (`text`)."""
 
     text: str
     local_workers: int = 0
-    address: str = ""
     host: str = ""
     port: int = 0
 
@@ -68,7 +67,7 @@ def parse_scheduler(text: str | None, workers: int = 0) -> Scheduler | None:
             raise ConfigError(f"malformed --scheduler address {text!r}: {err}", SCHEDULER_HINT) from None
         if not host or not 0 < port < 65536:
             raise ConfigError(f"malformed --scheduler address {text!r}", SCHEDULER_HINT)
-        return Scheduler(text, address=text, host=host, port=port)
+        return Scheduler(text, host=host, port=port)
     raise ConfigError(f"unknown --scheduler {text!r}", SCHEDULER_HINT)
 
 
@@ -82,9 +81,6 @@ class LocalProcesses:
     @property
     def info(self) -> dict[str, Any]:
         return {"workers": self.workers}
-
-    def on_every_worker(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
-        return {}  # the workers are this machine: they see what the caller sees
 
     def map_unordered(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         if self.workers == 1:
@@ -180,7 +176,7 @@ def _connect(scheduler: Scheduler) -> DaskExecutor:
         except BaseException:
             cluster.close()
             raise
-    where = f"the Dask scheduler at {scheduler.address}"
+    where = f"the Dask scheduler at {scheduler.text}"
     # A plain TCP connect first: "connection refused" or an unknown host is then reported at
     # once, rather than after distributed's retries.
     try:
@@ -191,14 +187,14 @@ def _connect(scheduler: Scheduler) -> DaskExecutor:
     # Then ask it who it is, with a deadline: distributed's Client waits forever on a port
     # where something other than a Dask scheduler listens and never answers.
     try:
-        kind = asyncio.run(asyncio.wait_for(_identity(scheduler.address), CONNECT_TIMEOUT_S)).get("type")
+        kind = asyncio.run(asyncio.wait_for(_identity(scheduler.text), CONNECT_TIMEOUT_S)).get("type")
     except (OSError, TimeoutError, asyncio.TimeoutError, ValueError, TypeError, AttributeError):
         kind = None
     if kind != "Scheduler":
-        raise ConfigError(f"no Dask scheduler answered at {scheduler.address} within {CONNECT_TIMEOUT_S} s",
+        raise ConfigError(f"no Dask scheduler answered at {scheduler.text} within {CONNECT_TIMEOUT_S} s",
                           "give the address that `dask scheduler` printed, e.g. tcp://HOST:8786")
     try:
-        client = Client(scheduler.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        client = Client(scheduler.text, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, TimeoutError) as err:
         raise ConfigError(f"cannot connect to {where}: {err}", SCHEDULER_HINT) from None
     try:
@@ -206,7 +202,7 @@ def _connect(scheduler: Scheduler) -> DaskExecutor:
     except (TimeoutError, OSError):
         client.close()
         raise ConfigError(f"{where} has no workers (waited {WORKERS_TIMEOUT_S} s)",
-                          f"start some with: dask worker {scheduler.address} --nthreads 1") from None
+                          f"start some with: dask worker {scheduler.text} --nthreads 1") from None
     return DaskExecutor(scheduler, client)
 
 

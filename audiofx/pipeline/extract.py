@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +26,7 @@ from audiofx.config import (
     resolve_feature_config,
 )
 from audiofx.errors import AudioSkip, ConfigError, DatasetError
-from audiofx.pipeline.datasets.base import DatasetIndex, get_adapter
+from audiofx.pipeline.datasets.base import DatasetIndex, default_root, get_adapter
 from audiofx.pipeline.decode import decode_clip
 from audiofx.pipeline.executors import Scheduler, open_executor, parse_scheduler
 from audiofx.pipeline.fingerprint import file_sizes, fingerprint
@@ -134,7 +134,7 @@ def run_unit(job: UnitJob) -> dict[str, Any]:
         for b in range(0, len(rows), job.batch):
             batch = torch.from_numpy(np.stack(audio[b:b + job.batch])).to(job.device)
             feats = compute_features(batch, config).cpu().numpy()
-            x[rows[b:b + job.batch]] = feats.astype(config.dtype)
+            x[rows[b:b + job.batch]] = feats  # cast to the store dtype by the assignment
     record = store.write_unit(job.dataset, job.key, job.unit, x, skipped,
                               extra={"seconds": round(time.perf_counter() - started, 3), "pid": os.getpid()})
     return {**record, "computed": True, "clips": len(rows)}
@@ -162,16 +162,22 @@ def split_overrides(overrides: dict[str, Any], dataset_options: dict[str, Any]) 
 def check_device(device: str) -> str:
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but torch sees no CUDA device here", "use --device cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"unknown device {device!r}", "use cpu or cuda")
+    if device == "cpu":
+        return device
+    index = device.removeprefix("cuda").removeprefix(":")
+    if not device.startswith("cuda") or (index and not index.isdigit()) or device == "cuda:":
+        raise ConfigError(f"unknown device {device!r}", "use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for but torch sees no CUDA device here", "use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: torch sees only {torch.cuda.device_count()} CUDA device(s)",
+                          "use --device cuda or a smaller N")
     return device
 
 
 def build_plan(req: ExtractRequest) -> tuple[GroupPlan, DatasetIndex, FeatureConfig]:
     adapter = get_adapter(req.dataset)
-    root = Path(req.root) if req.root else Path("data/raw") / req.dataset
+    root = Path(req.root) if req.root else default_root(req.dataset)
     feature_overrides, option_overrides = split_overrides(req.overrides, dict(adapter.options))
     config = resolve_feature_config(adapter.defaults, req.preset, feature_overrides)
     index = adapter.index(root, {**adapter.options, **option_overrides})
@@ -212,10 +218,8 @@ def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) 
     state = store.prepare(plan, rebuild=req.rebuild)
     summary = ExtractSummary(plan.dataset, plan.key, path, "complete", missing=plan.missing)
     if state == "complete":
-        manifest = store.read_manifest(plan.dataset, plan.key)
-        summary.clips_total = summary.clips_ok = manifest["clips"]
-        summary.skipped = [(s["clip"], s["reason"]) for s in manifest["skipped"]]
-        summary.stored_bytes, summary.raw_bytes = manifest["sizes"]["stored_bytes"], manifest["sizes"]["raw_bytes"]
+        _fill_from_manifest(summary, store.read_manifest(plan.dataset, plan.key))
+        summary.clips_total = summary.clips_ok
         return summary
 
     units = plan_units({f: len(c) for f, c in plan.folds.items()}, chunk_clips(config))
@@ -232,46 +236,45 @@ def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) 
         say(f"resuming {plan.dataset}/{plan.key}: {summary.units_done_before} of {len(units)} write units already done")
 
     workers = max(1, min(req.workers or default_workers(), len(todo) or 1))
+    # Absolute paths: Dask workers (and a remote-free store on a shared mount) may run in
+    # another working directory.
+    store_at = store.url if store.remote else str(store.root.resolve())
     jobs = [
-        UnitJob(store.url, plan.dataset, plan.key, u, str(index.root),
+        UnitJob(store_at, plan.dataset, plan.key, u, str(Path(index.root).resolve()),
                 tuple(p for p, _ in plan.folds[u.fold][u.start:u.stop]), config.to_dict(), device, req.strict,
                 batch=16 if device != "cpu" else 2)  # small batches keep CPU intermediates in cache
         for u in todo
     ]
     started = time.perf_counter()
-    results, ran = _run_jobs(jobs, workers, scheduler, req.progress, summary, plan.dataset)
-    for result in results:
-        if "strict_failure" in result:
-            rel, reason = result["strict_failure"]
-            raise DatasetError(f"{index.root / rel}: {reason}",
-                               "--strict is set: fix or remove the file, or drop --strict to record it as skipped")
+    results, ran = _run_jobs(jobs, workers, scheduler, req.progress, summary.clips_total, plan.dataset)
+    if results and "strict_failure" in results[-1]:  # the run stops at the first one
+        rel, reason = results[-1]["strict_failure"]
+        raise DatasetError(f"{index.root / rel}: {reason}",
+                           "--strict is set: fix or remove the file, or drop --strict to record it as skipped")
     summary.seconds = time.perf_counter() - started
     summary.units_computed = sum(1 for r in results if r.get("computed"))
     summary.clips_written = sum(r.get("clips", 0) for r in results)
-    manifest = store.finalize(plan, units, {**ran, "device": device, "seconds": round(summary.seconds, 2)})
-    summary.clips_ok = manifest["clips"]
-    summary.skipped = [(s["clip"], s["reason"]) for s in manifest["skipped"]]
-    summary.stored_bytes, summary.raw_bytes = manifest["sizes"]["stored_bytes"], manifest["sizes"]["raw_bytes"]
+    _fill_from_manifest(summary, store.finalize(plan, units, {**ran, "device": device,
+                                                              "seconds": round(summary.seconds, 2)}))
     return summary
 
 
+def _fill_from_manifest(summary: ExtractSummary, manifest: dict[str, Any]) -> None:
+    summary.clips_ok = manifest["clips"]
+    summary.skipped = [(s["clip"], s["reason"]) for s in manifest["skipped"]]
+    summary.stored_bytes, summary.raw_bytes = manifest["sizes"]["stored_bytes"], manifest["sizes"]["raw_bytes"]
+
+
 def _run_jobs(jobs: list[UnitJob], workers: int, scheduler: Scheduler | None, progress: bool,
-              summary: ExtractSummary, name: str) -> tuple[list[dict], dict[str, Any]]:
+              total: int, name: str) -> tuple[list[dict], dict[str, Any]]:
     """Run the units with joblib (scheduler None) or on Dask; return the results and how they
     ran (the manifest's extraction info: metadata only, it changes no array)."""
     from tqdm import tqdm
 
-    if scheduler is None:
-        ran: dict[str, Any] = {"workers": workers}
-    else:
-        # Workers elsewhere have another working directory: give them absolute local paths.
-        local = FeatureStore(jobs[0].store).root if jobs else None  # None: a remote store URL
-        store_url = str(local.resolve()) if local is not None else None
-        jobs = [replace(j, root=str(Path(j.root).resolve()), store=store_url or j.store) for j in jobs]
-        ran = {"workers": scheduler.local_workers, "scheduler": scheduler.text}
     if not jobs:  # every unit finished before: nothing to start a cluster for
+        ran: dict[str, Any] = {"workers": workers} if scheduler is None else \
+            {"workers": scheduler.local_workers, "scheduler": scheduler.text}
         return [], ran
-    total = summary.clips_total
     initial = total - sum(len(j.paths) for j in jobs)
     sizes = {j.unit.id: len(j.paths) for j in jobs}
     results: list[dict] = []

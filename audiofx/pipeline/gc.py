@@ -32,8 +32,12 @@ class Garbage:
 
 @dataclass
 class GcPlan:
-    store: str
+    store: FeatureStore
     items: list[Garbage] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for item in self.items:
+            self.store.remove(item.dataset, item.key)
 
     def evict_cache(self) -> list[Path]:
         """Trim the read-through cache to its size limit (least recently used first)."""
@@ -65,30 +69,23 @@ def keys_used_by_runs(runs_root: str | Path) -> set[str]:
     return found
 
 
-def collect_garbage(store_url: str, runs_root: str | Path, min_age_hours: float = 24.0, remove: bool = False,
-                    only: list[Garbage] | None = None) -> GcPlan:
+def collect_garbage(store_url: str, runs_root: str | Path, min_age_hours: float = 24.0) -> GcPlan:
+    """What gc would remove (nothing is removed here: see GcPlan.remove)."""
     store = FeatureStore(store_url)
-    plan = GcPlan(str(store))
-    if only is not None:
-        plan.items = list(only)
-    else:
-        used = keys_used_by_runs(runs_root)
-        now = time.time()
-        for ds, key, _ in store.groups():
-            rel = store.rel(ds, key)
-            try:
-                manifest = store.read_manifest(ds, key)
-            except StoreError:
-                age_h = (now - store.loc.newest_mtime(rel)) / 3600
-                if age_h >= min_age_hours:
-                    plan.items.append(Garbage(ds, key, store.group_bytes(ds, key),
-                                              f"incomplete, untouched for {age_h:.1f} h"))
-                continue
-            version = int(manifest.get("feature_code_version", 0))
-            if version < FEATURE_CODE_VERSION and key not in used:
+    plan = GcPlan(store)
+    used = keys_used_by_runs(runs_root)
+    now = time.time()
+    for ds, key, _ in store.groups():
+        try:
+            manifest = store.read_manifest(ds, key)
+        except StoreError:
+            age_h = (now - store.loc.newest_mtime(store.rel(ds, key))) / 3600
+            if age_h >= min_age_hours:
                 plan.items.append(Garbage(ds, key, store.group_bytes(ds, key),
-                                          f"feature code v{version} (now v{FEATURE_CODE_VERSION}), used by no run"))
-    if remove:
-        for item in plan.items:
-            store.remove(item.dataset, item.key)
+                                          f"incomplete, untouched for {age_h:.1f} h"))
+            continue
+        version = int(manifest.get("feature_code_version", 0))
+        if version < FEATURE_CODE_VERSION and key not in used:
+            plan.items.append(Garbage(ds, key, store.group_bytes(ds, key),
+                                      f"feature code v{version} (now v{FEATURE_CODE_VERSION}), used by no run"))
     return plan

@@ -108,9 +108,6 @@ class Location:
         rel = rel.strip("/")
         return f"{redact(self.url).rstrip('/')}/{rel}" if rel else redact(self.url)
 
-    def child(self, rel: str) -> "Location":
-        return Location(f"{self.url.rstrip('/')}/{rel.strip('/')}" if self.remote else self.path / rel)
-
     # -- objects ---------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         if not self.remote:
@@ -174,7 +171,6 @@ class Location:
                 self.fs.rm(self.full(rel), recursive=True)
             except FileNotFoundError:
                 pass
-            self.fs.invalidate_cache()
 
     def listdir(self, rel: str = "") -> list[tuple[str, bool]]:
         """(name, is_directory) of the direct children of `rel`; [] when it does not exist."""

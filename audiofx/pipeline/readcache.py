@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +83,14 @@ class ReadCache:
                 local.remove(dataset, key)
             elif fold in present_folds(cached):
                 return self._open(local, dataset, key, fold)
-        copy_group(remote, local, dataset, key, folds=[fold], progress=sys.stderr.isatty())
+        copy_group(remote, local, dataset, key, folds=[fold], progress=sys.stderr.isatty(), manifest=manifest)
         group = self._open(local, dataset, key, fold)
-        self.evict(keep=(local.root, dataset, key))
+        self.evict(keep=local.root / dataset / key)
         return group
 
     @staticmethod
     def _open(local: FeatureStore, dataset: str, key: str, fold: str):
-        marker = local.root / dataset / key / LAST_USED
-        marker.touch()
-        os.utime(marker, (time.time(), time.time()))
+        (local.root / dataset / key / LAST_USED).touch()  # touch sets the mtime: the LRU order
         return zarr.open_group(local.zarr_store(dataset, key, fold_group(fold), read_only=True), mode="r")
 
     def entries(self) -> list[tuple[float, int, Path]]:
@@ -101,20 +98,19 @@ class ReadCache:
         out = []
         for marker in self.root.glob(f"*/*/*/{LAST_USED}"):
             group = marker.parent
-            size = sum(p.stat().st_size for p in group.rglob("*") if p.is_file())
+            size = FeatureStore(group.parent.parent).group_bytes(group.parent.name, group.name)
             out.append((marker.stat().st_mtime, size, group))
         return sorted(out)
 
-    def evict(self, keep: tuple[Path, str, str] | None = None) -> list[Path]:
-        """Remove least recently used sets until the cache fits its limit."""
+    def evict(self, keep: Path | None = None) -> list[Path]:
+        """Remove least recently used sets until the cache fits its limit; never `keep`."""
         entries = self.entries()
         total = sum(size for _, size, _ in entries)
-        kept = keep[0] / keep[1] / keep[2] if keep else None
         removed = []
         for _, size, group in entries:
             if total <= self.limit:
                 break
-            if group == kept:
+            if group == keep:
                 continue
             FeatureStore(group.parent.parent).remove(group.parent.name, group.name)
             total -= size

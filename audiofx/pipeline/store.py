@@ -95,10 +95,6 @@ def checksum(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 @dataclass
 class GroupPlan:
     """Everything the coordinator needs to create a group before any audio is decoded."""
@@ -375,10 +371,12 @@ class FeatureStore:
         if not self.remote:
             self.loc.remove(f"{dataset}/.{key}.lock")
 
-    def open_fold(self, dataset: str, key: str, fold: str):
+    def open_fold(self, dataset: str, key: str, fold: str, manifest: dict[str, Any] | None = None):
         """The zarr group of one fold of a complete feature set. A remote store's fold is
-        served from the local read-through cache, fetched and checked on first use."""
-        manifest = self.read_manifest(dataset, key)  # only a store with a manifest is trusted
+        served from the local read-through cache, fetched and checked on first use.
+        `manifest`: this store's manifest when the caller has just read it (saves a GET)."""
+        if manifest is None:
+            manifest = self.read_manifest(dataset, key)  # only a store with a manifest is trusted
         check_fold_present(self, dataset, key, fold, manifest)
         if self.remote:
             from audiofx.pipeline.readcache import default_cache

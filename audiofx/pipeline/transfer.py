@@ -53,8 +53,10 @@ def _fold_of_object(rel: str) -> str | None:
 
 
 def copy_group(src: FeatureStore, dst: FeatureStore, dataset: str, key: str, folds: list[str] | None = None,
-               progress: bool = False) -> CopyResult:
-    manifest = src.read_manifest(dataset, key)  # StoreError for an incomplete source
+               progress: bool = False, manifest: dict[str, Any] | None = None) -> CopyResult:
+    """`manifest`: the source's, when the caller has just read it."""
+    if manifest is None:
+        manifest = src.read_manifest(dataset, key)  # StoreError for an incomplete source
     have_src = present_folds(manifest)
     wanted = [str(f) for f in folds] if folds else have_src
     unknown = [f for f in wanted if f not in manifest["folds"]]

@@ -197,7 +197,7 @@ def load_in_memory(foldset: FoldSet, device: str | torch.device = "cpu",
     shape = tuple(int(s) for s in manifest["shape"])
     folds = []
     for fold in foldset.folds:
-        g = fs.open_fold(foldset.dataset, foldset.key, fold)
+        g = fs.open_fold(foldset.dataset, foldset.key, fold, manifest)
         ok = np.asarray(g["ok"][:], dtype=bool)
         folds.append((fold, g, ok))
     n = sum(int(ok.sum()) for _, _, ok in folds)
@@ -392,7 +392,7 @@ class StreamingLoader:
         ys, self.clips, self.fold_of = [], [], []
         first = 0
         for f, fold in enumerate(foldset.folds):
-            g = fs.open_fold(foldset.dataset, foldset.key, fold)
+            g = fs.open_fold(foldset.dataset, foldset.key, fold, manifest)
             # Where the reader threads open x: for a remote store, the local read-through
             # cache that open_fold has just filled, so no thread goes back to the remote.
             self._x_sources.append((g.store, f"{g.path}/x".lstrip("/")))

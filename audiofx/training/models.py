@@ -79,7 +79,12 @@ def _torchvision_body(arch: str) -> nn.Module:
 
 
 def _body(arch: str) -> nn.Module:
-    return _tiny_body() if arch == "tiny" else _torchvision_body(arch)
+    """The conv stack of an arch; the one place an unknown arch is refused."""
+    if arch == "tiny":
+        return _tiny_body()
+    if arch not in TORCHVISION:
+        raise ConfigError(f"unknown architecture {arch!r}", f"use one of {', '.join(ARCHS)}")
+    return _torchvision_body(arch)
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,11 +130,8 @@ def check_input_size(arch: str, bins: int, frames: int) -> None:
 
 
 def build_encoder(arch: str = "resnet50") -> Encoder:
-    if arch == "tiny":
-        return Encoder(_tiny_body(), 128, arch, min_input_size(arch))
-    if arch not in TORCHVISION:
-        raise ConfigError(f"unknown architecture {arch!r}", f"use one of {', '.join(ARCHS)}")
-    return Encoder(_torchvision_body(arch), TORCHVISION[arch][2], arch, min_input_size(arch))
+    body = _body(arch)
+    return Encoder(body, 128 if arch == "tiny" else TORCHVISION[arch][2], arch, min_input_size(arch))
 
 
 def imagenet_weights_file(arch: str, weights: Path | None = None) -> Path:

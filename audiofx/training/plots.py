@@ -41,8 +41,6 @@ def class_colors(n: int) -> list:
 
     if n <= 10:
         return [colormaps["tab10"](i) for i in range(n)]
-    if n <= 20:
-        return [colormaps["tab20"](i) for i in range(n)]
     pool = [colormaps[name](i) for name in ("tab20", "tab20b", "tab20c") for i in range(20)]
     return [pool[i % len(pool)] for i in range(n)]
 

@@ -79,12 +79,14 @@ def load_run(path: Path) -> RunData:
     if not path.is_dir() or not (path / "config.json").is_file():
         why = "it is a file" if not path.is_dir() else "it has no config.json"
         raise ConfigError(f"{path} is not a run folder ({why})", hint)
+    per_class = path / "per_class.json"
     try:
         config = json.loads((path / "config.json").read_text())
-        run = Run(path)
-        records = run.metrics()
+        records = Run(path).metrics()
+        per_class_report = json.loads(per_class.read_text()) if per_class.is_file() else None
     except ValueError as err:
-        raise ConfigError(f"run {path} has a damaged config.json or metrics.jsonl ({err})", hint) from None
+        raise ConfigError(f"run {path} has a damaged config.json, metrics.jsonl or per_class.json ({err})",
+                          hint) from None
     stage = config.get("stage") or path.parent.name
     if stage not in STAGES:
         raise ConfigError(f"{path} is not a run folder (unknown stage {stage!r})", hint)
@@ -93,8 +95,8 @@ def load_run(path: Path) -> RunData:
         raise ConfigError(f"run {path} has no summary yet", "let the run finish (or --resume it), or leave it out")
     if stage == "pretrain" and not any(r.get("event") == "epoch" for r in records):
         raise ConfigError(f"pretrain run {path} has no epoch logged yet", "let it train, or leave it out")
-    if (path / "per_class.json").is_file():
-        data.per_class = json.loads((path / "per_class.json").read_text())
+    if per_class_report is not None:
+        data.per_class = per_class_report
     data.label = row_label(data)
     return data
 
@@ -144,7 +146,7 @@ def _disambiguate(runs: list[RunData]) -> None:
             r.label = f"{r.label} [{r.name}]"
     used: set[str] = set()
     for r in runs:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{r.stage}-{r.name}")
+        base = _safe(f"{r.stage}-{r.name}")
         slug, i = base, 2
         while slug in used:
             slug, i = f"{base}-{i}", i + 1
@@ -240,9 +242,10 @@ class Skip(Exception):
 def _load_fold(run: RunData, fold: str, store: str | None, device):
     from audiofx.training.data import FoldSet, load_in_memory
 
+    from audiofx.pipeline.location import Location, is_remote
+
     store = store or run.config.get("store", "data/features")
-    local = Path(str(store).removeprefix("file://")).expanduser()
-    if "://" not in str(store).removeprefix("file://") and not local.exists():
+    if not is_remote(store) and not Location(store).path.exists():
         raise Skip(f"its feature store {store} does not exist (pass --store to read the features from another copy)")
     try:
         return load_in_memory(FoldSet(store, run.config["dataset"], run.config["key"], [fold]), device=device)

@@ -11,7 +11,6 @@ second reproduce skips finished runs and resumes unfinished ones with --resume.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shlex
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from audiofx.errors import AudiofxError, ConfigError, StoreError
+from audiofx.pipeline.datasets.base import default_root
 from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, Recipe, Setting
 
 TRAINING = ("pretrain", "finetune", "evaluate")
@@ -171,10 +171,10 @@ def _extract_root(opts: ReproduceOptions, dataset: str) -> str | None:
     for name in (dataset, "esc50") if dataset == "esc10" else (dataset,):
         if name in opts.roots:
             return opts.roots[name]
-    if (Path("data/raw") / dataset).is_dir():
+    if default_root(dataset).is_dir():
         return ""  # extract's default root
-    if dataset == "esc10" and (Path("data/raw") / "esc50").is_dir():
-        return str(Path("data/raw") / "esc50")
+    if dataset == "esc10" and default_root("esc50").is_dir():
+        return str(default_root("esc50"))
     return None
 
 
@@ -412,7 +412,7 @@ def reproduce(opts: ReproduceOptions, say: Callable[[str], None] = print) -> dic
     (plan.out_dir / "table.md").write_text(text + "\n")
     result: dict[str, Any] = {"plan": plan, "table": text, "table_path": plan.out_dir / "table.md", "report": None}
     finished = [s.run_dir for s in plan.steps if s.kind in TRAINING and _run_state(s.kind, s.run_dir) == "done"]
-    if finished and importlib.util.find_spec("audiofx.training.report") is not None:
+    if finished:
         from audiofx.training.report import build_report
 
         result["report"] = build_report(finished, plan.out_dir / "report", store=opts.store, say=say)

@@ -212,12 +212,23 @@ def read_split_file(path: Path, root: Path, known: set[str]) -> dict[str, str]:
     return out
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def default_root(dataset: str) -> Path:
+    """Where a dataset lives unless --root says otherwise: extract reads it there and
+    download writes it there, so `download X` then `extract --dataset X` just works."""
+    return Path("data/raw") / dataset
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MB blocks (hashlib.file_digest needs Python 3.11)."""
+    h = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return file_digest(path, "sha256")
 
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".au", ".aiff", ".aif", ".mp3", ".snd")
