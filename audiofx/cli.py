@@ -103,8 +103,12 @@ def extract(dataset, root, store, preset, overrides, split, workers, device, sch
     from audiofx.pipeline.extract import ExtractRequest
     from audiofx.pipeline.extract import extract as run_extract
 
-    if fetch_first:
-        _download_if_missing(dataset, root, progress=not no_progress)
+    if fetch_first:  # only when the root is missing or empty; extract checks a present one itself
+        from audiofx.pipeline.download import download
+
+        fetched = download(dataset, root, progress=not no_progress, trust_present=True, say=click.echo)
+        if fetched.status == "downloaded":
+            click.echo(_downloaded(fetched))
     values = parse_overrides(overrides)
     if split is not None:
         values["split"] = str(split.resolve())
@@ -161,17 +165,15 @@ def download_cmd(dataset, root, mirror, keep_archives, list_only, no_progress):
     """Fetch DATASET (esc50, esc10, urbansound8k, gtzan, fsd50k, tau2019) from its official
     location, resuming interrupted transfers, unpack it into its official layout and check
     the layout and clip count with the dataset's adapter."""
-    import os
-
-    from audiofx.pipeline.download import MIRROR_ENV, default_root, download, get_source, resolve_url
+    from audiofx.pipeline.download import download, listing
 
     if list_only:
-        source = get_source(dataset)
-        base = mirror or os.environ.get(MIRROR_ENV)
+        plan = listing(dataset, root, mirror)
+        source = plan.source
         click.echo(f"{dataset}: {len(source.archives)} file(s) from {source.page}; {source.clips} clips once complete")
-        for a in source.archives:
-            click.echo(f"  {a.name}  {resolve_url(a.url, base)}  md5 {a.md5 or '-'}")
-        click.echo(f"  unpack {source.folder + '/ as' if source.folder else 'into'} {root or default_root(dataset)}")
+        for a, url in zip(source.archives, plan.urls):
+            click.echo(f"  {a.name}  {url}  md5 {a.md5 or '-'}")
+        click.echo(f"  unpack {source.folder + '/ as' if source.folder else 'into'} {plan.root}")
         if source.note:
             click.echo(f"  note: {source.note}")
         return
@@ -180,20 +182,14 @@ def download_cmd(dataset, root, mirror, keep_archives, list_only, no_progress):
         click.echo(f"{dataset} is already complete in {s.root} ({s.clips} clips); nothing to do")
         return
     resumed = f", resumed {', '.join(s.resumed)}" if s.resumed else ""
-    click.echo(f"downloaded {dataset} -> {s.root}: {s.clips} clips, layout checked")
+    click.echo(_downloaded(s))
     click.echo(f"  fetched {_size(s.fetched_bytes)}{resumed}; archives {'kept in' if s.kept_archives else 'removed from'} "
                f"{s.archives}")
 
 
-def _download_if_missing(dataset: str, root: Path | None, progress: bool) -> None:
-    """extract --download: fetch the dataset when its root (same default as extract) is missing."""
-    from audiofx.pipeline.download import default_root, download
-
-    target = root or default_root(dataset)
-    if target.is_dir() and any(target.iterdir()):
-        return
-    s = download(dataset, target, progress=progress, say=click.echo)
-    click.echo(f"downloaded {dataset} -> {s.root}: {s.clips} clips, layout checked")
+def _downloaded(s) -> str:
+    """The line download and extract --download print for a dataset they fetched."""
+    return f"downloaded {s.dataset} -> {s.root}: {s.clips} clips, layout checked"
 
 
 CACHE_EXAMPLE = """

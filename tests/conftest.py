@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -29,13 +32,14 @@ def real_signal(sr: int, seconds: float, seed: int, channels: int = 1) -> np.nda
 
 
 def make_class_folder(root: Path, classes: int = 3, per_class: int = 10, seconds: float = 1.0, sr: int = 22050,
-                      subtype: str = "PCM_16") -> Path:
-    """A `folder`-layout dataset: <root>/<class>/<class>-<i>.wav."""
+                      subtype: str = "PCM_16", channels: int = 1) -> Path:
+    """A `folder`-layout dataset: <root>/<class>/<class>-<i>.wav, mono or (channels=2) stereo."""
     for c in range(classes):
         d = root / f"class{c}"
         d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            sf.write(d / f"class{c}-{i:03d}.wav", real_signal(sr, seconds, seed=1000 * c + i), sr, subtype=subtype)
+            sf.write(d / f"class{c}-{i:03d}.wav", real_signal(sr, seconds, seed=1000 * c + i, channels=channels), sr,
+                     subtype=subtype)
     return root
 
 
@@ -59,6 +63,34 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     """Run the real CLI in a subprocess (a real process, as a user would)."""
     return subprocess.run(audiofx_cmd(*args), cwd=cwd or REPO, env=cli_env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def start_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+              own_group: bool = False) -> subprocess.Popen:
+    """Start the real CLI in the background (stdout and stderr piped, as text) to watch,
+    interrupt, kill or wait for. env: variables added to cli_env(). own_group: a process
+    group of its own, so that os.killpg reaches the worker processes it starts too, as
+    Ctrl-C in a terminal or kill -9 of a job does."""
+    return subprocess.Popen(audiofx_cmd(*args), cwd=cwd or REPO, env={**cli_env(), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=own_group)
+
+
+def wait_while_running(proc: subprocess.Popen, done: Callable[[], bool], timeout: float = 120,
+                       poll: float = 0.02) -> None:
+    """Poll done() until it holds, failing if the command ends first (too late to interrupt
+    it) or after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not done():
+        assert proc.poll() is None, "the command ended before it could be interrupted"
+        assert time.time() < deadline, f"no progress within {timeout} s"
+        time.sleep(poll)
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    """kill -9 a command started with own_group=True and the workers it started, as an OOM
+    kill or a crash would, and reap it."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

@@ -15,19 +15,16 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import zarr
 
 from audiofx.pipeline.executors import CONNECT_TIMEOUT_S
-from audiofx.pipeline.store import FeatureStore
-from tests.conftest import REPO, assert_one_line_error, audiofx_cmd, cli_env, make_class_folder, run_cli
+from tests.conftest import assert_one_line_error, make_class_folder, run_cli, start_cli
 from tests.s3server import free_port
+from tests.storecheck import assert_same_features
 
 pytestmark = pytest.mark.slow
 
@@ -60,30 +57,18 @@ def manifest(store: Path) -> dict:
 
 
 def assert_same_store(store: Path, reference: Path) -> None:
-    a, b = group(store), group(reference)
-    assert a.name == b.name  # same feature key
-    ma, mb = manifest(store), manifest(reference)
-    assert len(ma["units"]) == UNITS and ma["clips"] == CLIPS
-    assert ma["units"] == mb["units"]  # every unit's checksum, fold and rows
-    assert ma["arrays"] == mb["arrays"]
-    for fold in ma["folds"]:
-        for name in ("x", "y", "clip", "ok"):
-            va = zarr.open_array(str(a / f"fold-{fold}" / name), mode="r")[:]
-            vb = zarr.open_array(str(b / f"fold-{fold}" / name), mode="r")[:]
-            assert va.shape == vb.shape and np.array_equal(va, vb), (fold, name)
-    assert FeatureStore(store).verify("folder", a.name) == []
+    m = assert_same_features(store, reference, "folder")
+    assert len(m["units"]) == UNITS and m["clips"] == CLIPS
 
 
 def test_local_cluster_store_equals_joblib_store(dataset, joblib_store, tmp_path):
     store = tmp_path / "store"
     # with the progress bar: it is drawn by this process as the workers' units complete
-    proc = subprocess.Popen(audiofx_cmd("extract", *ARGS, "--root", str(dataset), "--store", str(store),
-                                        "--scheduler", "local:2"),
-                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdout, proc.stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert f"{CLIPS} computed in this run" in proc.stdout
-    assert f"{CLIPS}/{CLIPS}" in proc.stderr and "Traceback" not in proc.stderr
+    proc = start_cli("extract", *ARGS, "--root", str(dataset), "--store", str(store), "--scheduler", "local:2")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"{CLIPS} computed in this run" in out
+    assert f"{CLIPS}/{CLIPS}" in err and "Traceback" not in err
     assert_same_store(store, joblib_store)
     extraction = manifest(store)["extraction"]
     assert extraction["scheduler"] == "local:2" and extraction["workers"] == 2
@@ -181,10 +166,8 @@ def test_ctrl_c_closes_the_local_cluster_it_started(tmp_path):
     # 4-second clips: the units run long enough (~10 s in all) to be interrupted mid-way
     root = make_class_folder(tmp_path / "raw", classes=4, per_class=10, seconds=4.0)
     store = tmp_path / "store"
-    proc = subprocess.Popen(
-        audiofx_cmd("extract", *ARGS, "--set", "clip_seconds=4.0", "--root", str(root), "--store", str(store),
-                    "--scheduler", "local:2"),
-        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_cli("extract", *ARGS, "--set", "clip_seconds=4.0", "--root", str(root), "--store", str(store),
+                     "--scheduler", "local:2", own_group=True)
     # the progress bar appears once the cluster is up and the units are being handed out
     err = ""
     while "extract folder" not in err:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from audiofx.errors import DatasetError
+from audiofx.errors import ConfigError, DatasetError
 from audiofx.pipeline import download as dl
 from audiofx.pipeline.splitzip import open_split_zip
 from tests.conftest import assert_one_line_error, run_cli
@@ -227,7 +227,53 @@ def test_cli_extract_download_fetches_missing_root_then_extracts(server, esc50_z
     assert len(server.log) == 1
 
 
+def test_cli_list_names_every_file_through_the_mirror_in_effect(tmp_path, monkeypatch):
+    monkeypatch.setenv(dl.MIRROR_ENV, "http://env.mirror:8000")
+    root = tmp_path / "fsd"
+    proc = run_cli("download", "fsd50k", "--list", "--root", str(root))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "fsd50k: 9 file(s) from https://zenodo.org/records/4060432; 51197 clips once complete"
+    assert ("  FSD50K.dev_audio.z01  http://env.mirror:8000/records/4060432/files/FSD50K.dev_audio.z01?download=1"
+            "  md5 faa7cf4cc076fc34a44a479a5ed862a3") in lines
+    assert lines[-1] == f"  unpack into {root}"
+    # --mirror wins over the environment; an empty one means the official hosts, as download() does.
+    other = run_cli("download", "fsd50k", "--list", "--mirror", "https://m.lab/pub").stdout
+    assert "https://m.lab/pub/records/4060432/files/FSD50K.eval_audio.zip?download=1" in other
+    assert "env.mirror" not in other
+    official = run_cli("download", "esc50", "--list", "--mirror", "").stdout
+    assert "  ESC-50-master.zip  https://github.com/karoldvl/ESC-50/archive/master.zip  md5 -" in official
+    assert "unpack ESC-50-master/ as " in official
+
+
 # -- in process, with table entries for small test archives -------------------------------------
+
+
+def test_every_table_file_is_unpacked_once_with_its_split_parts():
+    for name, source in dl.SOURCES.items():
+        groups = dl.archive_groups(source)
+        names = [n for _, files in groups for n in files]
+        assert sorted(names) == sorted(a.name for a in source.archives), name  # none left out, none twice
+        for kind, files in groups:
+            assert kind in ("zip", "tar") and dl.Archive(files[-1], "").kind == kind
+    fsd = dict((files[-1], files) for _, files in dl.archive_groups(dl.SOURCES["fsd50k"]))
+    assert fsd["FSD50K.dev_audio.zip"] == [f"FSD50K.dev_audio.z0{i}" for i in range(1, 6)] + ["FSD50K.dev_audio.zip"]
+    assert fsd["FSD50K.eval_audio.zip"] == ["FSD50K.eval_audio.z01", "FSD50K.eval_audio.zip"]
+    assert fsd["FSD50K.ground_truth.zip"] == ["FSD50K.ground_truth.zip"]
+    assert dl.archive_groups(dl.SOURCES["gtzan"]) == [("tar", ["genres.tar.gz"])]
+    with pytest.raises(ConfigError, match="not a zip, split zip part or tar archive"):
+        dl.Archive("notes.rar", "").kind
+
+
+def test_a_present_root_is_trusted_without_indexing_or_fetching(server, tmp_path):
+    root = tmp_path / "raw" / "esc50"
+    (root / "audio").mkdir(parents=True)  # far from complete: only extract's own check would say so
+    s = dl.download("esc50", root, mirror=server.url, progress=False, trust_present=True)
+    assert (s.status, s.clips, s.fetched_bytes) == ("present", None, 0)
+    assert server.log == [] and not (tmp_path / "raw" / "downloads").exists()
+    with pytest.raises(DatasetError, match=f"{root} exists but is not a complete esc50"):
+        dl.download("esc50", root, mirror=server.url, progress=False)  # without trust_present it is checked
+
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from audiofx.errors import ConfigError
@@ -18,7 +17,7 @@ from audiofx.pipeline.store import FeatureStore
 from audiofx.training.fusion import expand_channels, fuse_posteriors, split_fragments
 from audiofx.training.models import Classifier, MLPAttentionHead, build_encoder
 from audiofx.training.runs import Run
-from tests.conftest import real_signal, run_cli
+from tests.conftest import make_class_folder, run_cli
 
 
 def softmax_by_hand(row: list[float]) -> list[float]:
@@ -140,11 +139,7 @@ def stereo_store(tmp_path_factory) -> Path:
     """Left/right/mid log-mels (preset zhou2019) of a small stereo class-per-folder dataset:
     3 scenes x 4 clips of 1 s at 44.1 kHz, 2 folds, 44 frames per clip."""
     base = tmp_path_factory.mktemp("stereo")
-    for c in range(3):
-        folder = base / "raw" / f"scene{c}"
-        folder.mkdir(parents=True)
-        for i in range(4):
-            sf.write(folder / f"scene{c}-{i}.wav", real_signal(44100, 1.0, seed=100 * c + i, channels=2), 44100)
+    make_class_folder(base / "raw", classes=3, per_class=4, seconds=1.0, sr=44100, channels=2)
     proc = run_cli("extract", "--dataset", "folder", "--root", str(base / "raw"), "--store", str(base / "features"),
                    "--preset", "zhou2019", "--set", "clip_seconds=1", "--set", "folds=2", "--workers", "1",
                    "--no-progress")
@@ -167,6 +162,7 @@ def test_finetune_with_fragments_channel_fusion_and_mlp_attention_predicts_per_c
     fs = FeatureStore(stereo_store)
     x, y, clips = fs.load_fold("folder", config["key"], "1")
     assert x.shape == (6, 3, 128, 44)
+    assert not np.array_equal(x[:, 0], x[:, 1])  # left and right differ: the clips really are stereo
     pred = run.predictions()["1"]
     assert list(pred["clip"]) == [str(c) for c in clips] and pred["scores"].shape == (6, 3)
     assert np.array_equal(pred["y_true"], y)

@@ -9,19 +9,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
 from audiofx.errors import StoreError
 from audiofx.pipeline.store import FeatureStore
-from tests.conftest import assert_one_line_error, audiofx_cmd, cli_env, make_class_folder, run_cli
+from tests.conftest import assert_one_line_error, kill_9, make_class_folder, run_cli, start_cli, wait_while_running
 from tests.s3server import s3_filesystem
+from tests.storecheck import assert_same_features
 
 BUCKET = "audiofx-test"
 pytestmark = pytest.mark.slow
@@ -58,22 +55,6 @@ def local_demo(tmp_path_factory) -> tuple[Path, str]:
     return tmp / "store", key
 
 
-def arrays(store: str | Path, dataset: str, key: str) -> dict[str, np.ndarray]:
-    """Every array of a feature set, read from the store itself (not through the cache)."""
-    fs = FeatureStore(store)
-    out = {}
-    for fold in fs.read_manifest(dataset, key)["folds"]:
-        for name in ("x", "y", "clip", "ok"):
-            out[f"{fold}/{name}"] = zarr.open_array(fs.zarr_store(dataset, key, f"fold-{fold}", name), mode="r")[:]
-    return out
-
-
-def assert_same_values(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert np.array_equal(a[name], b[name]), name
-
-
 def test_extract_into_s3_equals_local_and_a_second_machine_trains_through_its_cache(s3, folder_raw, local_folder,
                                                                                        tmp_path):
     local, key = local_folder
@@ -81,9 +62,7 @@ def test_extract_into_s3_equals_local_and_a_second_machine_trains_through_its_ca
     proc = run_cli("extract", "--dataset", "folder", "--root", str(folder_raw), "--store", url, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert f"{url}/folder/{key}" in proc.stdout
-    remote = FeatureStore(url)
-    assert remote.read_manifest("folder", key)["units"] == FeatureStore(local).read_manifest("folder", key)["units"]
-    assert_same_values(arrays(url, "folder", key), arrays(local, "folder", key))
+    assert_same_features(url, local, "folder")
     # No credentials in anything written to the store.
     blobs = s3_filesystem().cat([p for p in s3_filesystem().find(f"{BUCKET}/extract")])
     assert not any(b"testing-secret" in b for b in blobs.values())
@@ -114,33 +93,30 @@ def test_extract_into_s3_equals_local_and_a_second_machine_trains_through_its_ca
 
 
 def test_two_concurrent_extracts_into_one_s3_key_make_one_valid_store(s3, folder_raw, local_folder):
-    local, key = local_folder
+    local, _ = local_folder
     url = f"s3://{BUCKET}/concurrent/features"
     args = ("extract", "--dataset", "folder", "--root", str(folder_raw), "--store", url, "--workers", "1",
             "--no-progress")
-    procs = [subprocess.Popen(audiofx_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [start_cli(*args) for _ in range(2)]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    assert FeatureStore(url).verify("folder", key) == []
-    assert_same_values(arrays(url, "folder", key), arrays(local, "folder", key))
+    assert_same_features(url, local, "folder")  # one valid set (verified), equal to the local one
 
 
 def test_push_killed_midway_resumes_and_pull_of_some_folds_is_partial(s3, local_demo, tmp_path):
     store, key = local_demo
     url = f"s3://{BUCKET}/push/features"
     fs = s3_filesystem()
-    env = {**cli_env(), "AUDIOFX_COPY_THREADS": "1"}  # one object at a time: a kill lands mid-way
-    push = subprocess.Popen(audiofx_cmd("cache", "push", key[:8], "--to", url, "--store", str(store), "--no-progress"),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 60
-    while len(fs.find(f"{BUCKET}/push")) < 8:
-        assert push.poll() is None and time.time() < deadline, "the push ended before it could be interrupted"
-        time.sleep(0.02)
+    push = start_cli("cache", "push", key[:8], "--to", url, "--store", str(store), "--no-progress",
+                     env={"AUDIOFX_COPY_THREADS": "1"}, own_group=True)  # one object at a time: a kill lands mid-way
+
+    def objects_pushed() -> int:
         fs.invalidate_cache()
-    os.killpg(push.pid, signal.SIGKILL)
-    push.wait()
+        return len(fs.find(f"{BUCKET}/push"))
+
+    wait_while_running(push, lambda: objects_pushed() >= 8, timeout=60)
+    kill_9(push)
     remote = FeatureStore(url)
     assert not remote.has_manifest("demo", key)
     with pytest.raises(StoreError, match="no manifest"):

@@ -10,18 +10,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import zarr
 
-from audiofx.pipeline.store import FeatureStore
-from tests.conftest import REPO, audiofx_cmd, cli_env, make_class_folder, run_cli
+from tests.conftest import kill_9, make_class_folder, run_cli, start_cli, wait_while_running
+from tests.storecheck import assert_same_features
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +41,8 @@ def reference(dataset, tmp_path_factory) -> Path:
 
 
 def start(dataset: Path, store: Path, workers: int = 2) -> subprocess.Popen:
-    return subprocess.Popen(
-        audiofx_cmd("extract", "--dataset", "folder", "--root", str(dataset), "--store", str(store), "--workers",
-                    str(workers), *ARGS),
-        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,  # its own process group: kill -9 reaches the worker processes too
-    )
+    return start_cli("extract", "--dataset", "folder", "--root", str(dataset), "--store", str(store), "--workers",
+                     str(workers), *ARGS, own_group=True)  # kill -9 of its group reaches the worker processes too
 
 
 def group(store: Path) -> Path:
@@ -58,36 +50,19 @@ def group(store: Path) -> Path:
     return g
 
 
-def wait_for_units(store: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        units = list((store / "folder").glob("*/units/*.json")) if (store / "folder").exists() else []
-        if len(units) >= n:
-            return
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.02)
-    raise AssertionError("no progress")
+def wait_for_units(store: Path, n: int, proc: subprocess.Popen) -> None:
+    wait_while_running(proc, lambda: len(list(store.glob("folder/*/units/*.json"))) >= n)
 
 
 def assert_same_store(store: Path, reference: Path) -> None:
-    a, b = group(store), group(reference)
-    assert a.name == b.name
-    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
-    assert ma["units"] == mb["units"] and ma["arrays"] == mb["arrays"] and ma["clips"] == mb["clips"] == 96
-    for fold in ma["folds"]:
-        for name in ("x", "y", "clip", "ok"):
-            va = zarr.open_array(str(a / f"fold-{fold}" / name), mode="r")[:]
-            vb = zarr.open_array(str(b / f"fold-{fold}" / name), mode="r")[:]
-            assert np.array_equal(va, vb), (fold, name)
-    assert FeatureStore(store).verify("folder", a.name) == []
+    assert assert_same_features(store, reference, "folder")["clips"] == 96
 
 
 def test_kill_9_then_rerun_equals_uninterrupted_and_skips_finished_units(dataset, reference, tmp_path):
     store = tmp_path / "store"
     proc = start(dataset, store)
     wait_for_units(store, 2, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the coordinator and its workers, as an OOM kill or a crash would
-    proc.wait()
+    kill_9(proc)  # the coordinator and its workers, as an OOM kill or a crash would
     g = group(store)
     assert not (g / "manifest.json").exists()
     finished = {p.name: p.stat().st_mtime_ns for p in (g / "units").glob("*.json")}

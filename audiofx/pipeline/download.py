@@ -4,18 +4,21 @@ One table (SOURCES) says where each dataset's archives are, their published chec
 archive folder that becomes the dataset root and how many clips the dataset adapter must
 find once it is complete. download() then:
 
-1. does nothing when the root already holds the complete dataset;
+1. does nothing when the root already holds the complete dataset (with trust_present, as
+   extract --download calls it: when the root holds any file, for extract to check);
 2. fetches every archive into <root>/../downloads/ with HTTP Range resume: bytes go to
    NAME.part, which a rerun (or an automatic retry) continues; the file gets its real name
    only when complete (and its md5 matches, where the table has one);
-3. extracts zip (split zips too, see splitzip.py) and tar.gz archives with zipfile/tarfile
-   into a staging folder next to the root, refusing members that would land outside it,
-   then renames the archive's top folder to the root, so a root never holds half a dataset;
+3. extracts zip (split zips too, see splitzip.py) and tar.gz archives (Archive.kind tells
+   which, from the name) with zipfile/tarfile into a staging folder next to the root,
+   refusing members that would land outside it, then renames the archive's top folder to
+   the root, so a root never holds half a dataset;
 4. checks the result with the dataset's own adapter (the same index() extract uses): the
    number of clips it lists and that each of them is on disk.
 
-A mirror (--mirror or AUDIOFX_DOWNLOAD_MIRROR) replaces the scheme and host of every URL,
-so a local copy of the files (and the tests' local server) goes through the same code.
+A mirror (--mirror or AUDIOFX_DOWNLOAD_MIRROR; mirror_base() decides which, for download()
+and listing() alike) replaces the scheme and host of every URL, so a local copy of the files
+(and the tests' local server) goes through the same code.
 """
 
 from __future__ import annotations
@@ -47,11 +50,28 @@ MIRROR_ENV = "AUDIOFX_DOWNLOAD_MIRROR"
 CHUNK = 1 << 20
 
 
+_SPLIT_PART = re.compile(r"\.z\d\d$")  # NAME.z01, NAME.z02, ...: the leading parts of NAME.zip
+
+
 @dataclass(frozen=True)
 class Archive:
     name: str  # file name in the downloads folder
     url: str
     md5: str = ""  # the checksum its host publishes; "" where there is none
+
+    @property
+    def kind(self) -> str:
+        """How it is unpacked, from its name (the one place that decides): "zip" (NAME.zip,
+        with its NAME.z01.. parts if any), "tar" (.tar.gz, .tgz, .tar) or "part" (NAME.z01..,
+        read as part of NAME.zip, never on its own)."""
+        if self.name.endswith(".zip"):
+            return "zip"
+        if self.name.endswith((".tar.gz", ".tgz", ".tar")):
+            return "tar"
+        if _SPLIT_PART.search(self.name):
+            return "part"
+        raise ConfigError(f"{self.name}: not a zip, split zip part or tar archive", "name it NAME.zip, "
+                          "NAME.z01.., NAME.tar.gz or NAME.tar")
 
 
 @dataclass(frozen=True)
@@ -133,17 +153,31 @@ class DownloadSummary:
     dataset: str
     root: Path
     status: str  # "present" (nothing done) or "downloaded"
-    clips: int
+    clips: int | None  # None: a present root taken as it is (trust_present)
     fetched_bytes: int = 0  # bytes transferred in this run
     resumed: list[str] = field(default_factory=list)  # archives continued from a .part file
     archives: Path | None = None  # where the archives are (kept) or were (removed)
     kept_archives: bool = False
 
 
+@dataclass(frozen=True)
+class Listing:
+    """What `audiofx download --list` shows: the files to fetch by hand and where they go."""
+
+    source: Source
+    urls: tuple[str, ...]  # each archive's URL, through the mirror in effect
+    root: Path
+
+
 def get_source(name: str) -> Source:
     if name not in SOURCES:
         raise ConfigError(f"audiofx download does not know {name!r}", f"it knows: {', '.join(SOURCES)}")
     return SOURCES[name]
+
+
+def mirror_base(mirror: str | None = None) -> str | None:
+    """The mirror in effect: the one given ("" for none) or else $AUDIOFX_DOWNLOAD_MIRROR."""
+    return mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
 
 
 def resolve_url(url: str, mirror: str | None) -> str:
@@ -317,16 +351,16 @@ def _checked(member: str, archive: Path, staging: Path) -> str:
                            f"the archive is damaged or not the official one; delete {archive} and rerun") from None
 
 
-def _groups(source: Source, folder: Path) -> Iterator[list[Path]]:
-    """Each archive to extract, as the list of its files: NAME.z01.. NAME.zip for split zips."""
-    names = [a.name for a in source.archives]
-    for name in names:
-        if name.endswith(".zip"):
-            stem = name[:-4]
-            parts = sorted(n for n in names if re.fullmatch(re.escape(stem) + r"\.z\d\d", n))
-            yield [folder / n for n in parts] + [folder / name]
-        elif name.endswith((".tar.gz", ".tgz", ".tar")):
-            yield [folder / name]
+def archive_groups(source: Source) -> list[tuple[str, list[str]]]:
+    """Each archive to extract as (kind, its file names): NAME.z01.. NAME.zip for a split zip."""
+    parts = sorted(a.name for a in source.archives if a.kind == "part")
+    groups = []
+    for a in source.archives:
+        if a.kind == "zip":  # NAME.zip reads its NAME.z01.. parts first, if it has any
+            groups.append((a.kind, [p for p in parts if p[:-4] == a.name[:-4]] + [a.name]))
+        elif a.kind == "tar":
+            groups.append((a.kind, [a.name]))
+    return groups
 
 
 def _extract_zip(parts: list[Path], staging: Path, progress: bool) -> None:
@@ -349,8 +383,10 @@ def _extract_zip(parts: list[Path], staging: Path, progress: bool) -> None:
                            f"delete {', '.join(str(p) for p in parts)} and rerun") from None
 
 
-def _extract_tar(path: Path, staging: Path, progress: bool) -> None:
+def _extract_tar(parts: list[Path], staging: Path, progress: bool) -> None:
     from tqdm import tqdm
+
+    (path,) = parts
 
     def members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         with tqdm(unit="file", desc=f"extract {path.name}", disable=not progress, file=sys.stderr) as bar:
@@ -372,17 +408,17 @@ def _extract_tar(path: Path, staging: Path, progress: bool) -> None:
         raise DatasetError(f"{path.name} is not a readable tar archive ({e})", f"delete {path} and rerun") from None
 
 
+_EXTRACTORS = {"zip": _extract_zip, "tar": _extract_tar}
+
+
 def _extract(source: Source, downloads: Path, root: Path, progress: bool) -> None:
     """Extract every archive into a staging folder beside root, then rename into place."""
     staging = root.parent / f".{root.name}.extracting"
     if staging.exists():
         shutil.rmtree(staging)  # left by an interrupted run: start the extraction again
     staging.mkdir(parents=True)
-    for parts in _groups(source, downloads):
-        if parts[-1].name.endswith(".zip"):
-            _extract_zip(parts, staging, progress)
-        else:
-            _extract_tar(parts[-1], staging, progress)
+    for kind, names in archive_groups(source):
+        _EXTRACTORS[kind]([downloads / n for n in names], staging, progress)
     top = staging / source.folder if source.folder else staging
     if not top.is_dir():
         found = ", ".join(sorted(p.name for p in staging.iterdir())[:5]) or "nothing"
@@ -418,17 +454,31 @@ def _nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+def listing(name: str, root: Path | str | None = None, mirror: str | None = None) -> Listing:
+    """The files download() would fetch, from where, and the root it would fill."""
+    source, base = get_source(name), mirror_base(mirror)
+    return Listing(source, tuple(resolve_url(a.url, base) for a in source.archives),
+                   Path(root) if root else default_root(name))
+
+
 def download(name: str, root: Path | str | None = None, *, mirror: str | None = None, progress: bool = True,
              keep_archives: bool = False, timeout: float = 30.0, retries: int = 3, clips: int | None = None,
-             say: Callable[[str], None] = lambda s: None) -> DownloadSummary:
-    """Fetch, extract and check one dataset. `clips` overrides the expected clip count (tests)."""
+             trust_present: bool = False, say: Callable[[str], None] = lambda s: None) -> DownloadSummary:
+    """Fetch, extract and check one dataset. `clips` overrides the expected clip count (tests).
+
+    A root that already holds files is never downloaded into: it is checked with the
+    adapter (status "present"), or, with trust_present, taken as it is without indexing it
+    (extract --download: extract indexes and checks the root itself right after).
+    """
     source = get_source(name)
     root = Path(root) if root else default_root(name)
-    mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
+    mirror = mirror_base(mirror)
 
     if root.exists() and not root.is_dir():
         raise DatasetError(f"{root} is a file, not a dataset folder", "pass another --root")
     if _nonempty_dir(root):
+        if trust_present:
+            return DownloadSummary(name, root, "present", None)
         try:
             return DownloadSummary(name, root, "present", check_dataset(name, root, clips))
         except DatasetError as e:

@@ -30,19 +30,38 @@ _MAX32, _MAX16 = 0xFFFFFFFF, 0xFFFF
 
 
 class _View(io.RawIOBase):
-    """Seekable read-only concatenation of byte ranges of files, followed by a bytes tail."""
+    """Seekable read-only concatenation of the parts. Built once per open: the header reads
+    go through it, then replace_end() puts the rewritten central directory in place of the
+    parts' own end and the same view (the same open files) is handed to zipfile."""
 
-    def __init__(self, paths: Sequence[Path], cut: int, tail: bytes):
-        self._files = [open(p, "rb") for p in paths]
-        self._starts: list[int] = []
-        pos = 0
-        for f in self._files:
-            self._starts.append(pos)
-            pos += f.seek(0, io.SEEK_END)
-        self._cut = cut  # bytes of the parts that are shown; the tail replaces the rest
-        self._tail = tail
-        self._size = cut + len(tail)
+    def __init__(self, paths: Sequence[Path]):
+        self._files: list[io.BufferedReader] = []
+        try:
+            for p in paths:
+                self._files.append(open(p, "rb"))
+        except BaseException:
+            self.close()
+            raise
+        self.sizes = [f.seek(0, io.SEEK_END) for f in self._files]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]  # each part's absolute offset
+        self._cut = self._size = sum(self.sizes)  # bytes of the parts that are shown
+        self._tail = b""  # shown after them, in place of the rest
         self._pos = 0
+
+    def replace_end(self, cut: int, tail: bytes) -> None:
+        """Show the parts' bytes up to `cut`, then `tail` instead of the rest."""
+        self._cut, self._tail, self._size = cut, tail, cut + len(tail)
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        """Exactly n bytes at an absolute position (may cross part boundaries)."""
+        self.seek(pos)
+        out = bytearray()
+        while len(out) < n:
+            chunk = self.read(n - len(out))
+            if not chunk:
+                raise zipfile.BadZipFile("split archive ends inside its central directory")
+            out += chunk
+        return bytes(out)
 
     def readable(self) -> bool:
         return True
@@ -65,9 +84,9 @@ class _View(io.RawIOBase):
         if self._pos >= self._cut:
             chunk = self._tail[self._pos - self._cut:self._pos - self._cut + len(view)]
         else:
-            i = bisect.bisect_right(self._starts, self._pos) - 1
+            i = bisect.bisect_right(self.starts, self._pos) - 1
             f = self._files[i]
-            f.seek(self._pos - self._starts[i])
+            f.seek(self._pos - self.starts[i])
             chunk = f.read(min(len(view), self._cut - self._pos))
         view[:len(chunk)] = chunk
         self._pos += len(chunk)
@@ -77,22 +96,6 @@ class _View(io.RawIOBase):
         for f in self._files:
             f.close()
         super().close()
-
-
-def _read(paths: Sequence[Path], starts: list[int], pos: int, n: int) -> bytes:
-    """n bytes at an absolute position of the concatenated parts (may cross part boundaries)."""
-    view = _View(paths, starts[-1] + Path(paths[-1]).stat().st_size, b"")
-    try:
-        view.seek(pos)
-        out = bytearray()
-        while len(out) < n:
-            chunk = view.read(n - len(out))
-            if not chunk:
-                raise zipfile.BadZipFile("split archive ends inside its central directory")
-            out += chunk
-        return bytes(out)
-    finally:
-        view.close()
 
 
 def _zip64_fields(extra: bytes, want: list[str]) -> tuple[dict[str, int], bytes]:
@@ -177,26 +180,33 @@ def open_split_zip(parts: Sequence[Path]) -> zipfile.ZipFile:
     parts = [Path(p) for p in parts]
     if len(parts) == 1:
         return zipfile.ZipFile(parts[0])
-    sizes = [p.stat().st_size for p in parts]
-    starts = [sum(sizes[:i]) for i in range(len(parts))]
+    view = _View(parts)
+    try:
+        return _SplitZipFile(_with_directory(view, parts))
+    except BaseException:
+        view.close()
+        raise
 
-    with open(parts[-1], "rb") as f:
-        # The end record is in the last 64 KB + 22 bytes (its comment is at most 64 KB).
-        f.seek(max(0, sizes[-1] - (_MAX16 + _EOCD.size)))
-        tail = f.read()
+
+def _with_directory(view: _View, parts: list[Path]) -> _View:
+    """The view with the last part's central directory rewritten for one disk at its end."""
+    starts, last = view.starts, view.sizes[-1]
+    # The end record is in the last 64 KB + 22 bytes (its comment is at most 64 KB).
+    tail_at = starts[-1] + max(0, last - (_MAX16 + _EOCD.size))
+    tail = view.read_at(tail_at, starts[-1] + last - tail_at)
     at = tail.rfind(struct.pack("<I", _SIG_EOCD))
     if at < 0 or at + _EOCD.size > len(tail):
         raise zipfile.BadZipFile(f"{parts[-1].name}: no end of central directory record")
     _, disk_no, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
-    eocd_abs = starts[-1] + max(0, sizes[-1] - (_MAX16 + _EOCD.size)) + at
+    eocd_abs = tail_at + at
 
     loc_abs = eocd_abs - _LOC64.size
     if loc_abs >= 0:
-        sig, z64_disk, z64_offset, _ = _LOC64.unpack(_read(parts, starts, loc_abs, _LOC64.size))
+        sig, z64_disk, z64_offset, _ = _LOC64.unpack(view.read_at(loc_abs, _LOC64.size))
         if sig == _SIG_LOC64:
             if z64_disk >= len(parts):
                 raise _wrong_parts(z64_disk + 1, parts)
-            rec = _EOCD64.unpack(_read(parts, starts, starts[z64_disk] + z64_offset, _EOCD64.size))
+            rec = _EOCD64.unpack(view.read_at(starts[z64_disk] + z64_offset, _EOCD64.size))
             if rec[0] != _SIG_EOCD64:
                 raise zipfile.BadZipFile("split archive: bad Zip64 end of central directory record")
             _, _, _, _, disk_no, cd_disk, _, count, cd_size, cd_offset = rec
@@ -204,8 +214,9 @@ def open_split_zip(parts: Sequence[Path]) -> zipfile.ZipFile:
         raise _wrong_parts(disk_no + 1, parts)
 
     cd_abs = starts[cd_disk] + cd_offset
-    directory = _rewrite_directory(_read(parts, starts, cd_abs, cd_size), starts, count)
-    return _SplitZipFile(_View(parts, cd_abs, directory + _end_records(cd_abs, len(directory), count)))
+    directory = _rewrite_directory(view.read_at(cd_abs, cd_size), starts, count)
+    view.replace_end(cd_abs, directory + _end_records(cd_abs, len(directory), count))
+    return view
 
 
 def _wrong_parts(expected: int, parts: Sequence[Path]) -> zipfile.BadZipFile:
