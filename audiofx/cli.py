@@ -476,7 +476,7 @@ Examples:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--runs", "runs_root", default="data/runs", show_default=True)
 @click.option("--name", default=None)
-@click.option("--resume", is_flag=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (give its --name); a larger --epochs extends it.")
 @click.option("--no-progress", is_flag=True)
 def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, batch_size, lr, weight_decay, spec_augment,
              time_shift, mixup, fragments, channel_fusion, head, seed, device, runs_root, name, resume, no_progress):
@@ -484,6 +484,7 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
     from audiofx.training.augment import Augment
     from audiofx.training.finetune import FinetuneConfig
     from audiofx.training.finetune import finetune as run_finetune
+    from audiofx.training.tasks import METRIC_NAMES
 
     s = run_finetune(FinetuneConfig(
         dataset=dataset, init=init, weights=weights, store=store, preset=preset, key=key, arch=arch, fold=fold,
@@ -493,9 +494,12 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
         resume=resume, progress=not no_progress), say=click.echo)
     if not _main_rank():
         return
-    click.echo(f"accuracy over {s['n_folds']} fold(s): last epoch {100 * s['last_acc_mean']:.2f} ± "
-               f"{100 * s['last_acc_std']:.2f}%, best epoch {100 * s['best_acc_mean']:.2f} ± "
-               f"{100 * s['best_acc_std']:.2f}% (selected on the test fold); {s['run']}/summary.md")
+    m = s["metric"]
+    selected = (f", {100 * s[f'selected_{m}_mean']:.2f} ± {100 * s[f'selected_{m}_std']:.2f}% at the epoch the "
+                "validation split selects" if f"selected_{m}_mean" in s else "")
+    click.echo(f"{METRIC_NAMES[m]} over {s['n_folds']} fold(s): last epoch {100 * s[f'last_{m}_mean']:.2f} ± "
+               f"{100 * s[f'last_{m}_std']:.2f}%, best epoch {100 * s[f'best_{m}_mean']:.2f} ± "
+               f"{100 * s[f'best_{m}_std']:.2f}% (selected on the test fold){selected}; {s['run']}/summary.md")
 
 
 @cli.command("evaluate")
@@ -516,12 +520,14 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
 def evaluate_cmd(run_spec, dataset, mode, fold, store, preset, key, k, linear_epochs, seed, device, runs_root, name):
     """Frozen-encoder evaluation: linear probe or weighted kNN, per fold."""
     from audiofx.training.evaluate import EvaluateConfig, evaluate
+    from audiofx.training.tasks import METRIC_NAMES
 
     s = evaluate(EvaluateConfig(run=run_spec, dataset=dataset, mode=mode, fold=fold, store=store, preset=preset, key=key,
                                 k=k, linear_epochs=linear_epochs, seed=seed, device=device, runs_root=runs_root, name=name),
                  say=click.echo)
-    click.echo(f"{mode} accuracy over {s['n_folds']} fold(s): {100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f}%; "
-               f"{s['run']}/summary.md")
+    m = s["metric"]
+    click.echo(f"{mode} {METRIC_NAMES[m]} over {s['n_folds']} fold(s): {100 * s[f'{m}_mean']:.2f} ± "
+               f"{100 * s[f'{m}_std']:.2f}%; {s['run']}/summary.md")
 
 
 @cli.command()

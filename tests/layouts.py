@@ -281,3 +281,33 @@ def make_folder(
     write_audio(root / "stray.wav", tone(22050, seconds, 440), 22050)
     (root / "empty").mkdir(exist_ok=True)
     return root
+
+
+def make_fsd50k_learnable(root: Path, per_split: tuple[int, int, int] = (48, 16, 24), classes: int = 4,
+                          seconds: float = 1.0, sr: int = 22050, seed: int = 0) -> Path:
+    """An FSD50K-layout set whose labels can be learnt: class c is a tone at its own frequency,
+    and every clip (train / val / eval counts in ``per_split``) mixes the tones of its one or
+    two classes with seeded noise. Class names are ``class-<c>``; no vocabulary.csv (classes
+    sort alphabetically). Written at ``sr`` (no resampling at the FSD50K default rate)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    freqs = [300.0 * 2.2 ** c for c in range(classes)]
+    t = np.arange(int(round(sr * seconds))) / sr
+    gt = root / "FSD50K.ground_truth"
+    rows: dict[str, list] = {"dev": [], "eval": []}
+    fname = 1000
+    for split, count in zip(("train", "val", "eval"), per_split):
+        for _ in range(count):
+            labels = sorted(rng.choice(classes, size=int(rng.integers(1, 3)), replace=False).tolist())
+            audio = 0.02 * rng.standard_normal(t.size)
+            for c in labels:
+                audio += rng.uniform(0.2, 0.4) * np.sin(2 * np.pi * freqs[c] * t + rng.uniform(0, 6.3))
+            part = "eval" if split == "eval" else "dev"
+            write_audio(root / f"FSD50K.{part}_audio" / f"{fname}.wav", audio.astype(np.float32), sr)
+            names = ",".join(f"class-{c}" for c in labels)
+            mids = ",".join(f"/m/{c:04d}" for c in labels)
+            rows[part].append([fname, names, mids, split] if part == "dev" else [fname, names, mids])
+            fname += 1
+    _write_csv(gt / "dev.csv", ["fname", "labels", "mids", "split"], rows["dev"])
+    _write_csv(gt / "eval.csv", ["fname", "labels", "mids"], rows["eval"])
+    return root

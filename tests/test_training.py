@@ -121,6 +121,30 @@ def test_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_run(store, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_more_epochs_extends_a_finished_run_to_the_longer_run(store, npid_run, tmp_path):
+    args = ["finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path), "--init", "scratch",
+            "--fold", "1", "--lr", "1e-3", *TINY]
+    assert run_cli(*args, "--epochs", "4", "--name", "long").returncode == 0
+    args += ["--name", "grow"]
+    assert run_cli(*args, "--epochs", "2").returncode == 0
+    grown = run_cli(*args, "--epochs", "4", "--resume")
+    assert grown.returncode == 0, grown.stderr
+    assert "extending fold(s) 1 to 4 epochs" in grown.stdout and "resuming after epoch 2" in grown.stdout
+    grow, long = metrics(tmp_path / "finetune" / "grow"), metrics(tmp_path / "finetune" / "long")
+    assert [r["epoch"] for r in grow if r["event"] == "epoch"] == [1, 2, 3, 4]
+    assert [r["test_acc"] for r in grow if r["event"] == "epoch"] == [r["test_acc"] for r in long if r["event"] == "epoch"]
+    assert [r["event"] for r in grow].count("summary") == 1 and [r["event"] for r in grow].count("fold_done") == 1
+    assert json.loads((tmp_path / "finetune" / "grow" / "config.json").read_text())["epochs"] == 4
+    a = torch.load(tmp_path / "finetune" / "grow" / "checkpoints" / "fold-1.pt", weights_only=True)["states"]["model"]
+    b = torch.load(tmp_path / "finetune" / "long" / "checkpoints" / "fold-1.pt", weights_only=True)["states"]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_one_line_error(run_cli(*args, "--epochs", "3", "--resume"), "was started with epochs 4",
+                          "cannot shorten it to 3")
+    assert_one_line_error(run_cli("pretrain", "--method", "npid", "--store", str(store), "--runs", str(npid_run),
+                                  "--epochs", "4", "--batch-size", "32", "--name", "npid-a", "--resume", *TINY),
+                          "was planned for 2 epochs", "cannot be extended to 4", "start a new run with --epochs 4")
+
+
 def test_training_errors_are_one_line(store, tmp_path):
     assert_one_line_error(run_cli("finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path),
                                   "--init", "moco"), "no finished moco pretrain run", "audiofx pretrain --method moco")
@@ -154,8 +178,8 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
     assert np.isfinite([r["loss"] for r in metrics(tmp_path / "pretrain" / method)]).all()
     again = run_cli(*args, "--resume")
     assert again.returncode == 0 and "resuming after epoch 1" in again.stdout
-    changed = run_cli(*[a if a != "1" else "2" for a in args], "--resume")
-    assert_one_line_error(changed, "was started with other settings (epochs)")
+    changed = run_cli(*args, "--lr", "0.01", "--resume")
+    assert_one_line_error(changed, "was started with other settings (lr)")
 
 
 def test_torchrun_data_parallel_on_two_cpu_processes(store, tmp_path):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from audiofx.errors import ConfigError
-from audiofx.training.runs import Run
+from audiofx.training.runs import Run, headline
 
 
 def run_row(path: Path) -> tuple[str, str, str, str]:
@@ -15,22 +15,25 @@ def run_row(path: Path) -> tuple[str, str, str, str]:
         raise ConfigError(f"{path} is not a finished run", "pass folders under data/runs/finetune or data/runs/evaluate")
     run = Run(path)
     cfg = run.config
-    summary = next((r for r in reversed(run.metrics()) if r.get("event") == "summary"), None)
+    summary = run.summary()
     if summary is None:
         raise ConfigError(f"{path} has no summary yet", "let the run finish (or --resume it)")
     if cfg["stage"] == "finetune":
         what = f"{cfg['init']} fine-tune"
-        acc = f"{100 * summary['last_acc_mean']:.2f} ± {100 * summary['last_acc_std']:.2f}"
     else:
         source = Path(cfg["source"]) / "config.json"
         method = json.loads(source.read_text()).get("method", "?") if source.is_file() else Path(cfg["source"]).name
         what = f"{method} {cfg['mode']}"
-        acc = f"{100 * summary['acc_mean']:.2f} ± {100 * summary['acc_std']:.2f}"
-    return what, cfg["dataset"], acc, str(summary["n_folds"])
+    h = headline(summary)
+    score = h.text() if h.metric == "acc" else f"{h.metric_name} {h.text()}"
+    return what, cfg["dataset"], score, str(h.folds)
 
 
 def compare_table(runs: list[Path]) -> str:
-    rows = [("run", "dataset", "accuracy % (mean ± std)", "folds")] + [run_row(Path(r)) for r in runs]
+    """Fine-tuning's last-epoch and evaluation's score; multi-label sets' mAP is named in its cell."""
+    body = [run_row(Path(r)) for r in runs]
+    what = "accuracy" if all(row[2][0].isdigit() for row in body) else "score"  # mAP cells are named
+    rows = [("run", "dataset", f"{what} % (mean ± std)", "folds"), *body]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

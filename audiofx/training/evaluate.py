@@ -9,7 +9,6 @@ once and the probe trains on them; its weights are hashed before and after to pr
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -18,17 +17,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from audiofx.errors import ConfigError
 from audiofx.training.data import FoldSet, load_in_memory
 from audiofx.training.device import autocast, pick_device, seed_everything
-from audiofx.training.featureset import resolve_featureset, split_folds
+from audiofx.training.featureset import fold_order, resolve_featureset, split_folds
 from audiofx.training.finetune import channel_stats
 from audiofx.training.init import resolve_init
 from audiofx.training.knn import choose_k, knn_scores
-from audiofx.training.metrics import per_class_report
-from audiofx.training.runs import Run, default_name
+from audiofx.training.metrics import mean_std, per_class_markdown
+from audiofx.training.runs import Run, default_name, recipe
+from audiofx.training.tasks import METRIC_NAMES, Task
 
 MODES = ("knn", "linear")
 
@@ -72,7 +71,7 @@ def embed(encoder: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: to
 
 
 def linear_probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor, n_classes: int, epochs: int,
-                 lr: float, batch_size: int, seed: int) -> torch.Tensor:
+                 lr: float, batch_size: int, seed: int, task: Task = Task()) -> torch.Tensor:
     """Train only a linear classifier on frozen embeddings; return test logits."""
     g = torch.Generator(device=train.device).manual_seed(seed)
     head = torch.nn.Linear(train.shape[1], n_classes).to(train.device)
@@ -82,7 +81,7 @@ def linear_probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor,
         perm = torch.randperm(train.shape[0], generator=g, device=train.device)
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(head(train[idx]), y_train[idx])
+            loss = task.loss(head(train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -100,15 +99,15 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     if init.kind not in ("pretrain", "file"):
         raise ConfigError(f"--run {cfg.run!r} is not a pretrained representation", "pass npid, simclr, moco or METHOD:RUN")
     key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key)
-    if manifest["multilabel"]:
-        raise ConfigError(f"{cfg.dataset} is multi-label; evaluate covers single-label datasets so far", "pick another dataset")
+    task = Task.of(manifest)
+    m = task.metric
     plan = split_folds(list(manifest["folds"]), cfg.fold)
     name = cfg.name or default_name(cfg.mode, Path(init.source).name, cfg.dataset)
-    run = Run.create(cfg.runs_root, "evaluate", name, {**dataclasses.asdict(cfg), "arch": init.arch, "key": key,
+    run = Run.create(cfg.runs_root, "evaluate", name, {**recipe(cfg), "arch": init.arch, "key": key,
                                                        "source": init.source, "stage": "evaluate"})
     encoder = init.build().to(device)
     before = state_hash(encoder)
-    folds = sorted({f for t, tr in plan for f in [t, *tr]})
+    folds = sorted({f for t, tr in plan for f in [t, *tr]}, key=fold_order)
     data = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, folds), device=device)
     fold_of = np.array(data.fold_of)
     # Inputs standardised with the statistics the encoder was pretrained with, when recorded.
@@ -117,37 +116,38 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     z = embed(encoder, data.x, mean, std, device)
     y = data.y.to(device)
     n_classes = len(manifest["classes"])
-    per_fold, y_true, y_pred = {}, [], []
+    per_fold, y_true, pooled = {}, [], []
     for test_fold, train_folds in plan:
         tr = torch.from_numpy(np.isin(fold_of, train_folds)).to(device)
         te = torch.from_numpy(fold_of == test_fold).to(device)
         if cfg.mode == "knn":
+            # Votes (multi-label: the weighted fraction of neighbours with each class, already in [0, 1]).
             scores = knn_scores(z[tr], y[tr], z[te], n_classes, cfg.k, cfg.temperature)
-            if len(train_folds) > 1:
-                best_k, cv = choose_k(z[tr].cpu(), y[tr].cpu(), fold_of[tr.cpu().numpy()], n_classes,
-                                      temperature=cfg.temperature)
-            else:  # one training fold (TUT/TAU, FSD50K splits): nothing to cross-validate k on
-                best_k, cv = cfg.k, {}
-            cv_scores = knn_scores(z[tr], y[tr], z[te], n_classes, best_k, cfg.temperature)
-            result = {"acc": _acc(scores, y[te]), f"acc_k{best_k}_cv": _acc(cv_scores, y[te]), "k_cv": best_k,
-                      "cv_acc": cv}
+            result = task.score(scores, y[te])
+            if len(train_folds) > 1:  # one training fold (TUT/TAU, FSD50K splits): nothing to cross-validate k on
+                best_k, cv = choose_k(z[tr], y[tr], fold_of[tr.cpu().numpy()], n_classes, temperature=cfg.temperature,
+                                      score=lambda s, t: task.score(s, t)[m])
+                cv_scores = scores if best_k == cfg.k else \
+                    knn_scores(z[tr], y[tr], z[te], n_classes, best_k, cfg.temperature)
+                result.update({f"{m}_k{best_k}_cv": task.score(cv_scores, y[te])[m], "k_cv": best_k, f"cv_{m}": cv})
         else:
             logits = linear_probe(z[tr], y[tr], z[te], n_classes, cfg.linear_epochs, cfg.linear_lr, cfg.batch_size,
-                                  cfg.seed)
-            scores, result = logits, {"acc": _acc(logits, y[te])}
+                                  cfg.seed, task)
+            scores = task.outputs(logits)
+            result = task.score(scores, y[te])
         per_fold[test_fold] = result
+        scores_np = scores.float().cpu().numpy()
         run.save_predictions(test_fold, [c for c, f in zip(data.clips, fold_of) if f == test_fold],
-                             y[te].cpu().numpy(), scores.float().cpu().numpy())
+                             y[te].cpu().numpy(), scores_np, task.predicted(scores_np))
         y_true.append(y[te].cpu().numpy())
-        y_pred.append(scores.argmax(1).cpu().numpy())
-        run.log({"event": "fold_done", "fold": test_fold, **{k: v for k, v in result.items() if k != "cv_acc"}})
-        say(f"fold {test_fold}: {cfg.mode} accuracy {100 * result['acc']:.2f}%")
+        pooled.append(scores_np)
+        run.log({"event": "fold_done", "fold": test_fold, **{k: v for k, v in result.items() if k != f"cv_{m}"}})
+        say(f"fold {test_fold}: {cfg.mode} {task.metric_name} {100 * result[m]:.2f}%")
     unchanged = state_hash(encoder) == before
-    accs = np.array([r["acc"] for r in per_fold.values()])
-    summary = {"mode": cfg.mode, "folds": per_fold, "n_folds": len(per_fold), "acc_mean": float(accs.mean()),
-               "acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0, "encoder_unchanged": unchanged,
-               "run": str(run.path)}
-    report = per_class_report(np.concatenate(y_true), np.concatenate(y_pred), manifest["classes"])
+    summary = {"mode": cfg.mode, "metric": m, "folds": per_fold, "n_folds": len(per_fold),
+               **mean_std(per_fold, task.score_names),
+               "encoder_unchanged": unchanged, "run": str(run.path)}
+    report = task.report(np.concatenate(y_true), np.concatenate(pooled), manifest["classes"])
     run.write_text("per_class.json", json.dumps(report, indent=1))
     run.log({"event": "summary", **{k: v for k, v in summary.items() if k not in ("folds", "run")}})
     run.write_text("summary.md", _markdown(cfg, init, summary, report))
@@ -156,18 +156,12 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     return summary
 
 
-def _acc(scores: torch.Tensor, y: torch.Tensor) -> float:
-    return float((scores.argmax(1) == y).float().mean())
-
-
 def _markdown(cfg: EvaluateConfig, init, s: dict[str, Any], report: dict[str, Any]) -> str:
+    m = s["metric"]
+    name = METRIC_NAMES[m]
     lines = [f"# {cfg.mode} evaluation of {init.source} on {cfg.dataset}", "",
-             "| test fold | accuracy |", "|---|---|"]
-    lines += [f"| {f} | {100 * r['acc']:.2f} |" for f, r in s["folds"].items()]
-    lines += [f"| **mean ± std** ({s['n_folds']} folds) | **{100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f}** |", "",
-              "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-    for i, c in enumerate(report["classes"]):
-        lines.append(f"| {c} | {report['precision'][i]:.3f} | {report['recall'][i]:.3f} | {report['f1'][i]:.3f} | "
-                     f"{report['support'][i]} |")
-    lines += ["", f"Encoder weights unchanged by the evaluation: {s['encoder_unchanged']}."]
+             f"| test fold | {name} |", "|---|---|"]
+    lines += [f"| {f} | {100 * r[m]:.2f} |" for f, r in s["folds"].items()]
+    lines += [f"| **mean ± std** ({s['n_folds']} fold{'s' if s['n_folds'] != 1 else ''}) | **{100 * s[f'{m}_mean']:.2f} ± {100 * s[f'{m}_std']:.2f}** |", "",
+              *per_class_markdown(report), "", f"Encoder weights unchanged by the evaluation: {s['encoder_unchanged']}."]
     return "\n".join(lines) + "\n"

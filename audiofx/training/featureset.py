@@ -41,6 +41,19 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
     return complete[-1]
 
 
+def fold_order(fold: str) -> tuple[bool, str]:
+    """Sort key for fold names: numbered folds in numeric order (2 before 10), then named
+    splits alphabetically."""
+    return (not fold.isdigit(), fold.zfill(6))
+
+
+def validation_fold(folds: list[str], plan: list[tuple[str, list[str]]]) -> str | None:
+    """An official validation split that neither trains nor tests (FSD50K's ``val``): it is
+    scored every epoch so that an epoch can be selected without looking at the test split."""
+    used = {f for test, train in plan for f in [test, *train]}
+    return next((f for f in ("val", "validation") if f in folds and f not in used), None)
+
+
 def split_folds(folds: list[str], which: str) -> list[tuple[str, list[str]]]:
     """(test fold, training folds) pairs for --fold all|K.
 

@@ -1,13 +1,23 @@
 """Supervised fine-tuning with k-fold cross-validation on the official folds (Shin et al.
 2021 after Palanisamy et al. 2020): for each test fold, train on the other folds and
-evaluate on it after every epoch. The headline is the last-epoch accuracy; the best-epoch
-accuracy is reported too, labelled as selected on the test fold (it is optimistic).
+evaluate on it after every epoch. The headline is the last-epoch score; the best-epoch
+score is reported too, labelled as selected on the test fold (it is optimistic). A set with
+an official validation split that neither trains nor tests (FSD50K's val) is scored every
+epoch as well, and the test score of the epoch it selects is reported beside them.
+
+Single-label sets train with cross-entropy and are scored by accuracy; multi-label sets
+(FSD50K) train with binary cross-entropy on independent sigmoids and are scored by mAP, with
+ROC AUC and d' beside it (tasks.py, metrics.py).
 
 Zhou et al. 2019's options (any dataset): ``fragments`` cuts every clip into N time
 fragments and ``channel_fusion`` makes every channel its own sample; both train on the
-samples as independent examples with the clip's label and, at test, average the softmax
-posteriors of a clip's samples, so accuracy and saved predictions are per clip. ``head``
-picks the linear or the MLP-attention head (models.py)."""
+samples as independent examples with the clip's label and, at test, average the posteriors
+(softmax, or sigmoid for multi-label sets) of a clip's samples, so scores and saved
+predictions are per clip. ``head`` picks the linear or the MLP-attention head (models.py).
+
+``--resume --epochs N`` may extend a run to more epochs than it was started with: the step
+decay does not depend on the total, so the result is the run N epochs would have given.
+"""
 
 from __future__ import annotations
 
@@ -20,19 +30,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from audiofx.errors import ConfigError
 from audiofx.training.augment import Augment
 from audiofx.training.data import FoldSet, InMemoryLoader, load_in_memory
 from audiofx.training.device import autocast, prepare_model, seed_everything
 from audiofx.training.distributed import Ranks, run_on_ranks, wrap
-from audiofx.training.featureset import resolve_featureset, split_folds
+from audiofx.training.featureset import fold_order, resolve_featureset, split_folds, validation_fold
 from audiofx.training.fusion import expand_channels, fuse_posteriors, split_fragments
 from audiofx.training.init import resolve_init
-from audiofx.training.metrics import per_class_report
+from audiofx.training.metrics import mean_std
 from audiofx.training.models import HEADS, Classifier, check_input_size
 from audiofx.training.runs import Run, default_name, open_run, recipe
+from audiofx.training.tasks import METRIC_NAMES, Task
 
 
 @dataclass
@@ -152,14 +162,11 @@ def zhou_samples(data, fragments: int, channel_fusion: bool, stats=None):
     return samples, clip_index, loop_stats, (mean, std)
 
 
-def summarize(per_fold: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Mean and sample standard deviation (ddof=1; 0 for one fold) over folds."""
-    out: dict[str, Any] = {"folds": per_fold, "n_folds": len(per_fold)}
-    for metric in ("last_acc", "best_acc"):
-        values = np.array([f[metric] for f in per_fold.values()], dtype=float)
-        out[f"{metric}_mean"] = float(values.mean())
-        out[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    return out
+def summarize(per_fold: dict[str, dict[str, float]], metric: str = "acc") -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1; 0 for one fold) over folds of every score
+    the folds report (last_*, best_*, and selected_* / val_* with a validation split)."""
+    names = [k for k in next(iter(per_fold.values()), {}) if not k.endswith("_epoch")]
+    return {"metric": metric, "folds": per_fold, "n_folds": len(per_fold), **mean_std(per_fold, names)}
 
 
 def finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
@@ -168,9 +175,8 @@ def finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
 
 def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> dict[str, Any]:
     key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key)
-    if manifest["multilabel"]:
-        raise ConfigError(f"{cfg.dataset} is multi-label; fine-tuning covers single-label datasets so far",
-                          "use it for pretraining (audiofx pretrain --datasets fsd50k)")
+    task = Task.of(manifest)
+    # Checked here because the data load below may take minutes; the layers check again.
     if cfg.head not in HEADS:
         raise ConfigError(f"unknown head {cfg.head!r}", f"use one of {', '.join(HEADS)}")
     if cfg.fragments < 1:
@@ -181,37 +187,56 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
         raise ConfigError(f"cannot cut {frames} frames into {cfg.fragments} fragments", f"use --fragments {frames} or fewer")
     check_input_size(init.arch, bins, frames // cfg.fragments)  # before loading anything
     plan = split_folds(list(manifest["folds"]), cfg.fold)
+    val_fold = validation_fold(list(manifest["folds"]), plan)
     name = cfg.name or default_name(cfg.init.replace(":", "-").replace("/", "_")[:40], cfg.dataset)
     config = {**cfg.to_json(), "arch": init.arch, "key": key, "init_source": init.source, "stage": "finetune"}
-    run = open_run(ranks, cfg.runs_root, "finetune", name, _config_for(cfg, config), cfg.resume)
+    # --resume --epochs N with N larger than the run's: the step schedule does not depend on
+    # the total, so the extended run is the run that N epochs would have been from the start.
+    run = open_run(ranks, cfg.runs_root, "finetune", name, _config_for(cfg, config), cfg.resume, extendable=("epochs",))
     say(f"finetune {cfg.dataset} ({key}) from {init.kind} ({init.source}), {init.arch}{_zhou_note(cfg)}, "
-        f"{len(plan)} fold(s), {cfg.epochs} epochs on {device}{f' x {ranks.world} ranks' if ranks.active else ''} "
-        f"-> {run.path}")
+        f"{len(plan)} fold(s), {cfg.epochs} epochs on {device}{f' x {ranks.world} ranks' if ranks.active else ''}"
+        f"{f', epochs selected on {val_fold}' if val_fold else ''} -> {run.path}")
 
-    all_folds = sorted({f for t, train in plan for f in [t, *train]}, key=lambda f: (not f.isdigit(), f.zfill(4)))
+    all_folds = sorted({f for t, train in plan for f in [t, *train]} | ({val_fold} if val_fold else set()), key=fold_order)
     data = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, all_folds), device=device)
     fold_of = np.array(data.fold_of)
+    val = subset(data, torch.from_numpy(fold_of == val_fold)) if val_fold else None
     n_classes = len(manifest["classes"])
     done = {r["fold"]: r for r in run.metrics() if r.get("event") == "fold_done"}
+    extended = [f for f, r in done.items() if _fold_epochs(run, f, r) < cfg.epochs]
+    if extended:  # their results (and the run's summary) are made again after the new epochs
+        run.drop_records(lambda r: r.get("event") == "summary" or (r.get("event") == "fold_done" and r["fold"] in extended))
+        say(f"extending fold(s) {', '.join(sorted(extended, key=fold_order))} to {cfg.epochs} epochs")
     per_fold: dict[str, dict[str, float]] = {}
     for test_fold, train_folds in plan:
-        if test_fold in done:
-            per_fold[test_fold] = {k: done[test_fold][k] for k in ("last_acc", "best_acc", "best_epoch")}
-            say(f"fold {test_fold}: already done (last {100 * per_fold[test_fold]['last_acc']:.2f}%)")
+        if test_fold in done and test_fold not in extended:
+            per_fold[test_fold] = {k: v for k, v in done[test_fold].items() if k not in ("event", "fold", "epochs")}
+            say(f"fold {test_fold}: already done (last {task.metric_name} "
+                f"{100 * per_fold[test_fold][f'last_{task.metric}']:.2f}%)")
             continue
         train = subset(data, torch.from_numpy(np.isin(fold_of, train_folds)))
         test = subset(data, torch.from_numpy(fold_of == test_fold))
-        per_fold[test_fold] = _train_fold(cfg, init, run, train, test, n_classes, test_fold, device, ranks, say)
-    summary = summarize(per_fold)
+        per_fold[test_fold] = _train_fold(cfg, init, run, task, train, test, val, n_classes, test_fold, device, ranks,
+                                          say)
+    summary = summarize(per_fold, task.metric)
     predictions = run.predictions()
     if ranks.main and predictions:  # last-epoch predictions of every test fold, pooled
-        report = per_class_report(np.concatenate([p["y_true"] for p in predictions.values()]),
-                                  np.concatenate([p["y_pred"] for p in predictions.values()]), manifest["classes"])
+        report = task.report(np.concatenate([p["y_true"] for p in predictions.values()]),
+                             np.concatenate([p["scores"] for p in predictions.values()]), manifest["classes"])
         run.write_text("per_class.json", json.dumps(report, indent=1))
     run.log({"event": "summary", **{k: v for k, v in summary.items() if k != "folds"}})
-    run.write_text("summary.md", summary_markdown(cfg, init.arch, key, summary))
+    run.write_text("summary.md", summary_markdown(cfg, init.arch, key, summary, val_fold))
     summary["run"] = str(run.path)
     return summary
+
+
+def _fold_epochs(run: Run, fold: str, record: dict[str, Any]) -> int:
+    """How many epochs a finished fold trained: its fold_done record says so; records of runs
+    made before extension existed do not, and their checkpoint does."""
+    if "epochs" in record:
+        return int(record["epochs"])
+    ckpt = run.load_checkpoint(f"fold-{fold}")
+    return int(ckpt["meta"]["epoch"]) + 1 if ckpt else 0
 
 
 def _zhou_note(cfg: FinetuneConfig) -> str:
@@ -223,7 +248,8 @@ def _zhou_note(cfg: FinetuneConfig) -> str:
     return f" ({', '.join(parts)}{fused})" if parts else ""
 
 
-def _train_fold(cfg, init, run: Run, train, test, n_classes: int, fold: str, device, ranks: Ranks, say) -> dict[str, float]:
+def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: int, fold: str, device, ranks: Ranks,
+                say) -> dict[str, float]:
     from tqdm import tqdm
 
     seed_everything(cfg.seed)
@@ -231,14 +257,27 @@ def _train_fold(cfg, init, run: Run, train, test, n_classes: int, fold: str, dev
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     y_test = test.y.cpu()  # per clip, whatever the samples are
-    test_clips, test_index = test.clips, None
+    test_clips, test_index, val_index = test.clips, None, None
+    y_val = val.y.cpu() if val is not None else None
+    n_test, n_val = len(test.clips), len(val.clips) if val is not None else 0
     if cfg.fragments == 1 and not cfg.channel_fusion:  # whole clips: the original path, unchanged
         mean, std = channel_stats(train.x)
         saved_stats = (mean, std)
     else:  # samples are fragments and/or channels; test predictions are fused back per clip
         train, _, (mean, std), saved_stats = zhou_samples(train, cfg.fragments, cfg.channel_fusion)
         test, test_index, _, _ = zhou_samples(test, cfg.fragments, cfg.channel_fusion, stats=saved_stats)
-    start, best, history = 0, (-1.0, -1), []
+        if val is not None:
+            val, val_index, _, _ = zhou_samples(val, cfg.fragments, cfg.channel_fusion, stats=saved_stats)
+
+    def outputs(samples, index, n_clips: int) -> torch.Tensor:
+        """Per-clip outputs of a set: logits / sigmoid posteriors, or fused posteriors."""
+        logits = predict(model, samples, mean, std, device)
+        if index is None:
+            return task.outputs(logits)
+        return fuse_posteriors(logits, index.cpu(), n_clips, task.multilabel)
+
+    m = task.metric
+    start, history, val_history = 0, [], []
     tag = f"fold-{fold}"
     ckpt = run.load_checkpoint(tag) if cfg.resume else None
     if ckpt:
@@ -247,7 +286,7 @@ def _train_fold(cfg, init, run: Run, train, test, n_classes: int, fold: str, dev
         sched.load_state_dict(ckpt["states"]["scheduler"])
         torch.set_rng_state(ckpt["states"]["rng"])
         start, history = ckpt["meta"]["epoch"] + 1, ckpt["meta"]["history"]
-        best = max(((a, e) for e, a in enumerate(history)), default=best)
+        val_history = ckpt["meta"].get("val_history", [])
         # Epochs logged after the checkpoint (a kill between the two) are done again.
         run.drop_records(lambda r: r.get("event") == "epoch" and r.get("fold") == fold and r["epoch"] > start)
         say(f"fold {fold}: resuming after epoch {start}")
@@ -256,6 +295,7 @@ def _train_fold(cfg, init, run: Run, train, test, n_classes: int, fold: str, dev
     trained = wrap(model, ranks, device)  # DDP averages gradients across ranks; `model` stays the plain module
     augment = dataclasses.replace(cfg.augment, n_classes=n_classes)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    scores = final = None
     for epoch in range(start, cfg.epochs):
         model.train()
         loader.set_epoch(epoch)
@@ -268,7 +308,7 @@ def _train_fold(cfg, init, run: Run, train, test, n_classes: int, fold: str, dev
             x, target = augment(x, batch.y.to(device), generator=gen)
             with autocast(device):
                 logits = trained(x)
-            loss = F.cross_entropy(logits.float(), target)
+            loss = task.loss(logits, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -276,37 +316,71 @@ def _train_fold(cfg, init, run: Run, train, test, n_classes: int, fold: str, dev
             loss_sum += loss.item() * x.shape[0]
             bar.set_postfix(samples_s=f"{seen / (time.perf_counter() - t0):.0f}", loss=f"{loss_sum / seen:.3f}")
         sched.step()
-        scores = predict(model, test, mean, std, device)
-        if test_index is not None:  # mean softmax posterior of each clip's fragments x channels
-            scores = fuse_posteriors(scores, test_index.cpu(), len(test_clips))
-        acc = float((scores.argmax(1) == y_test).float().mean())
-        history.append(acc)
-        if acc > best[0]:
-            best = (acc, epoch)
+        scores = outputs(test, test_index, n_test)
+        final = task.score(scores, y_test)
+        history.append(final[m])
+        record = {"event": "epoch", "fold": fold, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                  f"test_{m}": final[m]}
+        if val is not None:
+            val_history.append(task.score(outputs(val, val_index, n_val), y_val)[m])
+            record[f"val_{m}"] = val_history[-1]
         run.save_checkpoint(tag, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                   "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
                                   "mean": saved_stats[0].cpu(), "std": saved_stats[1].cpu()},
-                            {"epoch": epoch, "history": history, "arch": init.arch, "fold": fold})
-        run.log({"event": "epoch", "fold": fold, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                 "test_acc": acc, "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)})
-    if start < cfg.epochs:  # a fold resumed after its last epoch has its predictions already
-        run.save_predictions(fold, test_clips, y_test.numpy(), scores.numpy())
-    result = {"last_acc": history[-1], "best_acc": best[0], "best_epoch": best[1] + 1}
-    run.log({"event": "fold_done", "fold": fold, **result})
-    say(f"fold {fold}: last-epoch {100 * result['last_acc']:.2f}%, best {100 * result['best_acc']:.2f}% "
-        f"(epoch {result['best_epoch']}, selected on the test fold)")
+                            {"epoch": epoch, "history": history, "val_history": val_history, "arch": init.arch,
+                             "fold": fold})
+        run.log({**record, "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)})
+    if scores is None:  # resumed after its last epoch (killed before the fold was recorded)
+        scores = outputs(test, test_index, n_test)
+        final = task.score(scores, y_test)
+    run.save_predictions(fold, test_clips, y_test.numpy(), scores.numpy(), task.predicted(scores.numpy()))
+    last = {f"last_{k}": v for k, v in final.items()}
+    best = _best(history)  # NaN (a test split without a positive of any class) never wins
+    result = {**last, f"best_{m}": history[best], "best_epoch": best + 1}
+    if val_history:  # the epoch the validation split selects, and its test score: a fair selection
+        chosen = _best(val_history)
+        result.update({f"val_{m}": val_history[chosen], f"selected_{m}": history[chosen], "selected_epoch": chosen + 1})
+    run.log({"event": "fold_done", "fold": fold, "epochs": cfg.epochs, **result})
+    say(f"fold {fold}: last-epoch {task.metric_name} {100 * result[f'last_{m}']:.2f}%, best {100 * result[f'best_{m}']:.2f}% "
+        f"(epoch {result['best_epoch']}, selected on the test fold)"
+        + (f", {100 * result[f'selected_{m}']:.2f}% at epoch {result['selected_epoch']} selected on the validation "
+           "split" if val_history else ""))
     return result
 
 
-def summary_markdown(cfg: FinetuneConfig, arch: str, key: str, s: dict[str, Any]) -> str:
+def _best(values: list[float]) -> int:
+    """Index of the highest value, the earliest on ties; NaNs never win."""
+    finite = [(v, -i) for i, v in enumerate(values) if v == v]
+    return -max(finite)[1] if finite else len(values) - 1
+
+
+def summary_markdown(cfg: FinetuneConfig, arch: str, key: str, s: dict[str, Any], val_fold: str | None = None) -> str:
+    m = s.get("metric", "acc")
+    name = METRIC_NAMES[m]
+    selected = f"selected_{m}_mean" in s
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.2f}"
+
+    head = f"| test fold | last-epoch {name} | best-epoch {name}* | best epoch |"
+    head += f" {val_fold}-selected {name} | selected epoch |" if selected else ""
     lines = [f"# finetune {cfg.dataset} from {cfg.init}", "",
              f"{arch}{_zhou_note(cfg)}, {cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.lr}, weight decay {cfg.weight_decay}, "
-             f"features {key}", "",
-             "| test fold | last-epoch acc | best-epoch acc* | best epoch |", "|---|---|---|---|"]
+             f"features {key}", "", head, "|---" * head.count(" |") + "|"]
     for fold, r in s["folds"].items():
-        lines.append(f"| {fold} | {100 * r['last_acc']:.2f} | {100 * r['best_acc']:.2f} | {r['best_epoch']} |")
-    lines.append(f"| **mean ± std** ({s['n_folds']} folds) | **{100 * s['last_acc_mean']:.2f} ± {100 * s['last_acc_std']:.2f}** "
-                 f"| {100 * s['best_acc_mean']:.2f} ± {100 * s['best_acc_std']:.2f} | |")
-    lines += ["", "*best-epoch accuracy is selected on the test fold and therefore optimistic; the headline is the "
-              "last-epoch accuracy. Standard deviation is over folds (ddof=1)."]
+        row = f"| {fold} | {pct(r[f'last_{m}'])} | {pct(r[f'best_{m}'])} | {r['best_epoch']} |"
+        row += f" {pct(r[f'selected_{m}'])} | {r['selected_epoch']} |" if selected else ""
+        lines.append(row)
+    row = (f"| **mean ± std** ({s['n_folds']} fold{'s' if s['n_folds'] != 1 else ''}) | **{pct(s[f'last_{m}_mean'])} ± {pct(s[f'last_{m}_std'])}** "
+           f"| {pct(s[f'best_{m}_mean'])} ± {pct(s[f'best_{m}_std'])} | |")
+    row += f" {pct(s[f'selected_{m}_mean'])} ± {pct(s[f'selected_{m}_std'])} | |" if selected else ""
+    lines.append(row)
+    if "last_dprime_mean" in s:
+        lines += ["", f"Last epoch, mean over folds: macro ROC AUC {s['last_auc_mean']:.3f}, d' {s['last_dprime_mean']:.3f}; "
+                      f"mAP averages the classes with a positive clip in the test split."]
+    lines += ["", f"*best-epoch {name} is selected on the test fold and therefore optimistic; the headline is the "
+              f"last-epoch {name}. Standard deviation is over folds (ddof=1)."]
+    if selected:
+        lines += [f"The {val_fold}-selected column takes each fold's epoch with the best {name} on the {val_fold} split "
+                  "(which is never trained on) and reports its test score: a fair model selection."]
     return "\n".join(lines) + "\n"

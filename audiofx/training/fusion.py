@@ -5,7 +5,7 @@ A clip (C, F, T) becomes several samples that all carry the clip's label:
 - ``expand_channels``: one sample per channel (left, right, mid for the ``zhou2019`` preset),
   each repeated to 3 channels so that ImageNet-style 3-channel encoders take it.
 Each function returns the samples and ``clip_index``, the row of the source clip of every
-sample. At test time ``fuse_posteriors`` averages the softmax posteriors of a clip's samples
+sample. At test time ``fuse_posteriors`` averages the (softmax, or sigmoid for multi-label) posteriors of a clip's samples
 into one prediction per clip. Expansions compose: map the second ``clip_index`` through the
 first (``first[second]``).
 """
@@ -50,16 +50,23 @@ def expand_channels(x: torch.Tensor, repeat: int = 3) -> tuple[torch.Tensor, tor
     return x.reshape(clips * c, 1, *x.shape[2:]).expand(-1, repeat, -1, -1), index
 
 
-def fuse_posteriors(logits: torch.Tensor, clip_index: torch.Tensor, n_clips: int) -> torch.Tensor:
-    """Late fusion: the mean softmax posterior of every clip's samples, (n_clips, classes).
+def mean_per_clip(values: torch.Tensor, clip_index: torch.Tensor, n_clips: int) -> torch.Tensor:
+    """(samples, D) -> (n_clips, D): the mean of every clip's rows (posteriors, embeddings).
 
-    Every clip must have at least one sample (it would have no prediction otherwise).
+    Every clip must have at least one sample (it would have no value otherwise).
     """
-    probs = torch.softmax(logits.float(), dim=1)
-    clip_index = clip_index.to(probs.device)
+    clip_index = clip_index.to(values.device)
     counts = torch.bincount(clip_index, minlength=n_clips)
     if counts.numel() != n_clips or bool((counts == 0).any()):
         raise ValueError(f"clip_index must name every clip in [0, {n_clips}) at least once")
-    fused = torch.zeros(n_clips, probs.shape[1], dtype=probs.dtype, device=probs.device)
-    fused.index_add_(0, clip_index, probs)
-    return fused / counts.unsqueeze(1).to(probs.dtype)
+    total = torch.zeros(n_clips, values.shape[1], dtype=values.dtype, device=values.device)
+    total.index_add_(0, clip_index, values)
+    return total / counts.unsqueeze(1).to(values.dtype)
+
+
+def fuse_posteriors(logits: torch.Tensor, clip_index: torch.Tensor, n_clips: int,
+                    multilabel: bool = False) -> torch.Tensor:
+    """Late fusion: the mean posterior of every clip's samples, (n_clips, classes): softmax
+    posteriors, or per-class sigmoid posteriors for multi-label sets."""
+    probs = torch.sigmoid(logits.float()) if multilabel else torch.softmax(logits.float(), dim=1)
+    return mean_per_clip(probs, clip_index, n_clips)

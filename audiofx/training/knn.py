@@ -1,46 +1,70 @@
 """Weighted k-nearest-neighbour classification on L2-normalised embeddings (Wu et al. 2018,
 as in NPID's evaluation): each of the k most similar training samples votes for its class
-with weight exp(similarity / temperature)."""
+with weight exp(similarity / temperature). For multi-label sets every neighbour votes for
+each class it carries, and a clip's score for a class is the weighted fraction of its
+neighbours that carry it (in [0, 1], so scores rank across clips for mAP)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 
-def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, n_classes: int,
-               k: int = 200, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """(M, n_classes) vote scores for M test embeddings against N training embeddings."""
+def _neighbours(train: torch.Tensor, test: torch.Tensor, k: int, chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(similarities, indices) of each test row's k most similar training rows, most similar
+    first, in chunks of test rows (bounding the (chunk, N) similarity matrix)."""
     train = F.normalize(train.float(), dim=1)
     test = F.normalize(test.float(), dim=1)
     k = min(k, train.shape[0])
-    out = []
-    for start in range(0, test.shape[0], chunk):  # bound the (chunk, N) similarity matrix
-        sim = test[start:start + chunk] @ train.T
-        top, idx = sim.topk(k, dim=1)
-        weights = (top / temperature).exp()
-        votes = torch.zeros(sim.shape[0], n_classes, device=sim.device)
-        votes.scatter_add_(1, train_labels[idx], weights)
-        out.append(votes)
-    return torch.cat(out)
+    for start in range(0, test.shape[0], chunk):
+        yield (test[start:start + chunk] @ train.T).topk(k, dim=1)
+
+
+def _votes(top: torch.Tensor, idx: torch.Tensor, train_labels: torch.Tensor, n_classes: int,
+           temperature: float) -> torch.Tensor:
+    weights = (top / temperature).exp()
+    if train_labels.dim() == 2:  # multi-hot: weighted fraction of neighbours with each class
+        votes = torch.einsum("mk,mkc->mc", weights, train_labels[idx].float())
+        return votes / weights.sum(1, keepdim=True)
+    votes = torch.zeros(top.shape[0], n_classes, device=top.device)
+    return votes.scatter_add_(1, train_labels[idx], weights)
+
+
+def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, n_classes: int,
+               k: int = 200, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """(M, n_classes) vote scores for M test embeddings against N training embeddings;
+    ``train_labels`` (N,) class indices or (N, n_classes) multi-hot."""
+    return torch.cat([_votes(top, idx, train_labels, n_classes, temperature)
+                      for top, idx in _neighbours(train, test, k, chunk)])
+
+
+def _accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((scores.argmax(1) == labels).float().mean())
 
 
 def choose_k(train: torch.Tensor, labels: torch.Tensor, groups: np.ndarray, n_classes: int,
-             candidates: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200), temperature: float = 0.07) -> tuple[int, dict[int, float]]:
+             candidates: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200), temperature: float = 0.07,
+             score: Callable[[torch.Tensor, torch.Tensor], float] = _accuracy, chunk: int = 1024) -> tuple[int, dict[int, float]]:
     """k chosen by cross-validation on the training folds only: leave one training fold out,
-    predict it from the others, average the accuracy; ties go to the smaller k."""
-    acc = {}
-    folds = np.unique(groups)
-    for k in candidates:
-        hits, total = 0, 0
-        for fold in folds:
-            held = torch.from_numpy(groups == fold)
-            if held.all() or not held.any():
-                continue
-            scores = knn_scores(train[~held], labels[~held], train[held], n_classes, k, temperature)
-            hits += int((scores.argmax(1) == labels[held]).sum())
-            total += int(held.sum())
-        acc[k] = hits / total if total else 0.0
+    predict it from the others, average ``score`` (accuracy; mAP for multi-label sets) over
+    the held-out folds weighted by their size; ties go to the smaller k. The neighbours are
+    searched once per held-out fold for the largest k; smaller k take a prefix of them."""
+    totals = dict.fromkeys(candidates, 0.0)
+    counted = 0
+    for fold in np.unique(groups):
+        held = torch.from_numpy(groups == fold).to(train.device)
+        if held.all() or not held.any():
+            continue
+        n = int(held.sum())
+        neighbours = list(_neighbours(train[~held], train[held], max(candidates), chunk))
+        for k in candidates:
+            scores = torch.cat([_votes(top[:, :k], idx[:, :k], labels[~held], n_classes, temperature)
+                                for top, idx in neighbours])
+            totals[k] += score(scores, labels[held]) * n
+        counted += n
+    acc = {k: totals[k] / counted if counted else 0.0 for k in candidates}
     best = max(candidates, key=lambda k: (acc[k], -k))
     return best, acc

@@ -8,9 +8,11 @@ are cut into segments of the shortest clip length (GTZAN's 1500 frames become si
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,6 +99,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
                         index=torch.arange(n, device=x.device), clips=[""] * n, fold_of=[""] * n)
     mean, std = channel_stats(x)
     name = cfg.name or default_name(cfg.method, cfg.arch)
+    _refuse_extension(cfg, name)
     run = open_run(ranks, cfg.runs_root, "pretrain", name, {**cfg.to_json(), "stage": "pretrain",
                                                             "pool": {ds: key for ds, key, _ in pool}}, cfg.resume)
     say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in pool)} ({n} samples of {frames} frames), "
@@ -174,6 +177,20 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     run.write_text("summary.md", f"# pretrain {cfg.method}\n\n{cfg.arch}, {cfg.epochs} epochs on "
                                  f"{', '.join(ds for ds, *_ in pool)} ({n} samples); final loss {loss_value:.4f}\n")
     return {"run": str(run.path), "loss": loss_value, "samples": n}
+
+
+def _refuse_extension(cfg: PretrainConfig, name: str) -> None:
+    """Fine-tuning runs may be extended with --resume --epochs N; pretraining runs may not: the
+    cosine schedule is laid out over the planned epochs, so N more epochs would not be the
+    run N epochs would have been (its rate has already decayed to zero)."""
+    config = Path(cfg.runs_root) / "pretrain" / name / "config.json"
+    if not (cfg.resume and config.is_file()):
+        return
+    planned = json.loads(config.read_text()).get("epochs")
+    if isinstance(planned, int) and cfg.epochs > planned:
+        raise ConfigError(f"pretrain run {config.parent} was planned for {planned} epochs; its cosine learning-rate "
+                          f"schedule ends there, so it cannot be extended to {cfg.epochs}",
+                          f"start a new run with --epochs {cfg.epochs}, or fine-tune from this one")
 
 
 def _monitor_split(loaded) -> dict[str, Any] | None:

@@ -2,11 +2,14 @@
 of the papers' tables and figures.
 
 - an accuracy table: rows are inits (fine-tuning) or methods (frozen kNN / linear), columns
-  are datasets, cells are mean ± std over test folds in percent with the fold count;
+  are datasets, cells are mean ± std over test folds in percent with the fold count (mAP,
+  named in the cell, for multi-label sets);
 - accuracy-vs-epoch curves with a band of ±1 std across folds (Lin 2022, Figures 3.3-3.8);
 - training-loss curves of fine-tuning and pretraining (Shin 2021, Figure 6);
 - per run: a confusion matrix, a per-class precision / recall / F1 table (Lin, Table 3.3)
-  and a t-SNE of the encoder's embeddings of one test fold (Shin, Figure 7; Lin, Figure 3.5).
+  and a t-SNE of the encoder's embeddings of one test fold (Shin, Figure 7; Lin, Figure 3.5);
+  multi-label runs get the per-class table with each class's AP, and neither of the figures
+  that need one class per clip.
 
 Everything but the t-SNE comes from what the runs wrote (metrics.jsonl, per_class.json,
 predictions/); the t-SNE needs the run's checkpoint and its features from the store, and is
@@ -28,7 +31,9 @@ import numpy as np
 from audiofx.errors import AudiofxError, ConfigError
 from audiofx.training import plots
 from audiofx.training.init import SSL_METHODS
-from audiofx.training.runs import STAGES, Run
+from audiofx.training.featureset import fold_order
+from audiofx.training.metrics import per_class_markdown
+from audiofx.training.runs import STAGES, Headline, Run, headline
 
 TSNE_MAX_CLIPS = 2000  # t-SNE is O(n log n) but slow in absolute terms; larger folds are subsampled
 MODE_NAMES = {"knn": "kNN", "linear": "linear"}
@@ -61,12 +66,13 @@ class RunData:
             return ", ".join(self.config.get("pool") or self.config.get("datasets") or [])
         return self.config["dataset"]
 
-    def accuracy(self) -> tuple[float, float, int]:
-        """(mean, std, folds) of the headline accuracy: last epoch for fine-tuning."""
-        s = self.summary
-        if self.stage == "finetune":
-            return s["last_acc_mean"], s["last_acc_std"], s["n_folds"]
-        return s["acc_mean"], s["acc_std"], s["n_folds"]
+    def headline(self) -> Headline:
+        """The headline score (accuracy, or mAP for multi-label sets): last epoch for fine-tuning."""
+        return headline(self.summary)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.stage != "pretrain" and self.headline().metric == "map"
 
 
 # -- reading runs ----------------------------------------------------------------------------
@@ -154,10 +160,6 @@ def _disambiguate(runs: list[RunData]) -> None:
         r.slug = slug
 
 
-def _fold_order(fold: str) -> tuple[bool, str]:
-    return (not fold.isdigit(), fold.zfill(6))
-
-
 # -- tables ----------------------------------------------------------------------------------
 
 def _ordered(values) -> list:
@@ -165,14 +167,16 @@ def _ordered(values) -> list:
 
 
 def accuracy_table(runs: list[RunData]) -> list[str]:
-    """Markdown rows: init/method x dataset, mean ± std (folds) of the headline accuracy."""
+    """Markdown rows: init/method x dataset, mean ± std (folds) of the headline score;
+    a score other than accuracy (mAP of a multi-label set) is named in its cell."""
     scored = [r for r in runs if r.stage in ("finetune", "evaluate")]
     datasets = _ordered(r.dataset for r in scored)
     labels = _ordered(r.label for r in scored)
     cells = {}
     for r in scored:
-        mean, std, n = r.accuracy()
-        cells[(r.label, r.dataset)] = f"{100 * mean:.2f} ± {100 * std:.2f} ({n})"
+        h = r.headline()
+        name = "" if h.metric == "acc" else f"{h.metric_name} "
+        cells[(r.label, r.dataset)] = f"{name}{h.text()} ({h.folds})"
     lines = ["| init / method | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
     lines += [f"| {label} | " + " | ".join(cells.get((label, d), "–") for d in datasets) + " |" for label in labels]
     return lines
@@ -199,16 +203,6 @@ def runs_table(runs: list[RunData]) -> list[str]:
             epochs = cfg.get("linear_epochs", "") if cfg.get("mode") == "linear" else "–"
         lines.append(f"| {r.name} | {r.stage} | {r.dataset} | {what} | {cfg.get('arch', '?')} | {epochs} | {key} | "
                      f"`{r.path}` |")
-    return lines
-
-
-def per_class_table(report: dict[str, Any]) -> list[str]:
-    lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-    for i, c in enumerate(report["classes"]):
-        lines.append(f"| {c} | {report['precision'][i]:.3f} | {report['recall'][i]:.3f} | {report['f1'][i]:.3f} | "
-                     f"{report['support'][i]} |")
-    macro = [float(np.mean(report[k])) for k in ("precision", "recall", "f1")]
-    lines.append(f"| *macro average* | {macro[0]:.3f} | {macro[1]:.3f} | {macro[2]:.3f} | {sum(report['support'])} |")
     return lines
 
 
@@ -257,29 +251,32 @@ def _load_fold(run: RunData, fold: str, store: str | None, device):
 
 def tsne_inputs(run: RunData, store: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], str]:
     """(embeddings, y_true, y_pred, classes, fold) of the first test fold of a run, one row
-    per clip: the fine-tuned encoder of that fold, or the evaluated pretrained encoder."""
-    import torch
-
+    per clip: the fine-tuned encoder of that fold, or the evaluated pretrained encoder.
+    Predictions are the saved ones; a fine-tune run that saved none for the fold's clips gets
+    its model's own."""
     from audiofx.training.device import pick_device
     from audiofx.training.evaluate import embed
     from audiofx.training.finetune import channel_stats
     from audiofx.training.init import resolve_init
 
-    predictions = Run(run.path).predictions()
+    if run.multilabel:
+        raise Skip("a t-SNE is coloured by one class per clip, and clips of a multi-label set have several")
+    handle = Run(run.path)
+    predictions = handle.predictions()
     device = pick_device("auto")
-    own = None  # the classifier's own predictions, for runs that saved none
     if run.stage == "finetune":
-        folds = sorted((p.stem.removeprefix("fold-") for p in (run.path / "checkpoints").glob("fold-*.pt")), key=_fold_order)
+        folds = sorted((p.stem.removeprefix("fold-") for p in (run.path / "checkpoints").glob("fold-*.pt")), key=fold_order)
         if not folds:
             raise Skip("the run has no fold checkpoint (checkpoints/fold-<k>.pt)")
         fold = next((f for f in folds if f in predictions), folds[0])
-        ckpt = torch.load(run.path / "checkpoints" / f"fold-{fold}.pt", map_location="cpu", weights_only=True)
         data = _load_fold(run, fold, store, device)
-        z, own = _finetuned_embeddings(run, ckpt, data, device)
+        y_pred = _saved_labels(predictions.get(fold), data.clips)
+        z, own = _finetuned_embeddings(run, handle.load_checkpoint(f"fold-{fold}"), data, device)
+        y_pred = own if y_pred is None else y_pred
     else:
         if not predictions:
             raise Skip("the run saved no predictions (predictions/fold-<k>.npz)")
-        fold = sorted(predictions, key=_fold_order)[0]
+        fold = sorted(predictions, key=fold_order)[0]
         source = pretrain_dir(run)
         if source is None:
             raise Skip(f"its pretrained encoder {run.config.get('source')} is gone")
@@ -289,54 +286,60 @@ def tsne_inputs(run: RunData, store: str | None) -> tuple[np.ndarray, np.ndarray
         init = resolve_init(str(ckpt_path), run.config.get("arch"))
         encoder = init.build().to(device)
         data = _load_fold(run, fold, store, device)
+        y_pred = _saved_labels(predictions[fold], data.clips)
+        if y_pred is None:
+            raise Skip(f"the saved predictions of fold {fold} do not match the clips in the store")
         mean, std = init.input_stats or channel_stats(data.x)  # evaluate's own choice
         z = embed(encoder, data.x, mean.to(device), std.to(device), device)
-    y_true = data.y.cpu().numpy()
-    saved = predictions.get(fold)
-    y_pred = own
-    if saved is not None:
-        by_clip = dict(zip(saved["clip"].tolist(), saved["y_pred"].tolist()))
-        if all(c in by_clip for c in data.clips):
-            y_pred = np.array([by_clip[c] for c in data.clips])
-    if y_pred is None:
-        raise Skip(f"the saved predictions of fold {fold} do not match the clips in the store")
-    return z.float().cpu().numpy(), y_true, y_pred, data.classes, fold
+    return z.float().cpu().numpy(), data.y.cpu().numpy(), y_pred, data.classes, fold
+
+
+def _saved_labels(saved: dict[str, np.ndarray] | None, clips: list[str]) -> np.ndarray | None:
+    """The saved predicted class of every clip, in ``clips``' order; None when a clip has none."""
+    if saved is None:
+        return None
+    by_clip = dict(zip(saved["clip"].tolist(), saved["y_pred"].tolist()))
+    return np.array([by_clip[c] for c in clips]) if all(c in by_clip for c in clips) else None
 
 
 def _finetuned_embeddings(run: RunData, ckpt: dict[str, Any], data, device):
     """Encoder embeddings of a fold's clips with the fold's fine-tuned model (a Classifier,
     rebuilt from the checkpoint's arch, the run's head and the set's class count), fed as
-    fine-tuning fed it; and the model's own predictions. Runs with Zhou et al.'s fragments or
-    channel fusion embed every sample and average the embeddings of each clip."""
+    fine-tuning fed it, and the model's own predicted classes, from one pass. Runs with Zhou
+    et al.'s fragments or channel fusion embed every sample and average the embeddings of
+    each clip, as their predictions average the samples' posteriors."""
     import torch
 
-    from audiofx.training.evaluate import embed
+    from audiofx.training.device import autocast
+    from audiofx.training.fusion import fuse_posteriors, mean_per_clip
     from audiofx.training.models import Classifier, build_encoder
 
     cfg, states = run.config, ckpt["states"]
-    arch = ckpt["meta"].get("arch") or cfg["arch"]
-    head = cfg.get("head", "linear")
-    encoder = build_encoder(arch)
-    model = Classifier(encoder, len(data.classes), head=head)
+    model = Classifier(build_encoder(ckpt["meta"].get("arch") or cfg["arch"]), len(data.classes),
+                       head=cfg.get("head", "linear"))
     model.load_state_dict(states["model"])
-    model.to(device)
+    model.to(device).eval()
     mean, std = states["mean"].to(device), states["std"].to(device)
     fragments, fusion = int(cfg.get("fragments", 1)), bool(cfg.get("channel_fusion", False))
-    if fragments == 1 and not fusion:
-        z = embed(model.encoder, data.x, mean, std, device)
-        with torch.no_grad():
-            own = model.head(z) if head == "linear" else embed(model, data.x, mean, std, device)
-        return z, own.argmax(1).cpu().numpy()
-    from audiofx.training.finetune import zhou_samples
-    from audiofx.training.fusion import fuse_posteriors
+    samples, clip_index = data, None
+    if fragments > 1 or fusion:
+        from audiofx.training.finetune import zhou_samples
 
-    samples, clip_index, (m, s), _ = zhou_samples(data, fragments, fusion, stats=(mean, std))
-    z_samples = embed(model.encoder, samples.x, m.to(device), s.to(device), device)
-    clip_index = clip_index.to(z_samples.device)
-    counts = torch.bincount(clip_index, minlength=len(data)).clamp_min(1).unsqueeze(1)
-    z = torch.zeros(len(data), z_samples.shape[1], device=z_samples.device).index_add_(0, clip_index, z_samples) / counts
-    logits = embed(model, samples.x, m.to(device), s.to(device), device)
-    return z, fuse_posteriors(logits, clip_index, len(data)).argmax(1).cpu().numpy()
+        samples, clip_index, (mean, std), _ = zhou_samples(data, fragments, fusion, stats=(mean, std))
+        mean, std = mean.to(device), std.to(device)
+    zs, logits = [], []
+    with torch.no_grad():
+        for i in range(0, samples.x.shape[0], 128):
+            with autocast(device):
+                fmap = model.encoder.features((samples.x[i:i + 128].to(device).float() - mean) / std)
+                z = model.encoder.pool(fmap).flatten(1)
+                out = model.head(z) if model.head_kind == "linear" else model.head(fmap)
+            zs.append(z.float())
+            logits.append(out.float())
+    z, out = torch.cat(zs), torch.cat(logits)
+    if clip_index is None:
+        return z, out.argmax(1).cpu().numpy()
+    return mean_per_clip(z, clip_index, len(data)), fuse_posteriors(out, clip_index, len(data)).argmax(1).cpu().numpy()
 
 
 def tsne_2d(z: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float]:
@@ -400,29 +403,36 @@ def build_report(runs: list[Path], out: Path, store: str | None = None, tsne: bo
     pretrains = [r for r in data if r.stage == "pretrain"]
     md = ["# audiofx report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {len(data)} run(s).", "",
           "## Runs", "", *runs_table(data), ""]
+    multilabel = any(r.multilabel for r in scored)
+    what = "score" if multilabel else "accuracy"
     if scored:
-        md += ["## Accuracy (%)", "", *accuracy_table(scored), "",
+        md += ["## Accuracy (%)" if not multilabel else "## Results (%)", "", *accuracy_table(scored), "",
                "Mean ± standard deviation over test folds (ddof=1; 0 for one fold), fold count in brackets. "
-               "Fine-tuning rows give the **last-epoch** accuracy of each fold. The best-epoch accuracy is not used: "
+               f"Fine-tuning rows give the **last-epoch** {what} of each fold. The best-epoch {what} is not used: "
                "it is selected on the test fold and therefore optimistic (each run's summary.md lists it). kNN and "
-               "linear rows evaluate a frozen pretrained encoder.", ""]
+               "linear rows evaluate a frozen pretrained encoder."
+               + (" Multi-label sets are scored by mAP (macro mean average precision), named in their cells."
+                  if multilabel else ""), ""]
     if finetunes:
-        md += ["## Accuracy vs epoch", ""]
+        md += ["## Accuracy vs epoch" if not multilabel else "## Test score vs epoch", ""]
         for dataset in _ordered(r.dataset for r in finetunes):
-            curves = [c for r in finetunes if r.dataset == dataset and (c := per_epoch(r.records, "test_acc", r.label))]
+            runs_of = [r for r in finetunes if r.dataset == dataset]
+            h = runs_of[0].headline()
+            curves = [c for r in runs_of if (c := per_epoch(r.records, f"test_{h.metric}", r.label))]
             if curves:
-                path = plots.curves_figure(curves, f"test accuracy vs epoch on {dataset} (mean ± 1 std over folds)",
-                                           "test accuracy (%)", figures / f"accuracy-vs-epoch-{_safe(dataset)}.png",
+                path = plots.curves_figure(curves, f"test {h.metric_name} vs epoch on {dataset} (mean ± 1 std over folds)",
+                                           f"test {h.metric_name} (%)", figures / f"accuracy-vs-epoch-{_safe(dataset)}.png",
                                            percent=True)
-                md += [img(path, f"accuracy vs epoch on {dataset}"), ""]
-        md += ["Mean test accuracy over folds after each epoch; the band is ±1 standard deviation across folds.", ""]
+                md += [img(path, f"{h.metric_name} vs epoch on {dataset}"), ""]
+        md += [f"Mean test {what} over folds after each epoch; the band is ±1 standard deviation across folds.", ""]
     if finetunes or pretrains:
         md += ["## Training loss", ""]
         if finetunes:
             curves = [c for r in finetunes if (c := per_epoch(r.records, "train_loss", f"{r.label} on {r.dataset}"))]
             if curves:
                 path = plots.curves_figure(curves, "fine-tuning training loss (mean ± 1 std over folds)",
-                                           "cross-entropy loss", figures / "loss-finetune.png")
+                                           "cross-entropy loss" + (" (binary for multi-label sets)" if multilabel else ""),
+                                           figures / "loss-finetune.png")
                 md += [img(path, "fine-tuning loss"), ""]
         if pretrains:
             losses = [c for r in pretrains if (c := per_epoch(r.records, "loss", _pretrain_label(r)))]
@@ -434,18 +444,24 @@ def build_report(runs: list[Path], out: Path, store: str | None = None, tsne: bo
                                                    "with it)." if knn else "."), ""]
     for r in scored:
         md += [f"## {r.label} on {r.dataset} (`{r.stage}/{r.name}`)", ""]
-        mean, std, n = r.accuracy()
-        md += [f"Accuracy {100 * mean:.2f} ± {100 * std:.2f}% over {n} fold(s)"
+        h = r.headline()
+        n = h.folds
+        md += [f"{'Accuracy' if h.metric == 'acc' else h.metric_name} {h.text()}% over {n} fold(s)"
                + (" (last epoch)." if r.stage == "finetune" else "."), ""]
-        if r.per_class:
-            pooled = "last-epoch predictions" if r.stage == "finetune" else "predictions"
+        pooled = "last-epoch predictions" if r.stage == "finetune" else "predictions"
+        if r.per_class and "confusion" not in r.per_class:  # multi-label: no confusion matrix
+            score = "sigmoid posterior" if r.stage == "finetune" or r.config.get("mode") == "linear" else \
+                "weighted share of neighbours carrying it"
+            md += [f"Per-class scores of the {pooled} pooled over the test folds: a class is predicted when its {score} "
+                   "is at least 0.5, and its AP ranks all clips by that score.", "", *per_class_markdown(r.per_class), ""]
+        elif r.per_class:
             path = plots.confusion_figure(np.array(r.per_class["confusion"]), r.per_class["classes"],
                                           f"{r.label} on {r.dataset}: confusion matrix ({pooled} of {n} test "
                                           f"fold{'s' if n != 1 else ''})",
                                           figures / f"confusion-{r.slug}.png")
             md += [img(path, f"confusion matrix of {r.name}"), "",
                    f"Confusion matrix of the {pooled} pooled over the test folds (rows: true class; colours normalised "
-                   "per row).", "", *per_class_table(r.per_class), ""]
+                   "per row).", "", *per_class_markdown(r.per_class), ""]
         else:
             md += ["No per_class.json in this run (made before per-class reports): no confusion matrix or per-class "
                    "table.", ""]

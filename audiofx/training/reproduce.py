@@ -22,6 +22,7 @@ from typing import Any, Callable
 from audiofx.errors import AudiofxError, ConfigError, StoreError
 from audiofx.pipeline.datasets.base import default_root
 from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, Recipe, Setting
+from audiofx.training.runs import Run, headline
 
 TRAINING = ("pretrain", "finetune", "evaluate")
 # Options whose value may differ between a finished run and a rerun without changing its result.
@@ -100,11 +101,7 @@ def pretrain_name(recipe: Recipe, pool: tuple[str, ...], method: str) -> str:
 
 
 def _summary(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return next((r for r in reversed(records) if r.get("event") == "summary"), None)
+    return Run(run_dir).summary()
 
 
 def _run_state(kind: str, run_dir: Path) -> str:
@@ -372,9 +369,7 @@ def execute(plan: Plan, say: Callable[[str], None] = print) -> None:
 def _cell(summary: dict[str, Any] | None, paper: str | None) -> str:
     ours = "-"
     if summary is not None:
-        mean, std = ((summary["last_acc_mean"], summary["last_acc_std"]) if "last_acc_mean" in summary
-                     else (summary["acc_mean"], summary["acc_std"]))
-        ours = f"{100 * mean:.2f} ± {100 * std:.2f}"
+        ours = headline(summary).text()
     return f"{ours} (paper {paper or 'n/a'})"
 
 

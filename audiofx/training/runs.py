@@ -29,7 +29,11 @@ class Run:
         return self.path.name
 
     @classmethod
-    def create(cls, root: str | Path, stage: str, name: str, config: dict[str, Any], resume: bool = False) -> "Run":
+    def create(cls, root: str | Path, stage: str, name: str, config: dict[str, Any], resume: bool = False,
+               extendable: tuple[str, ...] = ()) -> "Run":
+        """Create a run folder, or on ``resume`` check that the settings are the recorded ones.
+        A setting named in ``extendable`` (fine-tuning's ``epochs``) may grow on resume: the
+        run continues to the new value and config.json records it."""
         path = Path(root) / stage / name
         if path.exists() and not resume:
             raise ConfigError(f"run {path} already exists", "pass --resume to continue it, or another --name")
@@ -40,9 +44,18 @@ class Run:
         if resume:
             old = json.loads((path / "config.json").read_text())
             changed = sorted(k for k in config if old.get(k) != config[k])
+            grown = [k for k in changed if k in extendable and isinstance(old.get(k), int) and config[k] > old[k]]
+            shrunk = [k for k in changed if k in extendable and isinstance(old.get(k), int) and config[k] < old[k]]
+            if shrunk:
+                k = shrunk[0]
+                raise ConfigError(f"run {path} was started with {k} {old[k]}; resume cannot shorten it to {config[k]}",
+                                  f"resume with --{k} {old[k]} or more, or start a new run with --name")
+            changed = [k for k in changed if k not in grown]
             if changed:
                 raise ConfigError(f"run {path} was started with other settings ({', '.join(changed)})",
                                   "resume with the same options, or start a new run with --name")
+            if grown:
+                _atomic_write(path / "config.json", json.dumps({**old, **{k: config[k] for k in grown}}, indent=1))
         else:
             _atomic_write(path / "config.json", json.dumps({**config, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
                                                            indent=1))
@@ -51,6 +64,10 @@ class Run:
     @property
     def config(self) -> dict[str, Any]:
         return json.loads((self.path / "config.json").read_text())
+
+    def summary(self) -> dict[str, Any] | None:
+        """The last summary record of metrics.jsonl (None while the run has not finished)."""
+        return next((r for r in reversed(self.metrics()) if r.get("event") == "summary"), None)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.readonly:
@@ -91,9 +108,11 @@ class Run:
             return None
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    def save_predictions(self, fold: str, clips: list[str], y_true, scores) -> None:
-        """The test fold's final scores (logits, kNN votes or fused posteriors), one row per
-        clip, so that reports need neither the store nor the model to draw a confusion matrix."""
+    def save_predictions(self, fold: str, clips: list[str], y_true, scores, y_pred=None) -> None:
+        """The test fold's final scores (logits, kNN votes or posteriors), one row per clip,
+        so that reports need neither the store nor the model to draw a confusion matrix.
+        ``y_pred`` defaults to the top class; multi-label sets pass their (clips, classes)
+        bool predictions, and ``y_true`` is then (clips, classes) bool too."""
         if self.readonly:
             return
         import numpy as np
@@ -102,8 +121,10 @@ class Run:
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
         scores = np.asarray(scores, dtype=np.float32)
-        np.savez_compressed(tmp, clip=np.asarray(clips, dtype=str), y_true=np.asarray(y_true, dtype=np.int64),
-                            y_pred=scores.argmax(1), scores=scores)
+        y_true = np.asarray(y_true)
+        y_true = y_true.astype(bool if y_true.ndim == 2 else np.int64)
+        y_pred = scores.argmax(1) if y_pred is None else np.asarray(y_pred)
+        np.savez_compressed(tmp, clip=np.asarray(clips, dtype=str), y_true=y_true, y_pred=y_pred, scores=scores)
         os.replace(tmp, path)
 
     def predictions(self) -> dict[str, dict[str, Any]]:
@@ -122,12 +143,13 @@ class Run:
         _atomic_write(self.path / name, text)
 
 
-def open_run(ranks, root: str | Path, stage: str, name: str, config: dict[str, Any], resume: bool) -> Run:
+def open_run(ranks, root: str | Path, stage: str, name: str, config: dict[str, Any], resume: bool,
+             extendable: tuple[str, ...] = ()) -> Run:
     """Rank 0 creates (or checks, on --resume) the run folder; the other ranks wait for it and
     get a read-only handle on the same folder."""
     from audiofx.training.distributed import barrier
 
-    run = Run.create(root, stage, name, config, resume) if ranks.main else None
+    run = Run.create(root, stage, name, config, resume, extendable) if ranks.main else None
     barrier(ranks)
     return run or Run(Path(root) / stage / name, readonly=True)
 
@@ -159,6 +181,35 @@ def recipe(config: Any) -> dict[str, Any]:
     for transient in ("resume", "progress", "name", "device"):
         out.pop(transient, None)
     return json.loads(json.dumps(out, default=list))
+
+
+@dataclass(frozen=True)
+class Headline:
+    """A finished finetune or evaluate run's result: its metric (acc or map), mean and
+    standard deviation over test folds, and the fold count. Fine-tuning's is the last epoch."""
+
+    metric: str
+    mean: float
+    std: float
+    folds: int
+
+    @property
+    def metric_name(self) -> str:
+        from audiofx.training.tasks import METRIC_NAMES
+
+        return METRIC_NAMES.get(self.metric, self.metric)
+
+    def text(self) -> str:
+        """'78.25 ± 1.02' in percent."""
+        return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}"
+
+
+def headline(summary: dict[str, Any]) -> Headline:
+    """The headline of a summary record of either stage; runs made before multi-label sets
+    record no metric and are accuracy."""
+    m = summary.get("metric", "acc")
+    prefix = "last_" if f"last_{m}_mean" in summary else ""  # fine-tuning: the last epoch
+    return Headline(m, summary[f"{prefix}{m}_mean"], summary[f"{prefix}{m}_std"], int(summary["n_folds"]))
 
 
 def default_name(*parts: str) -> str:
