@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from audiofx.training.fusion import fuse_posteriors
 from audiofx.training.knn import choose_k, knn_scores
 from audiofx.training.metrics import multilabel_scores, per_class_report
+from audiofx.training.runs import Run
 from audiofx.training.tasks import Task
 from tests.conftest import run_cli
 from tests.layouts import make_fsd50k_learnable
@@ -115,7 +116,7 @@ def test_finetune_on_a_multilabel_set_learns_and_selects_on_val(chain):
     assert proc.returncode == 0, proc.stderr
     assert "mAP over 1 fold(s)" in proc.stdout and "validation split selects" in proc.stdout
     run = chain / "runs" / "finetune" / "ml"
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = Run(run).metrics()
     epochs = [r for r in records if r["event"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3, 4, 5] and {r["fold"] for r in epochs} == {"eval"}
     done = next(r for r in records if r["event"] == "fold_done")
@@ -140,6 +141,10 @@ def test_evaluate_compare_and_report_on_a_multilabel_set(chain):
     proc = run_cli("pretrain", "--method", "npid", "--datasets", "fsd50k", "--store", store, "--runs", runs,
                    "--epochs", "1", "--batch-size", "16", "--name", "np", *TINY)
     assert proc.returncode == 0, proc.stderr
+    # Monitoring on a multi-label pool: kNN mAP on FSD50K's val split, voted by its train split.
+    assert "kNN mAP" in proc.stdout and "on fsd50k val split (monitoring only)" in proc.stdout
+    epoch = next(r for r in Run(chain / "runs" / "pretrain" / "np").metrics() if r["event"] == "epoch")
+    assert 0 < epoch["knn_map"] <= 1 and epoch["knn_fold"] == "val split" and "knn_acc" not in epoch
     for mode in ("knn", "linear"):
         proc = run_cli("evaluate", "--run", "npid", "--dataset", "fsd50k", "--store", store, "--runs", runs,
                        "--mode", mode, "--name", mode)
@@ -147,8 +152,7 @@ def test_evaluate_compare_and_report_on_a_multilabel_set(chain):
         assert f"{mode} mAP over 1 fold(s)" in proc.stdout
         run = chain / "runs" / "evaluate" / mode
         saved = np.load(run / "predictions" / "fold-eval.npz")
-        summary = next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-                       if '"summary"' in line)
+        summary = Run(run).summary()
         assert summary["metric"] == "map" and summary["encoder_unchanged"]
         assert summary["map_mean"] == pytest.approx(multilabel_scores(saved["y_true"], saved["scores"])["map"])
         assert summary["map_mean"] > _chance_map(saved["y_true"]) + 0.2
@@ -161,3 +165,4 @@ def test_evaluate_compare_and_report_on_a_multilabel_set(chain):
     text = (chain / "report" / "report.md").read_text()
     assert "## Results (%)" in text and "| npid kNN | mAP " in text and "| AP |" in text
     assert "t-SNE skipped: a t-SNE is coloured by one class per clip" in text and "confusion" not in text
+    assert (chain / "report" / "figures" / "loss-pretrain.png").is_file() and "weighted-kNN score" in text

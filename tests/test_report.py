@@ -17,6 +17,7 @@ from audiofx.training.evaluate import EvaluateConfig, evaluate
 from audiofx.training.finetune import FinetuneConfig, finetune
 from audiofx.training.pretrain import PretrainConfig, pretrain
 from audiofx.training.report import load_run, per_epoch, tsne_inputs
+from audiofx.training.runs import Run
 from tests.conftest import assert_one_line_error, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -53,11 +54,11 @@ def report(runs) -> Path:
 
 
 def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return Run(run).metrics()
 
 
 def summary(run: Path) -> dict:
-    return next(r for r in records(run) if r["event"] == "summary")
+    return Run(run).summary()
 
 
 def section(text: str, heading_start: str) -> str:

@@ -4,7 +4,6 @@ numbers are the runs' summaries, and a rerun skips, resumes and restarts the rig
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from pathlib import Path
@@ -15,6 +14,7 @@ from click.testing import CliRunner
 from audiofx.cli import cli
 from audiofx.recipes import RECIPES
 from audiofx.training.reproduce import scale_epochs
+from audiofx.training.runs import Run
 from tests.conftest import assert_one_line_error, run_cli
 
 EXPECTED_RUNS = {  # (pretrain, finetune, evaluate) runs per recipe
@@ -209,8 +209,7 @@ def reproduced(tmp_path_factory):
 
 
 def summary(run: Path) -> dict:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-            if '"summary"' in line][-1]
+    return Run(run).summary()
 
 
 def table(stdout: str) -> dict[str, list[str]]:

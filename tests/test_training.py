@@ -4,11 +4,8 @@ on the synthetic demo dataset (5 clearly different classes, 200 clips, 5 folds).
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,8 @@ import pytest
 import torch
 
 from audiofx.pipeline.extract import ExtractRequest, extract
-from tests.conftest import REPO, assert_one_line_error, audiofx_cmd, cli_env, run_cli
+from audiofx.training.runs import Run
+from tests.conftest import REPO, assert_one_line_error, audiofx_cmd, cli_env, kill_9, run_cli, start_cli, wait_while_running
 
 TINY = ["--arch", "tiny", "--no-progress"]
 
@@ -40,7 +38,7 @@ def npid_run(store, tmp_path_factory) -> Path:
 
 
 def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return Run(run).metrics()
 
 
 def test_finetune_fold_all_gives_one_result_per_fold_and_correct_mean_std(store, tmp_path):
@@ -98,15 +96,10 @@ def test_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_run(store, t
     args = ["finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path), "--init", "scratch",
             "--fold", "1", "--epochs", "5", "--lr", "1e-3", *TINY]
     assert run_cli(*args, "--name", "whole").returncode == 0
-    proc = subprocess.Popen(audiofx_cmd(*args, "--name", "cut"), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = start_cli(*args, "--name", "cut", own_group=True)
     log = tmp_path / "finetune" / "cut" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    wait_while_running(proc, lambda: log.exists() and len(log.read_text().splitlines()) >= 2)
+    kill_9(proc)
     done_before = [r["epoch"] for r in metrics(tmp_path / "finetune" / "cut") if r["event"] == "epoch"]
     assert 2 <= len(done_before) < 5
     resumed = run_cli(*args, "--name", "cut", "--resume")

@@ -78,7 +78,8 @@ def curves_figure(curves: list[Curve], title: str, ylabel: str, path: Path, perc
 
 
 def pretrain_figure(losses: list[Curve], knn: list[Curve], path: Path) -> Path:
-    """Pretraining loss per epoch and, when logged, the monitoring kNN accuracy beside it."""
+    """Pretraining loss per epoch and, when logged, the monitoring kNN score beside it
+    (accuracy, or mAP for a multi-label set: each curve's label says which)."""
     fig = Figure(figsize=(12 if knn else 7, 4.5), layout="constrained")
     ax = fig.add_subplot(1, 2 if knn else 1, 1)
     _draw_curves(ax, losses, percent=False)
@@ -89,8 +90,8 @@ def pretrain_figure(losses: list[Curve], knn: list[Curve], path: Path) -> Path:
         ax2 = fig.add_subplot(1, 2, 2)
         _draw_curves(ax2, knn, percent=True)
         ax2.set_xlabel("epoch")
-        ax2.set_ylabel("kNN accuracy (%)")
-        ax2.set_title("weighted-kNN accuracy (monitoring only)")
+        ax2.set_ylabel("kNN score (%)")
+        ax2.set_title("weighted-kNN score on a held-out split (monitoring only)")
     return _save(fig, path)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from audiofx.errors import ConfigError, StoreError
@@ -23,11 +24,12 @@ from audiofx.training.augment import random_time_shift, spec_augment
 from audiofx.training.data import FoldSet, InMemoryData, InMemoryLoader, load_in_memory
 from audiofx.training.device import autocast, prepare_model, seed_everything
 from audiofx.training.distributed import Ranks, run_on_ranks, wrap
-from audiofx.training.featureset import resolve_featureset
+from audiofx.training.featureset import resolve_featureset, split_folds, validation_fold
 from audiofx.training.finetune import channel_stats
 from audiofx.training.knn import knn_scores
 from audiofx.training.models import ARCHS, build_encoder
 from audiofx.training.runs import default_name, open_run, recipe
+from audiofx.training.tasks import Task
 from audiofx.training.ssl.methods import METHODS
 
 
@@ -163,15 +165,16 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         record = {"event": "epoch", "epoch": epoch + 1, "loss": loss_value, "lr": sched.get_last_lr()[0],
                   "seconds": round(time.perf_counter() - t0, 2)}
         if monitor:
-            record["knn_acc"] = _monitor_knn(method.encoder, monitor, mean, std, device)
-            record["knn_dataset"] = monitor["dataset"]
+            task = monitor["task"]
+            record[f"knn_{task.metric}"] = _monitor_knn(method.encoder, monitor, mean, std, device)
+            record.update(knn_dataset=monitor["dataset"], knn_fold=monitor["fold"])
         run.save_checkpoint("last", {"method": method.state_dict(), "optimizer": opt.state_dict(),
                                      "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
                             {"epoch": epoch, "arch": cfg.arch, "method": cfg.method})
         run.log(record)
         say(f"epoch {epoch + 1}: loss {loss_value:.4f}" +
-            (f", kNN {100 * record['knn_acc']:.1f}% on {monitor['dataset']} fold {monitor['fold']} (monitoring only)"
-             if monitor else ""))
+            (f", kNN {monitor['task'].metric_name} {100 * record[f'knn_{task.metric}']:.1f}% on {monitor['dataset']} "
+             f"{monitor['fold']} (monitoring only)" if monitor else ""))
     run.save_checkpoint("final", {"encoder": method.encoder.state_dict(), "mean": mean.cpu(), "std": std.cpu()},
                         {"arch": cfg.arch, "method": cfg.method, "epochs": cfg.epochs})
     run.write_text("summary.md", f"# pretrain {cfg.method}\n\n{cfg.arch}, {cfg.epochs} epochs on "
@@ -194,14 +197,24 @@ def _refuse_extension(cfg: PretrainConfig, name: str) -> None:
 
 
 def _monitor_split(loaded) -> dict[str, Any] | None:
-    """A labelled, numbered-fold dataset of the pool: its first fold is held out for a kNN
-    accuracy each epoch. Monitoring only: nothing is selected with it."""
+    """A labelled dataset of the pool and a split of it held out for a weighted-kNN score each
+    epoch (accuracy, or mAP for a multi-label set), voted by its training folds: the first
+    of numbered folds, or the validation split of named splits (FSD50K's val; else their
+    test split). Monitoring only: nothing is selected with it."""
     for ds, _, manifest, d in loaded:
         folds = list(manifest["folds"])
-        if manifest["multilabel"] or len(folds) < 2 or not all(f.isdigit() for f in folds):
+        try:
+            plan = split_folds(folds, "all")
+        except StoreError:
             continue
-        test = torch.tensor([f == folds[0] for f in d.fold_of], device=d.x.device)
-        return {"dataset": ds, "fold": folds[0], "x": d.x, "y": d.y, "test": test, "classes": len(manifest["classes"])}
+        held, train_folds = validation_fold(folds, plan) or plan[0][0], plan[0][1]
+        if not train_folds:
+            continue
+        fold_of = np.array(d.fold_of)
+        rows = torch.from_numpy(np.flatnonzero(np.isin(fold_of, [held, *train_folds]))).to(d.x.device)
+        test = torch.from_numpy(fold_of == held).to(d.x.device)[rows]
+        return {"dataset": ds, "fold": f"fold {held}" if held.isdigit() else f"{held} split", "rows": rows,
+                "x": d.x, "y": d.y, "test": test, "classes": len(manifest["classes"]), "task": Task.of(manifest)}
     return None
 
 
@@ -209,7 +222,10 @@ def _monitor_split(loaded) -> dict[str, Any] | None:
 def _monitor_knn(encoder, monitor, mean, std, device) -> float:
     from audiofx.training.evaluate import embed
 
-    z = embed(encoder, monitor["x"], mean, std, device)
-    test, y = monitor["test"], monitor["y"]
+    rows, test, task = monitor["rows"], monitor["test"], monitor["task"]
+    # Embedded in slices of the held-out and training rows: indexing the whole set at once
+    # would copy it (FSD50K's is ~10 GB).
+    z = torch.cat([embed(encoder, monitor["x"][rows[i:i + 512]], mean, std, device) for i in range(0, len(rows), 512)])
+    y = monitor["y"][rows]
     scores = knn_scores(z[~test], y[~test], z[test], monitor["classes"], k=200)
-    return float((scores.argmax(1) == y[test]).float().mean())
+    return task.score(scores, y[test])[task.metric]

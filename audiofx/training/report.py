@@ -436,12 +436,13 @@ def build_report(runs: list[Path], out: Path, store: str | None = None, tsne: bo
                 md += [img(path, "fine-tuning loss"), ""]
         if pretrains:
             losses = [c for r in pretrains if (c := per_epoch(r.records, "loss", _pretrain_label(r)))]
-            knn = [c for r in pretrains if (c := per_epoch(r.records, "knn_acc", _pretrain_label(r, knn=True)))]
+            knn = [c for r in pretrains for key in ("knn_acc", "knn_map")
+                   if (c := per_epoch(r.records, key, _pretrain_label(r, knn=True)))]
             path = plots.pretrain_figure(losses, knn, figures / "loss-pretrain.png")
             md += [img(path, "pretraining loss"), "",
-                   "Pretraining loss per epoch" + (" and the weighted-kNN accuracy on the first fold of a labelled "
-                                                   "dataset of the pool, logged for monitoring only (nothing is selected "
-                                                   "with it)." if knn else "."), ""]
+                   "Pretraining loss per epoch" + (" and the weighted-kNN score (accuracy; mAP for a multi-label set) "
+                                                   "on a held-out split of a labelled dataset of the pool, logged for "
+                                                   "monitoring only (nothing is selected with it)." if knn else "."), ""]
     for r in scored:
         md += [f"## {r.label} on {r.dataset} (`{r.stage}/{r.name}`)", ""]
         h = r.headline()
@@ -476,8 +477,11 @@ def _pretrain_label(run: RunData, knn: bool = False) -> str:
     """'npid on demo', plus the run name when it is not just the method, and for the
     monitoring curve the dataset whose first fold it measures."""
     text = f"{run.label} on {run.dataset}" + (f" [{run.name}]" if run.name != run.label else "")
-    monitored = next((str(r["knn_dataset"]) for r in run.records if r.get("knn_dataset")), None)
-    return f"{text}: kNN on {monitored} (first fold)" if knn and monitored else text
+    record = next((r for r in run.records if r.get("knn_dataset")), None)
+    if not (knn and record):
+        return text
+    name = "mAP" if "knn_map" in record else "accuracy"
+    return f"{text}: kNN {name} on {record['knn_dataset']} {record.get('knn_fold', '(first fold)')}"
 
 
 def _safe(text: str) -> str:
