@@ -149,6 +149,18 @@ def test_options_pass_through_to_the_stages(tmp_path, monkeypatch):
     assert any("no ImageNet weights exist for arch tiny" in line for line in tiny)
 
 
+def test_esc10_is_extracted_from_the_esc50_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    given = commands(dry_run("hornauer2021", "--datasets", "esc10", "--root", "esc50=/data/ESC-50-master"))
+    assert given[0][0] == "extract" and (given[0][1]["dataset"], str(given[0][1]["root"])) == (
+        "esc10", "/data/ESC-50-master")
+    (tmp_path / "data" / "raw" / "esc50").mkdir(parents=True)  # `audiofx download esc50` put it there
+    default = commands(dry_run("hornauer2021", "--datasets", "esc10"))
+    assert str(default[0][1]["root"]) == "data/raw/esc50"
+    ignored = dry_run("hornauer2021", "--datasets", "esc10", "--root", "gtzan=/x")
+    assert any("--root for gtzan ignored" in line for line in ignored)
+
+
 def test_table_shows_the_papers_numbers_and_na_where_they_are_not_given(tmp_path, monkeypatch):
     from audiofx.training.reproduce import ReproduceOptions, make_plan, results_table
 

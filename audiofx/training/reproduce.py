@@ -163,15 +163,16 @@ def _differences(kind: str, args: list[str], run_dir: Path) -> list[str]:
 
 
 def _extract_root(opts: ReproduceOptions, dataset: str) -> str | None:
-    """An explicit --root, else the default data/raw/<dataset> when it exists. ESC-10 is a
-    subset of ESC-50 with the same files: ESC-50's root serves it too."""
-    for name in (dataset, "esc50") if dataset == "esc10" else (dataset,):
+    """An explicit --root, else the default data/raw/<dataset> when it exists. A dataset
+    made of another's files (ESC-10 of ESC-50's, see DOWNLOAD_AS) is served by that one's
+    root too."""
+    names = list(dict.fromkeys([dataset, DOWNLOAD_AS.get(dataset, dataset)]))
+    for name in names:
         if name in opts.roots:
             return opts.roots[name]
-    if default_root(dataset).is_dir():
-        return ""  # extract's default root
-    if dataset == "esc10" and default_root("esc50").is_dir():
-        return str(default_root("esc50"))
+    for name in names:
+        if default_root(name).is_dir():
+            return "" if name == dataset else str(default_root(name))  # "": extract's own default
     return None
 
 
@@ -207,7 +208,7 @@ def make_plan(opts: ReproduceOptions) -> Plan:
         notes.append(f"no ImageNet weights exist for arch {arch}: the ImageNet rows are left out")
     # Features to extract: the selected datasets and the recipe's own pretraining pools (FSD50K).
     wanted = list(dict.fromkeys([*datasets, *(d for p in recipe.pretrain for d in p.pool)]))
-    ignored = [d for d in opts.roots if d not in wanted and not (d == "esc50" and "esc10" in wanted)]
+    ignored = [d for d in opts.roots if d not in {*wanted, *(DOWNLOAD_AS.get(w, w) for w in wanted)}]
     if ignored:
         notes.append(f"--root for {', '.join(ignored)} ignored: not a dataset of {recipe.name}")
     manifests = {d: _features(opts.store, d, recipe.preset) for d in wanted}
