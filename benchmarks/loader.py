@@ -1,21 +1,31 @@
 """Training input throughput: store -> float32 batches, against a raw memmap and on-the-fly features.
 
     python benchmarks/loader.py [--clips 3000] [--batch-size 32] [--seconds 3] [--threads 2] [--torch-threads 1]
-                                [--out DIR] [--keep]
+                                [--no-codecs] [--out DIR] [--keep]
 
 Built first (not timed): an ESC-50-shaped feature store (3x128x250 float16, 5 folds, 8 clips
 per chunk) written through the store's own APIs (prepare, write_unit, finalize: same layout,
 codec and manifest as `audiofx extract`), and a raw .npy memmap holding the same values. The
-values are the features of a few generated 5 s clips plus small noise, so the chunks
-compress like real features rather than like random bytes.
+values are the features of 16 generated 5 s clips plus small noise, 8 different ones in each
+chunk, so the chunks compress like real features rather than like random bytes (or like
+repeated clips).
 
-Then samples/s of float32 batches (B, 3, 128, 250), each for about --seconds:
+Then samples/s of float32 batches (B, 3, 128, 250), each for about --seconds, and the CPU
+time of this process per batch (all threads):
   in-memory   load_in_memory + InMemoryLoader (the load time is reported separately)
   streaming   StreamingLoader: shuffled runs of chunks read by background threads
+  streaming, old codec
+              the same, from a copy of the store whose x arrays use the codec stores had
+              before (Blosc zstd-1 bit shuffle): what existing stores still stream at
   memmap      random batches from the raw .npy memmap: the limit for data on local disk
   zarr/clip   random per-clip Zarr reads (x[i] per sample): why training never does this
   on-the-fly  decode_clip + compute_features per clip (the Palanisamy-style baseline of
               computing features in the training loop), on a handful of WAVs, extrapolated
+
+and where the streaming loader's CPU time goes per batch (chunk files read and decoded, batch
+rows copied and cast to float32, the rest), each part timed alone on one thread. Unless
+--no-codecs: the size and encode/decode time of one 8-clip chunk of this store under each
+candidate Blosc codec (numcodecs, one thread), which is what the store's codec was chosen by.
 
 Everything was just written, so all reads come from the page cache: this compares the
 readers, not the disk. Every path runs with one torch thread by default (--torch-threads),
@@ -66,7 +76,7 @@ RATE = 44100
 SECONDS = 5.0
 FOLDS = 5
 CLASSES = 50
-BASE_CLIPS = 8  # generated WAVs: the on-the-fly baseline and the seeds of the stored values
+BASE_CLIPS = 16  # generated WAVs: the on-the-fly baseline and the seeds of the stored values
 DATASET = "esc-like"
 
 
@@ -126,7 +136,9 @@ def build(base: Path, clips: int, memmap: bool = True) -> tuple[list[Path], obje
     fold_offset = dict(zip(folds, offsets[:-1].tolist()))
     for unit in units:
         n = unit.stop - unit.start
-        x = feats[rng.integers(0, BASE_CLIPS, n)] + 0.05 * rng.standard_normal((n,) + config.shape, dtype=np.float32)
+        # n different clips per chunk: a chunk of repeated clips would compress unlike real data.
+        x = feats[rng.choice(BASE_CLIPS, n, replace=False)] + 0.05 * rng.standard_normal((n,) + config.shape,
+                                                                                        dtype=np.float32)
         x = x.astype(np.float16)
         store.write_unit(DATASET, plan.key, unit, x, [])
         if mm is not None:
@@ -142,18 +154,20 @@ def build(base: Path, clips: int, memmap: bool = True) -> tuple[list[Path], obje
 
 # -- timing ----------------------------------------------------------------------------------
 
-def timed_epochs(make_iter, budget: float) -> tuple[float, int]:
-    """Run whole passes of make_iter() until budget seconds have passed: (samples/s, samples)."""
-    n = 0
-    started = time.perf_counter()
+def timed_epochs(make_iter, budget: float) -> tuple[float, float]:
+    """Run whole passes of make_iter() until budget seconds have passed:
+    (samples/s, CPU ms of this process, all threads, per batch)."""
+    n = batches = 0
+    started, cpu = time.perf_counter(), time.process_time()
     while True:
         for batch in make_iter():
             n += int(batch.shape[0])
+            batches += 1
             if time.perf_counter() - started > budget:
                 break
         elapsed = time.perf_counter() - started
         if elapsed > budget:
-            return n / elapsed, n
+            return n / elapsed, (time.process_time() - cpu) * 1e3 / batches
 
 
 def batches_of(loader):
@@ -187,17 +201,127 @@ def zarr_clip_batches(store: Path, foldset, batch_size: int, seed: int):
     return epoch
 
 
-def on_the_fly(wavs: list[Path], config, budget: float) -> tuple[float, int]:
-    """decode_clip + compute_features, one clip at a time, cycling over the WAVs."""
+def on_the_fly(wavs: list[Path], config, budget: float, batch_size: int) -> tuple[float, float]:
+    """decode_clip + compute_features, one clip at a time, cycling over the WAVs:
+    (samples/s, CPU ms per batch of batch_size)."""
     with torch.inference_mode():
         compute_features(torch.from_numpy(decode_clip(wavs[0], config))[None], config)  # warm-up
         n = 0
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         while time.perf_counter() - started < budget:
             audio = decode_clip(wavs[n % len(wavs)], config)
             compute_features(torch.from_numpy(audio)[None], config).float()
             n += 1
-    return n / (time.perf_counter() - started), n
+    return n / (time.perf_counter() - started), (time.process_time() - cpu) * 1e3 / n * batch_size
+
+
+# -- codecs ----------------------------------------------------------------------------------
+
+# Candidate Blosc settings for x, as zarr's BloscCodec takes them (None: no compression). The
+# store's X_CODEC is the one marked in the table.
+CODECS = [
+    ("zstd-1 bitshuffle (before)", {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}),
+    ("zstd-1 shuffle", {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}),
+    ("zstd-1 bitshuffle, 1 MiB blocks", {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle", "blocksize": 2**20}),
+    ("zstd-1 shuffle, 1 MiB blocks", {"cname": "zstd", "clevel": 1, "shuffle": "shuffle", "blocksize": 2**20}),
+    ("zstd-2 shuffle, 1 MiB blocks", {"cname": "zstd", "clevel": 2, "shuffle": "shuffle", "blocksize": 2**20}),
+    ("lz4 bitshuffle", {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}),
+    ("lz4 shuffle", {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}),
+    ("lz4hc-5 shuffle", {"cname": "lz4hc", "clevel": 5, "shuffle": "shuffle"}),
+    ("blosclz shuffle", {"cname": "blosclz", "clevel": 5, "shuffle": "shuffle"}),
+    ("none", None),
+]
+OLD_CODEC = CODECS[0][1]
+_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+def numcodecs_blosc(spec: dict, typesize: int):
+    """The numcodecs codec that zarr's BloscCodec(**spec) runs for an array of this item size."""
+    from numcodecs import Blosc
+
+    return Blosc(cname=spec["cname"], clevel=spec["clevel"], shuffle=_SHUFFLE[spec["shuffle"]],
+                 blocksize=spec.get("blocksize", 0), typesize=typesize)
+
+
+def is_store_codec(spec: dict | None) -> bool:
+    from audiofx.pipeline.store import X_CODEC
+
+    return spec is not None and (X_CODEC.cname.name, X_CODEC.clevel, X_CODEC.shuffle.name, X_CODEC.blocksize) == (
+        spec["cname"], spec["clevel"], spec["shuffle"], spec.get("blocksize", 0))
+
+
+def codec_table(chunks: list[np.ndarray], reps: int = 5) -> list[tuple[str, float, float, float, bool]]:
+    """(codec, ratio, encode ms, decode ms) of one chunk, on one thread: decode is the best of
+    `reps` passes over all chunks, each decoded into a reused buffer as the streaming loader does."""
+    import numcodecs.blosc
+
+    numcodecs.blosc.use_threads = False  # what zarr sets: Blosc's own threads off, one per caller
+    raw = sum(c.nbytes for c in chunks)
+    out = np.empty_like(chunks[0])
+    rows = []
+    out_bytes = out.reshape(-1).view(np.uint8)
+    for name, spec in CODECS:
+        if spec is None:  # the chunk's bytes as they are: a copy into the buffer
+            encode, decode = bytes, (lambda b: np.copyto(out_bytes, np.frombuffer(b, np.uint8)))
+        else:
+            codec = numcodecs_blosc(spec, chunks[0].dtype.itemsize)
+            encode, decode = codec.encode, (lambda b, codec=codec: codec.decode(b, out=out))
+        t0 = time.perf_counter()
+        blobs = [encode(c) for c in chunks]
+        enc = (time.perf_counter() - t0) / len(chunks)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for b in blobs:
+                decode(b)
+            best = min(best, (time.perf_counter() - t0) / len(chunks))
+        rows.append((name, raw / sum(len(b) for b in blobs), enc * 1e3, best * 1e3, is_store_codec(spec)))
+    return rows
+
+
+def recode(store: Path, foldset, spec: dict | None, dest: Path):
+    """A copy of the store whose x arrays are written with another codec (values unchanged)."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    shutil.copytree(store, dest)
+    group = FeatureStore(dest).group_path(foldset.dataset, foldset.key)
+    for fold in foldset.folds:
+        parent = zarr.open_group(str(group / fold_group(fold)), mode="r+")
+        old = parent["x"]
+        values = old[:]
+        del parent["x"]
+        x = parent.create_array("x", shape=values.shape, chunks=old.chunks, dtype=values.dtype, fill_value=0,
+                                compressors=BloscCodec(**spec) if spec else None)
+        x[:] = values
+    return open_foldset(str(dest), foldset.dataset, foldset.key, list(foldset.folds))
+
+
+def streaming_breakdown(loader: StreamingLoader, reps: int = 20) -> tuple[float, float, float]:
+    """CPU ms per batch of: reading and decoding the chunk files of a whole epoch into one
+    reused buffer (on this thread alone); the same through zarr's own read path (all of its
+    threads: zarr decodes in a thread pool); assembling one batch (rows copied and cast to
+    float32, this thread)."""
+    plan = loader.plan(0)
+    batches = loader.num_samples / loader.batch_size
+    buffer = np.empty((loader.run_chunks * loader.chunk_clips,) + loader.shape, np.float16)
+    cpu = time.thread_time()
+    for p in plan:
+        a, b = p.read_range
+        loader._reader(p.run.fold).read(a, b, out=buffer[:b - a])
+    read_ms = (time.thread_time() - cpu) * 1e3 / batches
+    cpu = time.process_time()
+    for p in plan:
+        a, b = p.read_range
+        loader._reader(p.run.fold).array[a:b]
+    zarr_ms = (time.process_time() - cpu) * 1e3 / batches
+    x = torch.from_numpy(buffer)
+    rows = [(x, r % len(buffer)) for r in range(loader.batch_size)]
+    index = np.arange(len(rows), dtype=np.int64)
+    cpu = time.thread_time()
+    for _ in range(reps):
+        loader._assemble(rows, index)
+    return read_ms, zarr_ms, (time.thread_time() - cpu) * 1e3 / reps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -208,6 +332,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="reader threads of the streaming loader (default 2)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch.set_num_threads for every path (default 1, as in a DataLoader worker; 0: torch's default)")
+    p.add_argument("--no-codecs", action="store_true", help="skip the per-codec chunk table")
     p.add_argument("--out", type=Path, help="working folder (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the generated store, memmap and WAVs")
     return p.parse_args(argv)
@@ -230,25 +355,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built {args.clips} clips of {'x'.join(map(str, config.shape))} float16 in "
               f"{time.perf_counter() - t0:.1f} s: raw {raw / 2**20:.0f} MiB, store {stored / 2**20:.0f} MiB "
               f"({raw / stored:.2f}x), {manifest['chunk_clips']} clips per chunk", file=sys.stderr)
+        old_set = recode(store, foldset, OLD_CODEC, base / "store-old-codec")
 
-        results: dict[str, float] = {}
+        results: dict[str, tuple[float, float]] = {}
         data = load_in_memory(foldset)
         load_s = data.seconds
-        results["in-memory"] = timed_epochs(batches_of(InMemoryLoader(data, bs, seed=0)), budget)[0]
+        results["in-memory"] = timed_epochs(batches_of(InMemoryLoader(data, bs, seed=0)), budget)
         del data
         stream = StreamingLoader(foldset, bs, seed=0, threads=args.threads)
-        results["streaming"] = timed_epochs(batches_of(stream), budget)[0]
-        results["memmap"] = timed_epochs(memmap_batches(mm_path, bs, 0), budget)[0]
-        results["zarr/clip"] = timed_epochs(zarr_clip_batches(store, foldset, bs, 0), budget)[0]
-        results["on-the-fly"] = on_the_fly(wavs, config, budget)[0]
+        results["streaming"] = timed_epochs(batches_of(stream), budget)
+        old_stream = StreamingLoader(old_set, bs, seed=0, threads=args.threads)
+        results["streaming, old codec"] = timed_epochs(batches_of(old_stream), budget)
+        results["memmap"] = timed_epochs(memmap_batches(mm_path, bs, 0), budget)
+        results["zarr/clip"] = timed_epochs(zarr_clip_batches(store, foldset, bs, 0), budget)
+        results["on-the-fly"] = on_the_fly(wavs, config, budget, bs)
+        parts = {"streaming": streaming_breakdown(stream), "streaming, old codec": streaming_breakdown(old_stream)}
+        chunks = []
+        if not args.no_codecs:
+            import zarr
+
+            x = zarr.open_array(str(FeatureStore(store).group_path(DATASET, foldset.key) / fold_group("1") / "x"),
+                                mode="r")
+            m = int(x.chunks[0])
+            chunks = [x[i:i + m] for i in range(0, min(16 * m, x.shape[0] // m * m), m)]
+            codecs = codec_table(chunks)
     finally:
         if not args.keep and not args.out:
             shutil.rmtree(base, ignore_errors=True)
 
-    mem, fly = results["memmap"], results["on-the-fly"]
+    mem, fly = results["memmap"][0], results["on-the-fly"][0]
+    streaming = f"{args.threads} reader threads, runs of 4 chunks, buffer of 8 chunks"
     notes = {
         "in-memory": f"after a load of {load_s:.2f} s ({args.clips / load_s:.0f} clips/s, {raw / 2**20 / load_s:.0f} MiB/s)",
-        "streaming": f"{args.threads} reader threads, runs of 4 chunks, buffer of 8 chunks",
+        "streaming": f"{streaming}; {manifest['sizes']['stored_bytes'] / 2**20:.0f} MiB store",
+        "streaming, old codec": "the same, store written with Blosc zstd-1 bit shuffle (stores made before it changed)",
         "memmap": "random batches from a raw .npy memmap (the limit)",
         "zarr/clip": "x[i] per sample: one chunk decompressed per clip",
         "on-the-fly": f"decode_clip + compute_features per clip, {len(wavs)} WAVs cycled",
@@ -256,15 +396,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{command}")
     print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{args.clips} clips, batch {bs}, {budget:g} s per path, load average {load_before:.1f} before the run\n")
-    print("| path | samples/s | / memmap | / on-the-fly | note |")
-    print("|---|---|---|---|---|")
-    for name, rate in results.items():
-        print(f"| {name} | {rate:,.0f} | {rate / mem:.2f}x | {rate / fly:,.0f}x | {notes[name]} |")
+    print("| path | samples/s | / memmap | / on-the-fly | CPU ms per batch | note |")
+    print("|---|---|---|---|---|---|")
+    for name, (rate, cpu) in results.items():
+        print(f"| {name} | {rate:,.0f} | {rate / mem:.2f}x | {rate / fly:,.0f}x | {cpu:.2f} | {notes[name]} |")
+
+    print(f"\nWhere streaming's CPU time goes, ms per batch of {bs}: the parts timed alone, the rest is "
+          "planning, thread hand-offs, page faults of new batch buffers and contention:\n")
+    print("| store | read + decode chunks | (through zarr instead) | copy + cast rows | rest | total, all threads |")
+    print("|---|---|---|---|---|---|")
+    for name, (read_ms, zarr_ms, assemble_ms) in parts.items():
+        total = results[name][1]
+        print(f"| {name} | {read_ms:.2f} | ({zarr_ms:.2f}) | {assemble_ms:.2f} | {total - read_ms - assemble_ms:.2f} "
+              f"| {total:.2f} |")
+
+    if chunks:
+        print(f"\nOne {len(chunks[0])}-clip chunk ({chunks[0].nbytes / 1e6:.2f} MB raw) under each codec, mean of "
+              f"{len(chunks)} chunks, one thread (* = the store's codec):\n")
+        print("| codec | ratio | encode ms | decode ms | decoded clips/s per core |")
+        print("|---|---|---|---|---|")
+        for name, ratio, enc, dec, current in codecs:
+            print(f"| {name}{' *' if current else ''} | {ratio:.3f}x | {enc:.2f} | {dec:.2f} | "
+                  f"{len(chunks[0]) / dec * 1e3:,.0f} |")
+
+    stream_rate = results["streaming"][0]
     checks = [
-        ("in-memory >= memmap", results["in-memory"] >= mem),
-        ("streaming >= 50% of memmap", results["streaming"] >= 0.5 * mem),
-        ("in-memory >= 100x on-the-fly", results["in-memory"] >= 100 * fly),
-        ("streaming >= 100x on-the-fly", results["streaming"] >= 100 * fly),
+        ("in-memory >= memmap", results["in-memory"][0] >= mem),
+        ("streaming >= 50% of memmap", stream_rate >= 0.5 * mem),
+        ("in-memory >= 100x on-the-fly", results["in-memory"][0] >= 100 * fly),
+        ("streaming >= 100x on-the-fly", stream_rate >= 100 * fly),
     ]
     print()
     for name, ok in checks:

@@ -121,3 +121,31 @@ def test_reader_refuses_a_store_without_manifest(small_folder, store_url):
     fs.loc.remove(fs.rel("folder", summary.key, "manifest.json"))
     with pytest.raises(StoreError, match="no manifest"):
         FeatureStore(store_url).load_fold("folder", summary.key, "1")
+
+
+def test_new_arrays_use_the_store_codec_and_old_codec_arrays_are_still_served(small_folder, tmp_path):
+    """The codec is recorded per array and is not part of the key: a store written with the
+    codec stores had before (Blosc zstd-1 bit shuffle) is read, verified and reused as it is."""
+    from zarr.codecs import BloscCodec
+
+    from audiofx.pipeline.store import X_CODEC
+
+    summary = run(small_folder, tmp_path / "store")
+    fs = FeatureStore(tmp_path / "store")
+    fold = zarr.open_group(str(summary.path / "fold-1"), mode="r+")
+    blosc = fold["x"].metadata.codecs[1]
+    assert isinstance(blosc, BloscCodec) and blosc.typesize == 2  # zarr sets the item size from the dtype
+    assert (blosc.cname, blosc.clevel, blosc.shuffle, blosc.blocksize) == (
+        X_CODEC.cname, X_CODEC.clevel, X_CODEC.shuffle, X_CODEC.blocksize)
+    before = fs.load_fold("folder", summary.key, "1")
+    values, chunks = fold["x"][:], fold["x"].chunks
+    del fold["x"]
+    old = fold.create_array("x", shape=values.shape, chunks=chunks, dtype=values.dtype, fill_value=0,
+                            compressors=BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"))
+    old[:] = values
+    reopened = zarr.open_array(str(summary.path / "fold-1" / "x"), mode="r")
+    assert reopened.metadata.codecs[1].shuffle.name == "bitshuffle"  # really the old codec on disk
+    after = fs.load_fold("folder", summary.key, "1")
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert fs.verify("folder", summary.key) == []  # checksums are of values, whatever the codec
+    assert run(small_folder, tmp_path / "store").status == "complete"  # same key, nothing redone

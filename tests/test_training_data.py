@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
+from zarr.codecs import BloscCodec, GzipCodec
 
 from audiofx.errors import StoreError
 from audiofx.pipeline.extract import ExtractRequest, extract
@@ -22,6 +25,7 @@ from audiofx.training.augment import (
 from audiofx.training.data import (
     InMemoryLoader,
     StreamingLoader,
+    _ChunkReader,
     load_in_memory,
     make_loader,
     open_foldset,
@@ -197,6 +201,68 @@ def test_streaming_ranks_are_disjoint_and_cover(built, expected):
     assert all(len(s) == 8 for s in shares)
     everything = [i for s in shares for i in s]
     assert set(everything) == set(range(30)) and len(everything) - len(set(everything)) == 2
+
+
+OLD_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")  # what stores were written with before
+
+
+def _recode(built, dest: Path, **spec) -> Path:
+    """A copy of the test store whose x arrays are written again with another codec or
+    layout (zarr's create_array arguments); the values, manifest and key stay the same."""
+    store, key = built
+    shutil.copytree(store, dest)
+    for fold in ("1", "2"):
+        parent = zarr.open_group(str(dest / "folder" / key / f"fold-{fold}"), mode="r+")
+        values, chunks = parent["x"][:], parent["x"].chunks
+        del parent["x"]
+        parent.create_array("x", shape=values.shape, chunks=chunks, dtype=values.dtype, fill_value=0, **spec)[:] = values
+    return dest
+
+
+@pytest.mark.parametrize("layout, spec, direct", [
+    ("store default", None, True),
+    ("old codec", {"compressors": OLD_CODEC}, True),
+    ("uncompressed", {"compressors": None}, True),
+    ("gzip (through zarr)", {"compressors": GzipCodec(level=1)}, False),
+    ("sharded (through zarr)", {"shards": (2 * CHUNK, 3, 128, 20)}, False),
+])
+def test_streaming_serves_the_same_values_from_every_layout(built, expected, tmp_path, layout, spec, direct):
+    store = built[0] if spec is None else _recode(built, tmp_path / "store", **spec)
+    fset = open_foldset(str(store), "folder", built[1], ["1", "2"])
+    loader = StreamingLoader(fset, 8, seed=5, run_chunks=1, buffer_chunks=2)
+    # the store's own layouts are read by the reader itself, anything else through zarr
+    assert (loader._reader(0).directory is not None) == direct
+    assert sorted(_stream_check(loader, expected, 30)) == list(range(30))
+    assert torch.equal(load_in_memory(fset).x, torch.from_numpy(expected[0]))  # decoded in place where it can
+    assert torch.equal(load_in_memory(fset, run_bytes=1, threads=3).x, torch.from_numpy(expected[0]))
+    # the order depends on the seed only, not on the codec or the path the bytes took
+    assert _indices(StreamingLoader(fset, 8, seed=5, run_chunks=1, buffer_chunks=2)) == \
+        _indices(StreamingLoader(open_foldset(str(built[0]), "folder", built[1], ["1", "2"]), 8, seed=5,
+                                 run_chunks=1, buffer_chunks=2))
+
+
+def test_chunk_reader_matches_zarr_and_refuses_damaged_chunks(built, tmp_path):
+    store = _recode(built, tmp_path / "store", compressors=OLD_CODEC)
+    xdir = store / "folder" / built[1] / "fold-2" / "x"
+    reader = _ChunkReader(zarr.open_group(str(xdir.parent), mode="r").store, "x")
+    arr = reader.array
+    n = arr.shape[0]
+    assert n % CHUNK and reader.directory == xdir  # the fold ends in a short chunk
+    ranges = [(0, n), (1, 3), (3, 9), (CHUNK, 2 * CHUNK), (n - 2, n), (5, 6)]
+    for a, b in ranges:
+        assert np.array_equal(reader.read(a, b), arr[a:b]), (a, b)
+    # a chunk zarr never wrote (it held only the fill value) reads as the fill value, as in zarr
+    (xdir / "c" / "1" / "0" / "0" / "0").unlink()
+    assert np.array_equal(reader.read(0, n), arr[:]) and not reader.read(CHUNK, 2 * CHUNK).any()
+    # a truncated chunk file is an error that names it, never garbage or a crash
+    chunk = xdir / "c" / "2" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(StoreError, match=r"damaged chunk .*c/2/0/0/0: Blosc header says \d+ bytes in \d+, file holds 100"):
+        reader.read(2 * CHUNK, 3 * CHUNK)
+    raw = _recode(built, tmp_path / "raw", compressors=None) / "folder" / built[1] / "fold-2" / "x"
+    (raw / "c" / "0" / "0" / "0" / "0").write_bytes(b"\0" * 10)
+    with pytest.raises(StoreError, match="damaged chunk .* 10 bytes, expected"):
+        _ChunkReader(zarr.open_group(str(raw.parent), mode="r").store, "x").read(0, 2)
 
 
 def test_make_loader_chooses_by_budget(built, expected):

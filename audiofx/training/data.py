@@ -12,6 +12,11 @@ chunks:
   ``run_chunks`` consecutive chunks in a shuffled run order; a shuffle buffer of
   ``buffer_chunks`` chunks mixes samples across runs.
 
+Both read whole chunks with ``_ChunkReader``: for the store's own layout it decodes the chunk
+files itself, in reader threads, straight into the destination arrays: ~0.6 ms less CPU
+per 1.5 MB chunk than zarr's general read path, 40% of the cost of reading a chunk with the
+store's codec (docs/benchmarks.md, "Training input").
+
 ``make_loader`` picks between them from the raw size in the manifest and a memory budget.
 
 Sample identity: ``index`` is the global position of a usable clip over the loaded folds,
@@ -27,6 +32,8 @@ rank runs the same number of batches.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import threading
 import time
 from bisect import bisect_right
@@ -34,18 +41,21 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
+from numcodecs import blosc
 
 from audiofx.errors import StoreError
 from audiofx.pipeline.store import FeatureStore, chunk_clips
 
-# How much raw data one sequential read asks for when loading a fold into memory: large
-# enough that every read is many whole chunks, small enough to bound the extra peak memory.
-LOAD_RUN_BYTES = 64 * 2**20
+# How much raw data one read asks for when loading a fold into memory: many whole chunks,
+# few enough bytes that the reading threads share the work evenly to the end and that the
+# extra peak memory (one run per thread, when a run must be copied) stays small.
+LOAD_RUN_BYTES = 16 * 2**20
 
 MODE_MEMORY = "memory"
 MODE_STREAMING = "streaming"
@@ -155,6 +165,160 @@ class Batch:
         return int(self.x.shape[0])
 
 
+# -- reading chunks --------------------------------------------------------------------------
+
+def _direct_layout(arr: zarr.Array) -> Path | None:
+    """The directory of ``arr``'s chunk files when _ChunkReader can read them itself, else None.
+
+    That is the layout the store writes: a local directory, zarr v3 without storage
+    transformers, chunks that split the first axis only, and codecs ``bytes`` (native byte
+    order) then at most one Blosc (which records its own codec in each chunk's header). No
+    sharding, no transpose, no checksum codec: those go through zarr.
+    """
+    from zarr.codecs import BloscCodec, BytesCodec
+    from zarr.core.chunk_grids import RegularChunkGrid
+    from zarr.storage import LocalStore
+
+    md = arr.metadata
+    if getattr(md, "zarr_format", None) != 3 or md.storage_transformers or not isinstance(arr.store, LocalStore):
+        return None
+    codecs = list(md.codecs)
+    if not codecs or not isinstance(codecs[0], BytesCodec) or np.dtype(arr.dtype).kind not in "fiub":
+        return None
+    endian = codecs[0].endian
+    if endian is not None and endian.value != sys.byteorder and np.dtype(arr.dtype).itemsize > 1:
+        return None
+    if len(codecs) > 2 or (len(codecs) == 2 and not isinstance(codecs[1], BloscCodec)):
+        return None
+    grid = md.chunk_grid
+    if not isinstance(grid, RegularChunkGrid) or tuple(grid.chunk_shape[1:]) != tuple(arr.shape[1:]):
+        return None
+    return Path(arr.store.root) / arr.path
+
+
+def _read_into(f: Any, view: memoryview) -> int:
+    """Fill ``view`` from the file ``f``; the number of bytes read (less only at end of file)."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+class _ChunkReader:
+    """Rows [a, b) of one fold's x array, read whole chunk by whole chunk. One per reading
+    thread and fold (it keeps buffers of its own).
+
+    Why not ``zarr.Array.__getitem__``: here zarr's read path cost ~0.55 ms of CPU per 1.5 MB
+    chunk on top of the file read and the decompression (every thread's call goes through
+    zarr's one asyncio event loop, each chunk takes a thread hop per codec, is decoded into a
+    new buffer and copied into the output): as much as decoding the chunk itself with the
+    store's codec, on two cores that also run the training (benchmarks/loader.py prints both).
+    For the layout the store writes (see ``_direct_layout``) this reader opens each chunk
+    file, reads it into a reused buffer and lets numcodecs' Blosc decompress it straight into
+    the destination rows (Blosc releases the GIL there, so reading threads decode in
+    parallel). Anything else is read through zarr. Values are identical either way (tests
+    compare them).
+    """
+
+    def __init__(self, store: Any, path: str):
+        self.array = zarr.open_array(store, path=path, mode="r")
+        self.length = int(self.array.shape[0])
+        self.rows = int(self.array.chunks[0])
+        self.row_shape = tuple(int(s) for s in self.array.shape[1:])
+        self.dtype = np.dtype(self.array.dtype)
+        self.chunk_bytes = self.rows * int(np.prod(self.row_shape)) * self.dtype.itemsize
+        self.directory = _direct_layout(self.array)
+        self.compressed = len(self.array.metadata.codecs) == 2 if self.directory is not None else False
+        self._raw = bytearray()  # one compressed chunk, reused
+        self._scratch: np.ndarray | None = None  # one decoded chunk, for chunks read in part
+
+    def read(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [a, b), into ``out`` (C-contiguous, b - a rows) when given."""
+        if out is not None and not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous: chunks are decoded into its memory")
+        if self.directory is None:
+            block = np.asarray(self.array[a:b])
+            if out is None:
+                return block
+            out[...] = block
+            return out
+        if out is None:
+            out = np.empty((b - a,) + self.row_shape, self.dtype)
+        m = self.rows
+        for c in range(a // m, (b - 1) // m + 1):
+            lo = c * m
+            s, e = max(lo, a), min(lo + m, b, self.length)
+            if s == lo and e == lo + m:  # the whole chunk is wanted: decode it in place
+                self._chunk(c, out[s - a:e - a])
+            else:  # part of it (a piece split between ranks, or a fold's short last chunk)
+                if self._scratch is None:
+                    self._scratch = np.empty((m,) + self.row_shape, self.dtype)
+                self._chunk(c, self._scratch)
+                out[s - a:e - a] = self._scratch[s - lo:e - lo]
+        return out
+
+    def _chunk(self, c: int, dest: np.ndarray) -> None:
+        """Decode chunk ``c`` into ``dest`` (``rows`` contiguous rows)."""
+        key = self.array.metadata.encode_chunk_key((c,) + (0,) * len(self.row_shape))
+        path = self.directory / key
+        target = memoryview(dest.reshape(-1).view(np.uint8))
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if not self.compressed:
+                    if size != self.chunk_bytes or _read_into(f, target) != size:
+                        raise self._damaged(path, f"{size} bytes, expected {self.chunk_bytes}")
+                    return
+                if len(self._raw) < size:
+                    self._raw = bytearray(size)
+                raw = memoryview(self._raw)[:size]
+                got = _read_into(f, raw)
+        except FileNotFoundError:  # zarr writes no chunk that holds only the fill value
+            dest[...] = self.array.fill_value
+            return
+        # Blosc 1 header: version, versionlz, flags, typesize (1 byte each), then nbytes,
+        # blocksize, cbytes (uint32 little-endian). Blosc trusts cbytes, so check it here.
+        nbytes = int.from_bytes(raw[4:8], "little") if got >= 16 else -1
+        cbytes = int.from_bytes(raw[12:16], "little") if got >= 16 else -1
+        if got != size or nbytes != self.chunk_bytes or cbytes != size:
+            raise self._damaged(path, f"Blosc header says {nbytes} bytes in {cbytes}, file holds {got}")
+        blosc.decompress(raw, target)
+
+    def _damaged(self, path: Path, why: str) -> StoreError:
+        return StoreError(f"damaged chunk {path}: {why}", "run audiofx cache verify, then re-extract")
+
+
+class _Readers:
+    """One _ChunkReader per thread and fold, opened on first use. Holds only the (store,
+    path) of each fold's x when pickled: open arrays never cross a process boundary."""
+
+    def __init__(self, sources: list[tuple[Any, str]]):
+        self.sources = sources
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"sources": self.sources}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.sources = state["sources"]
+        self._local = threading.local()
+
+    def get(self, fold: int) -> _ChunkReader:
+        readers = self._local.__dict__.setdefault("readers", {})
+        if fold not in readers:
+            readers[fold] = _ChunkReader(*self.sources[fold])
+        return readers[fold]
+
+
+def _x_source(group: zarr.Group) -> tuple[Any, str]:
+    """Where reading threads open a fold group's x: for a remote store, the local read-through
+    cache that open_fold has just filled, so no thread goes back to the remote."""
+    return group.store, f"{group.path}/x".lstrip("/")
+
+
 # -- in memory -------------------------------------------------------------------------------
 
 @dataclass
@@ -183,13 +347,17 @@ class InMemoryData:
         return len(self.classes)
 
 
-def load_in_memory(foldset: FoldSet, device: str | torch.device = "cpu",
-                   run_bytes: int = LOAD_RUN_BYTES) -> InMemoryData:
-    """Read every fold of ``foldset`` once, in sequential runs of whole chunks of about
-    ``run_bytes``, drop skipped rows, and keep the values (float16) on ``device``.
+def load_in_memory(foldset: FoldSet, device: str | torch.device = "cpu", run_bytes: int = LOAD_RUN_BYTES,
+                   threads: int | None = None) -> InMemoryData:
+    """Read every fold of ``foldset`` once, in runs of whole chunks of about ``run_bytes``
+    decoded by ``threads`` threads (default: one per core, at most 4), drop skipped rows, and
+    keep the values (float16) on ``device``.
 
-    The destination tensor is allocated on the device at its final size and each run is
-    copied into it, so the peak extra memory is one run, never a second copy of the set.
+    The destination tensor is allocated on the device at its final size. On the CPU, a run
+    whose rows are all usable is decoded straight into it (``_ChunkReader``: no second copy);
+    otherwise (skipped rows, or a GPU) a run is read and then copied, so the peak extra memory
+    is one run per thread, never a second copy of the set. Measured with the benchmark's
+    3000-clip store: 0.4 s where reading through zarr took 0.7-1.3 s.
     """
     started = time.perf_counter()
     fs = foldset.feature_store()
@@ -201,41 +369,49 @@ def load_in_memory(foldset: FoldSet, device: str | torch.device = "cpu",
         ok = np.asarray(g["ok"][:], dtype=bool)
         folds.append((fold, g, ok))
     n = sum(int(ok.sum()) for _, _, ok in folds)
-    x: torch.Tensor | None = None
-    host: np.ndarray | None = None
+    dtype = np.dtype(folds[0][1]["x"].dtype) if folds else np.dtype(np.float16)
+    x = torch.empty((n,) + shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype, device=device)
+    host = x.numpy() if x.device.type == "cpu" else None  # numpy copies: no OpenMP region
+    # Runs of whole chunks: a multiple of the chunk length, aligned to chunk boundaries.
+    jobs = []  # (fold position, first row, stop row, usable mask, destination row)
     clips: list[str] = []
     fold_of: list[str] = []
     ys = []
     pos = 0
-    for fold, g, ok in folds:
-        arr = g["x"]
-        if x is None:
-            x = torch.empty((n,) + shape, dtype=torch.from_numpy(np.zeros(0, arr.dtype)).dtype, device=device)
-            host = x.numpy() if x.device.type == "cpu" else None  # numpy copies: no OpenMP region
-        # Whole chunks per read: a multiple of the chunk length, aligned to chunk boundaries.
-        chunk = int(arr.chunks[0])
-        step = max(1, run_bytes // (chunk * int(np.prod(shape)) * arr.dtype.itemsize)) * chunk
+    for f, (fold, g, ok) in enumerate(folds):
+        chunk = int(g["x"].chunks[0])
+        step = max(1, run_bytes // (chunk * int(np.prod(shape)) * dtype.itemsize)) * chunk
         for a in range(0, len(ok), step):
             b = min(a + step, len(ok))
             keep = ok[a:b]
-            k = int(keep.sum())
-            if k == 0:
-                continue
-            block = arr[a:b]
-            rows = block if k == b - a else block[keep]
-            if host is not None:
-                host[pos:pos + k] = rows
-            else:
-                x[pos:pos + k].copy_(torch.from_numpy(np.ascontiguousarray(rows)))
-            pos += k
+            if keep.any():
+                jobs.append((f, a, b, keep, pos))
+                pos += int(keep.sum())
         ys.append(np.asarray(g["y"][:])[ok])
         clips += [str(c) for c in np.asarray(g["clip"][:])[ok]]
         fold_of += [fold] * int(ok.sum())
     assert pos == n, (pos, n)
+    readers = _Readers([_x_source(g) for _, g, _ in folds])
+
+    def load(job: tuple[int, int, int, np.ndarray, int]) -> None:
+        f, a, b, keep, at = job
+        k = int(keep.sum())
+        if host is not None and k == b - a:
+            readers.get(f).read(a, b, out=host[at:at + k])
+            return
+        block = readers.get(f).read(a, b)
+        rows = block if k == b - a else block[keep]
+        if host is not None:
+            host[at:at + k] = rows
+        else:
+            x[at:at + k].copy_(torch.from_numpy(np.ascontiguousarray(rows)))
+
+    with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1),
+                            thread_name_prefix="audiofx-load") as pool:
+        for _ in pool.map(load, jobs):  # in order, so the first error is raised here
+            pass
     multilabel = bool(manifest.get("multilabel"))
     y = _torch_labels(np.concatenate(ys) if ys else np.zeros(0), multilabel).to(device)
-    if x is None:
-        x = torch.empty((0,) + shape, dtype=torch.float16, device=device)
     return InMemoryData(
         x=x, y=y, index=torch.arange(n, dtype=torch.int64, device=device), clips=clips, fold_of=fold_of,
         classes=list(manifest.get("classes", [])), multilabel=multilabel, foldset=foldset,
@@ -342,6 +518,47 @@ class _Piece:
         return self.run.rows[self.lo:self.hi] - a
 
 
+class _Pool:
+    """The shuffle buffer. Rows stay in the arrays the readers filled; the buffer holds only
+    (array, row, global index) as integers, so shuffling it and dropping what went out
+    moves no feature bytes. A row is copied once, when its batch is built (and cast to
+    float32 on the way). An array is let go when none of its rows is left."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[int, torch.Tensor] = {}
+        self.count = 0
+        self.src = np.empty(0, np.int64)
+        self.row = np.empty(0, np.int64)
+        self.index = np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def add(self, x: np.ndarray, rows: np.ndarray, index: np.ndarray) -> None:
+        self.arrays[self.count] = torch.from_numpy(x)
+        self.src = np.concatenate([self.src, np.full(len(rows), self.count, np.int64)])
+        self.row = np.concatenate([self.row, rows.astype(np.int64)])
+        self.index = np.concatenate([self.index, index])
+        self.count += 1
+
+    def permute(self, perm: np.ndarray) -> None:
+        self.src, self.row, self.index = self.src[perm], self.row[perm], self.index[perm]
+
+    def take(self, start: int, stop: int) -> tuple[list[tuple[torch.Tensor, int]], np.ndarray]:
+        """Rows [start, stop) of the buffer as ((array, row) list, global indices): holds the
+        arrays, so a batch can be assembled after the buffer has dropped them."""
+        arrays = self.arrays
+        rows = [(arrays[s], r) for s, r in zip(self.src[start:stop].tolist(), self.row[start:stop].tolist())]
+        return rows, self.index[start:stop].copy()
+
+    def drop(self, n: int) -> None:
+        """Forget the first n rows, and every array none of the others is in."""
+        self.src, self.row, self.index = self.src[n:], self.row[n:], self.index[n:]
+        live = set(np.unique(self.src).tolist())
+        for s in [s for s in self.arrays if s not in live]:
+            del self.arrays[s]
+
+
 class StreamingLoader:
     """Batches streamed from the store, for sets larger than memory.
 
@@ -355,8 +572,13 @@ class StreamingLoader:
     ``buffer_chunks`` chunks (at least two batches) mixes samples across runs: whenever it is
     full it is permuted and all but half of it goes out as batches.
 
-    Zarr arrays are opened lazily, once per reading thread; the loader itself holds only
-    plain values (no open arrays), so it can be pickled.
+    Where the time goes and what was done about it (docs/benchmarks.md, "Training input"):
+    reader threads decode chunk files straight into their arrays (``_ChunkReader``), the
+    shuffle buffer moves integers, not rows (``_Pool``), and each batch row is copied and
+    cast to float32 once, in the consuming thread.
+
+    Zarr arrays are opened lazily, once per reading thread and fold; the loader itself holds
+    only plain values (no open arrays), so it can be pickled.
     """
 
     def __init__(self, foldset: FoldSet, batch_size: int, shuffle: bool = True, seed: int = 0,
@@ -388,14 +610,12 @@ class StreamingLoader:
         self.chunk_clips = _manifest_chunk_clips(manifest)
         # The small arrays (ok, y, clip) are read here once; threads read only x.
         self.runs: list[_Run] = []
-        self._x_sources: list[tuple[Any, str]] = []
+        sources: list[tuple[Any, str]] = []
         ys, self.clips, self.fold_of = [], [], []
         first = 0
         for f, fold in enumerate(foldset.folds):
             g = fs.open_fold(foldset.dataset, foldset.key, fold, manifest)
-            # Where the reader threads open x: for a remote store, the local read-through
-            # cache that open_fold has just filled, so no thread goes back to the remote.
-            self._x_sources.append((g.store, f"{g.path}/x".lstrip("/")))
+            sources.append(_x_source(g))
             ok = np.asarray(g["ok"][:], dtype=bool)
             ys.append(np.asarray(g["y"][:])[ok])
             self.clips += [str(c) for c in np.asarray(g["clip"][:])[ok]]
@@ -409,16 +629,7 @@ class StreamingLoader:
         self.n = first
         self._y = np.ascontiguousarray(np.concatenate(ys) if ys else np.zeros(0),
                                       dtype=bool if self.multilabel else np.int64)
-        self._local = threading.local()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_local")
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
+        self._readers = _Readers(sources)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -463,86 +674,101 @@ class StreamingLoader:
         return pieces
 
     # -- reading (background threads) --------------------------------------------------------
-    def _array(self, fold: int) -> zarr.Array:
-        arrays = getattr(self._local, "arrays", None)
-        if arrays is None:
-            arrays = self._local.arrays = {}
-        if fold not in arrays:
-            store, path = self._x_sources[fold]
-            arrays[fold] = zarr.open_array(store, path=path, mode="r")
-        return arrays[fold]
+    def _reader(self, fold: int) -> _ChunkReader:
+        return self._readers.get(fold)
 
     def _read(self, piece: _Piece) -> np.ndarray:
-        a, b = piece.read_range
-        block = self._array(piece.run.fold)[a:b]
-        keep = piece.keep()
-        return block if len(keep) == b - a else block[keep]
+        return self._reader(piece.run.fold).read(*piece.read_range)
 
-    def _pieces(self, pieces: list[_Piece]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(x float16, global index) per piece, in order, read ahead by the thread pool."""
-        pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="audiofx-stream")
+    def _pieces(self, pieces: list[_Piece], workers: ThreadPoolExecutor
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(x float16 rows read, usable rows among them, their global indices) per piece, in
+        order, read at most ``prefetch`` pieces ahead by ``workers``."""
         pending: deque[tuple[_Piece, Future]] = deque()
         todo = iter(pieces)
         try:
             for p in todo:
-                pending.append((p, pool.submit(self._read, p)))
+                pending.append((p, workers.submit(self._read, p)))
                 if len(pending) >= self.prefetch:
                     break
             while pending:
                 p, fut = pending.popleft()
                 nxt = next(todo, None)
                 if nxt is not None:
-                    pending.append((nxt, pool.submit(self._read, nxt)))
-                yield fut.result(), np.arange(p.run.first + p.lo, p.run.first + p.hi, dtype=np.int64)
+                    pending.append((nxt, workers.submit(self._read, nxt)))
+                yield fut.result(), p.keep(), np.arange(p.run.first + p.lo, p.run.first + p.hi, dtype=np.int64)
         finally:
             for _, fut in pending:
                 fut.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
 
     # -- batches -----------------------------------------------------------------------------
-    def _batch(self, x: np.ndarray, index: np.ndarray) -> Batch:
-        xt, it = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(index))
-        yt = torch.from_numpy(self._y[index])
-        if self.device.type == "cuda":
-            dev = self.device
-            xt, yt, it = (t.pin_memory().to(dev, non_blocking=True) for t in (xt, yt, it))
-        return Batch(xt.float(), _batch_labels(yt), it)
-
-    def __iter__(self) -> Iterator[Batch]:
-        # The buffer is kept in numpy on the CPU: fancy indexing there is a plain copy (see
-        # InMemoryLoader.__iter__ on torch's OpenMP index_select).
-        epoch = self.epoch
-        self.epoch += 1
+    def _batch_rows(self, epoch: int, workers: ThreadPoolExecutor
+                    ) -> Iterator[tuple[list[tuple[torch.Tensor, int]], np.ndarray]]:
+        """Which rows make each batch of the epoch, in order: ((array, row) list, indices)."""
         bs = self.batch_size
         g = _generator(self.seed, epoch, self.rank, 1)
         cap = self.buffer_capacity if self.shuffle else 0
-        pool_x = np.empty((0,) + self.shape, dtype=np.float16)
-        pool_i = np.empty(0, dtype=np.int64)
+        pool = _Pool()
         emitted = 0
         limit = len(self)
-        for x, idx in self._pieces(self.plan(epoch)):
-            pool_x = np.concatenate([pool_x, x]) if len(pool_x) else x
-            pool_i = np.concatenate([pool_i, idx]) if len(pool_i) else idx
+        for x, keep, idx in self._pieces(self.plan(epoch), workers):
+            pool.add(x, keep, idx)
             if self.shuffle:
-                if len(pool_x) < cap:
+                if len(pool) < cap:
                     continue
-                perm = torch.randperm(len(pool_x), generator=g).numpy()
-                pool_x, pool_i = pool_x[perm], pool_i[perm]
-                n_out = (len(pool_x) - cap // 2) // bs * bs
+                pool.permute(torch.randperm(len(pool), generator=g).numpy())
+                n_out = (len(pool) - cap // 2) // bs * bs
             else:
-                n_out = len(pool_x) // bs * bs
+                n_out = len(pool) // bs * bs
             for s in range(0, n_out, bs):
-                yield self._batch(pool_x[s:s + bs], pool_i[s:s + bs])
+                yield pool.take(s, s + bs)
                 emitted += 1
-            pool_x, pool_i = pool_x[n_out:], pool_i[n_out:]
-        if self.shuffle and len(pool_x):
-            perm = torch.randperm(len(pool_x), generator=g).numpy()
-            pool_x, pool_i = pool_x[perm], pool_i[perm]
-        for s in range(0, len(pool_x), bs):
+            pool.drop(n_out)
+        if self.shuffle and len(pool):
+            pool.permute(torch.randperm(len(pool), generator=g).numpy())
+        for s in range(0, len(pool), bs):
             if emitted >= limit:  # drop_last: the short tail batch
                 break
-            yield self._batch(pool_x[s:s + bs], pool_i[s:s + bs])
+            yield pool.take(s, min(s + bs, len(pool)))
             emitted += 1
+
+    def _assemble(self, rows: list[tuple[torch.Tensor, int]], index: np.ndarray) -> Batch:
+        """A batch on the CPU (in a worker thread): each row copied once, float16 -> float32
+        on the way (for CUDA: kept float16 in pinned memory, half the bytes over the bus)."""
+        cuda = self.device.type == "cuda"
+        x = torch.empty((len(rows),) + self.shape, dtype=torch.float16 if cuda else torch.float32, pin_memory=cuda)
+        for j, (src, r) in enumerate(rows):
+            x[j].copy_(src[r])
+        return Batch(x, torch.from_numpy(self._y[index]), torch.from_numpy(index))
+
+    def _to_device(self, b: Batch) -> Batch:
+        if self.device.type != "cuda":
+            return Batch(b.x, _batch_labels(b.y), b.index)
+        dev = self.device
+        y, index = (t.pin_memory().to(dev, non_blocking=True) for t in (b.y, b.index))
+        return Batch(b.x.to(dev, non_blocking=True).float(), _batch_labels(y), index)
+
+    def __iter__(self) -> Iterator[Batch]:
+        # One thread pool reads pieces and assembles batches (copy + cast), at most
+        # ``prefetch`` of each ahead; this thread only plans and hands batches out, so the
+        # copies run in parallel with decoding and with whatever consumes the batches.
+        epoch = self.epoch
+        self.epoch += 1
+        workers = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="audiofx-stream")
+        plan = self._batch_rows(epoch, workers)
+        ready: deque[Future] = deque()
+        try:
+            for rows, index in plan:
+                ready.append(workers.submit(self._assemble, rows, index))
+                if len(ready) > self.prefetch:
+                    yield self._to_device(ready.popleft().result())
+            while ready:
+                yield self._to_device(ready.popleft().result())
+        finally:
+            plan.close()
+            for fut in ready:
+                fut.cancel()
+            workers.shutdown(wait=True, cancel_futures=True)
 
 
 # -- choosing --------------------------------------------------------------------------------
@@ -559,8 +785,6 @@ def available_memory(device: str | torch.device = "cpu") -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
