@@ -422,9 +422,12 @@ Examples:
 @click.option("--runs", "runs_root", default="data/runs", show_default=True, help="Where run folders go.")
 @click.option("--name", default=None, help="Run name [method-arch-time].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (give its --name).")
+@click.option("--memory-budget", "memory_budget", type=click.FloatRange(min=0), default=None, metavar="GB",
+              help="Hold the pool in memory when its raw size fits in GB, else stream it from the store; "
+                   "0 always streams [half of the free memory where the data would live].")
 @click.option("--no-progress", is_flag=True)
 def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, nce_k, temperature, seed, device, runs_root,
-             name, resume, no_progress):
+             name, resume, memory_budget, no_progress):
     """Learn a representation without labels from the cached features (NPID, SimCLR, MoCo v2)."""
     from audiofx.training.pretrain import PretrainConfig
     from audiofx.training.pretrain import pretrain as run_pretrain
@@ -432,7 +435,8 @@ def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, nce_
     result = run_pretrain(PretrainConfig(
         method=method, datasets=tuple(d for d in datasets.split(",") if d), store=store, preset=preset, arch=arch,
         epochs=epochs, batch_size=batch_size, lr=lr, nce_k=nce_k, temperature=temperature, seed=seed, device=device,
-        runs_root=runs_root, name=name, resume=resume, progress=not no_progress), say=click.echo)
+        runs_root=runs_root, name=name, resume=resume, progress=not no_progress, memory_budget_gb=memory_budget),
+        say=click.echo)
     if _main_rank():
         click.echo(f"pretrained {method}: {result['run']} (final loss {result['loss']:.4f})")
 
@@ -472,6 +476,9 @@ Examples:
               help="Each channel (zhou2019: left, right, mid) its own sample; posteriors averaged per clip.")
 @click.option("--head", type=click.Choice(["linear", "mlp-attn"]), default="linear", show_default=True,
               help="linear: global average pool + linear; mlp-attn: Zhou et al.'s MLP attention.")
+@click.option("--memory-budget", "memory_budget", type=click.FloatRange(min=0), default=None, metavar="GB",
+              help="Load the folds into memory when their features fit in GB, else stream them from the store "
+                   "[half the free memory where the data lives]; 0 always streams.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--runs", "runs_root", default="data/runs", show_default=True)
@@ -479,7 +486,8 @@ Examples:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (give its --name); a larger --epochs extends it.")
 @click.option("--no-progress", is_flag=True)
 def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, batch_size, lr, weight_decay, spec_augment,
-             time_shift, mixup, fragments, channel_fusion, head, seed, device, runs_root, name, resume, no_progress):
+             time_shift, mixup, fragments, channel_fusion, head, memory_budget, seed, device, runs_root, name, resume,
+             no_progress):
     """Fine-tune a classifier with k-fold cross-validation on the official folds."""
     from audiofx.training.augment import Augment
     from audiofx.training.finetune import FinetuneConfig
@@ -490,8 +498,8 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
         dataset=dataset, init=init, weights=weights, store=store, preset=preset, key=key, arch=arch, fold=fold,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         augment=Augment(spec_augment=spec_augment, time_shift=time_shift, mixup=mixup), fragments=fragments,
-        channel_fusion=channel_fusion, head=head, seed=seed, device=device, runs_root=runs_root, name=name,
-        resume=resume, progress=not no_progress), say=click.echo)
+        channel_fusion=channel_fusion, head=head, memory_budget_gb=memory_budget, seed=seed, device=device,
+        runs_root=runs_root, name=name, resume=resume, progress=not no_progress), say=click.echo)
     if not _main_rank():
         return
     m = s["metric"]
@@ -513,17 +521,22 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
 @click.option("--key", default=None)
 @click.option("--k", "k", type=click.IntRange(min=1), default=200, show_default=True, help="kNN neighbours (k by CV is also reported).")
 @click.option("--epochs", "linear_epochs", type=click.IntRange(min=1), default=100, show_default=True, help="Linear probe epochs.")
+@click.option("--memory-budget", "memory_budget", type=click.FloatRange(min=0), default=None, metavar="GB",
+              help="Load the folds into memory when their features fit in GB, else stream them from the store "
+                   "[half the free memory where the data lives]; 0 always streams.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--runs", "runs_root", default="data/runs", show_default=True)
 @click.option("--name", default=None)
-def evaluate_cmd(run_spec, dataset, mode, fold, store, preset, key, k, linear_epochs, seed, device, runs_root, name):
+def evaluate_cmd(run_spec, dataset, mode, fold, store, preset, key, k, linear_epochs, memory_budget, seed, device,
+                 runs_root, name):
     """Frozen-encoder evaluation: linear probe or weighted kNN, per fold."""
     from audiofx.training.evaluate import EvaluateConfig, evaluate
     from audiofx.training.tasks import METRIC_NAMES
 
     s = evaluate(EvaluateConfig(run=run_spec, dataset=dataset, mode=mode, fold=fold, store=store, preset=preset, key=key,
-                                k=k, linear_epochs=linear_epochs, seed=seed, device=device, runs_root=runs_root, name=name),
+                                k=k, linear_epochs=linear_epochs, memory_budget_gb=memory_budget, seed=seed,
+                                device=device, runs_root=runs_root, name=name),
                  say=click.echo)
     m = s["metric"]
     click.echo(f"{mode} {METRIC_NAMES[m]} over {s['n_folds']} fold(s): {100 * s[f'{m}_mean']:.2f} ± "

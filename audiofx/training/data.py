@@ -17,7 +17,9 @@ files itself, in reader threads, straight into the destination arrays: ~0.6 ms l
 per 1.5 MB chunk than zarr's general read path, 40% of the cost of reading a chunk with the
 store's codec (docs/benchmarks.md, "Training input").
 
-``make_loader`` picks between them from the raw size in the manifest and a memory budget.
+``choose_mode`` picks between them from the raw size in the manifest and a memory budget
+(``make_loader`` builds the loader it picks); ``streaming_channel_stats`` gives a streamed
+set the per-channel statistics an in-memory one gets from ``finetune.channel_stats``.
 
 Sample identity: ``index`` is the global position of a usable clip over the loaded folds,
 in fold order then row order, skipped clips (``ok`` False) left out: 0..N-1. Both loaders
@@ -634,6 +636,11 @@ class StreamingLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def labels(self) -> torch.Tensor:
+        """Every usable clip's label in global index order, as ``load_in_memory`` gives them:
+        int64 (N,), or bool (N, n_classes) for multi-label sets (batches carry them as float)."""
+        return _torch_labels(self._y, self.multilabel)
+
     def __len__(self) -> int:
         n = self.num_samples
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
@@ -791,19 +798,90 @@ def available_memory(device: str | torch.device = "cpu") -> int:
 _STREAM_ONLY = ("buffer_chunks", "run_chunks", "threads", "prefetch")
 
 
+@dataclass(frozen=True)
+class DataMode:
+    """How a stage reads a FoldSet: ``mode`` "memory" or "streaming", from the folds' raw
+    size and the memory budget (both in bytes)."""
+
+    mode: str
+    size: int
+    budget: int
+
+    @property
+    def streaming(self) -> bool:
+        return self.mode == MODE_STREAMING
+
+    def describe(self) -> str:
+        """'in memory (0.015 GB, budget 8.2 GB)' or 'streaming (0.015 GB, over the budget of 0 GB)'."""
+        if self.streaming:
+            return f"streaming ({gigabytes(self.size)}, over the budget of {gigabytes(self.budget)})"
+        return f"in memory ({gigabytes(self.size)}, budget {gigabytes(self.budget)})"
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def choose_mode(foldset: FoldSet, memory_budget_bytes: int | None = None, device: str | torch.device = "cpu",
+                manifest: dict[str, Any] | None = None) -> DataMode:
+    """In memory when the folds' raw size (manifest: clips * prod(shape) * 2 bytes) fits the
+    budget, else streaming. The default budget is half of what is free where the data would
+    live: MemAvailable for the CPU, free memory of the device for CUDA (the model and
+    activations need the rest). A budget of 0 always streams."""
+    size = foldset.raw_bytes(manifest or foldset.manifest())
+    budget = memory_budget_bytes if memory_budget_bytes is not None else available_memory(device) // 2
+    return DataMode(MODE_MEMORY if size <= budget else MODE_STREAMING, size, int(budget))
+
+
+class ChannelMoments:
+    """Per-channel sums of x and x^2 of (B, C, F, T) batches, in float64, batch by batch; the
+    mean and std of everything added. ``finetune.channel_stats`` (resident tensors, in chunks)
+    and ``streaming_channel_stats`` (one sequential pass) both use it, so that the same rows
+    added in the same pieces give bit-identical statistics."""
+
+    def __init__(self, channels: int, device: str | torch.device = "cpu"):
+        self.total = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.sq = torch.zeros_like(self.total)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        part = x.double()
+        self.total += part.sum(dim=(0, 2, 3))
+        self.sq += (part * part).sum(dim=(0, 2, 3))
+        self.count += x.shape[0] * x.shape[2] * x.shape[3]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), float32 (1, C, 1, 1); std from E[x^2] - mean^2, at least 1e-6."""
+        mean = self.total / self.count
+        std = (self.sq / self.count - mean * mean).clamp_min(1e-12).sqrt()
+        return mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
+
+
+STATS_BATCH = 256  # rows per piece of the statistics, in memory and streaming alike
+
+
+def streaming_channel_stats(foldset: FoldSet, device: str | torch.device = "cpu", batch: int = STATS_BATCH,
+                            threads: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std) of every usable clip of ``foldset``, from one sequential
+    (unshuffled) streaming pass: the rows come in the order ``load_in_memory`` keeps them and
+    in pieces of ``batch``, so the result equals ``channel_stats(x, chunk=batch)`` of the
+    loaded set bit for bit (float16 -> float32 -> float64 is exact either way)."""
+    loader = StreamingLoader(foldset, batch, shuffle=False, threads=threads, device=device)
+    moments = ChannelMoments(loader.shape[0], device)
+    for batch in loader:
+        moments.add(batch.x)
+    return moments.result()
+
+
 def make_loader(foldset: FoldSet, batch_size: int, memory_budget_bytes: int | None = None,
                 device: str | torch.device = "cpu", **kw: Any) -> tuple[InMemoryLoader | StreamingLoader, str]:
     """An in-memory loader when the folds' raw size (manifest: clips * prod(shape) * 2 bytes)
-    fits the budget, else a streaming one. Returns (loader, "memory" | "streaming").
+    fits the budget, else a streaming one (``choose_mode``). Returns (loader, "memory" | "streaming").
 
-    The default budget is half of what is free where the data would live: MemAvailable for
-    the CPU, free memory of the device for CUDA (the model and activations need the rest).
     ``kw``: shuffle, seed, drop_last, rank, world_size for both; buffer_chunks, run_chunks,
     threads, prefetch for streaming only (ignored in memory).
     """
-    manifest = foldset.manifest()
-    budget = memory_budget_bytes if memory_budget_bytes is not None else available_memory(device) // 2
-    if foldset.raw_bytes(manifest) <= budget:
+    if not choose_mode(foldset, memory_budget_bytes, device).streaming:
         common = {k: v for k, v in kw.items() if k not in _STREAM_ONLY}
         return InMemoryLoader(load_in_memory(foldset, device=device), batch_size, **common), MODE_MEMORY
     return StreamingLoader(foldset, batch_size, device=device, **kw), MODE_STREAMING

@@ -5,6 +5,10 @@ and a confusion matrix saved with the run.
 
 The encoder is frozen in eval mode and never receives gradients, so embeddings are computed
 once and the probe trains on them; its weights are hashed before and after to prove it.
+
+When the folds' features are over the memory budget, they are never loaded: one sequential
+(unshuffled) streaming pass embeds every clip, in the same order and batches as from memory,
+so the embeddings, and everything computed from them, are the same in both modes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 
 from audiofx.errors import ConfigError
-from audiofx.training.data import FoldSet, load_in_memory
+from audiofx.training.data import FoldSet, StreamingLoader, choose_mode, load_in_memory, streaming_channel_stats
 from audiofx.training.device import autocast, pick_device, seed_everything
 from audiofx.training.featureset import fold_order, resolve_featureset, split_folds
 from audiofx.training.finetune import channel_stats
@@ -46,6 +50,7 @@ class EvaluateConfig:
     linear_epochs: int = 100
     linear_lr: float = 1e-3
     batch_size: int = 256
+    memory_budget_gb: float | None = None  # stream the folds when larger; None: half the free memory, 0: always stream
     seed: int = 0
     device: str = "auto"
     runs_root: str = "data/runs"
@@ -60,14 +65,38 @@ def state_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+EMBED_BATCH = 128  # clips per forward pass, in memory and streaming alike (same batches, same numbers)
+
+
 @torch.no_grad()
-def embed(encoder: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device, batch: int = 128) -> torch.Tensor:
+def embed(encoder: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device,
+          batch: int = EMBED_BATCH) -> torch.Tensor:
     encoder.eval()
     out = []
     for i in range(0, x.shape[0], batch):
         with autocast(device):
             out.append(encoder((x[i:i + batch].to(device).float() - mean) / std).float())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_streaming(encoder: torch.nn.Module, foldset: FoldSet, mean: torch.Tensor, std: torch.Tensor, device,
+                    batch: int = EMBED_BATCH) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """(embeddings (N, D), labels, clip names, fold of each row) of every usable clip of
+    ``foldset``, from one sequential streaming pass: only the embeddings are kept. Rows are in
+    ``load_in_memory``'s order and the batches are ``embed``'s, so the values equal it."""
+    encoder.eval()
+    loader = StreamingLoader(foldset, batch, shuffle=False, device=device)
+    z = None
+    for b in loader:
+        with autocast(device):
+            out = encoder((b.x.to(device).float() - mean) / std).float()
+        if z is None:
+            z = torch.empty((loader.n, out.shape[1]), dtype=out.dtype, device=device)
+        z[b.index.to(device)] = out
+    if z is None:
+        raise ValueError(f"no usable clip in folds {foldset.folds}")
+    return z, loader.labels().to(device), list(loader.clips), list(loader.fold_of)
 
 
 def linear_probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor, n_classes: int, epochs: int,
@@ -102,19 +131,31 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     task = Task.of(manifest)
     m = task.metric
     plan = split_folds(list(manifest["folds"]), cfg.fold)
+    folds = sorted({f for t, tr in plan for f in [t, *tr]}, key=fold_order)
+    foldset = FoldSet(cfg.store, cfg.dataset, key, folds)
+    budget = None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * 1e9)
+    data_mode = choose_mode(foldset, budget, device, manifest)
     name = cfg.name or default_name(cfg.mode, Path(init.source).name, cfg.dataset)
     run = Run.create(cfg.runs_root, "evaluate", name, {**recipe(cfg), "arch": init.arch, "key": key,
-                                                       "source": init.source, "stage": "evaluate"})
+                                                       "source": init.source, "stage": "evaluate",
+                                                       "data_mode": data_mode.mode})
+    say(f"evaluate {init.source} ({init.arch}) on {cfg.dataset} ({key}) by {cfg.mode}, {len(plan)} fold(s) on "
+        f"{device}, features {data_mode.describe()} -> {run.path}")
     encoder = init.build().to(device)
     before = state_hash(encoder)
-    folds = sorted({f for t, tr in plan for f in [t, *tr]}, key=fold_order)
-    data = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, folds), device=device)
-    fold_of = np.array(data.fold_of)
     # Inputs standardised with the statistics the encoder was pretrained with, when recorded.
-    mean, std = init.input_stats or channel_stats(data.x)
-    mean, std = mean.to(device), std.to(device)
-    z = embed(encoder, data.x, mean, std, device)
-    y = data.y.to(device)
+    if data_mode.streaming:  # two passes over the store: statistics (unless recorded), embeddings
+        mean, std = init.input_stats or streaming_channel_stats(foldset, device=device)
+        mean, std = mean.to(device), std.to(device)
+        z, y, clips, fold_list = embed_streaming(encoder, foldset, mean, std, device)
+    else:
+        data = load_in_memory(foldset, device=device)
+        mean, std = init.input_stats or channel_stats(data.x)
+        mean, std = mean.to(device), std.to(device)
+        z = embed(encoder, data.x, mean, std, device)
+        y, clips, fold_list = data.y.to(device), data.clips, data.fold_of
+        del data  # only the embeddings are needed from here on
+    fold_of = np.array(fold_list)
     n_classes = len(manifest["classes"])
     per_fold, y_true, pooled = {}, [], []
     for test_fold, train_folds in plan:
@@ -137,7 +178,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
             result = task.score(scores, y[te])
         per_fold[test_fold] = result
         scores_np = scores.float().cpu().numpy()
-        run.save_predictions(test_fold, [c for c, f in zip(data.clips, fold_of) if f == test_fold],
+        run.save_predictions(test_fold, [c for c, f in zip(clips, fold_of) if f == test_fold],
                              y[te].cpu().numpy(), scores_np, task.predicted(scores_np))
         y_true.append(y[te].cpu().numpy())
         pooled.append(scores_np)

@@ -15,6 +15,14 @@ samples as independent examples with the clip's label and, at test, average the 
 (softmax, or sigmoid for multi-label sets) of a clip's samples, so scores and saved
 predictions are per clip. ``head`` picks the linear or the MLP-attention head (models.py).
 
+Data: the folds are loaded into memory (``load_in_memory``) when their features fit the
+memory budget (``memory_budget_gb``; by default half the free memory where the data would
+live), else the training folds of each test fold are streamed from the store
+(``StreamingLoader``, shuffled by (seed, epoch) like the in-memory loader), with their
+per-channel statistics from one sequential pass; the test fold and the validation split,
+each a fraction of the set, are still loaded into memory. The mode is recorded in
+config.json: it changes the batch order, so two runs compare only within one mode.
+
 ``--resume --epochs N`` may extend a run to more epochs than it was started with: the step
 decay does not depend on the total, so the result is the run N epochs would have given.
 """
@@ -33,7 +41,19 @@ import torch
 
 from audiofx.errors import ConfigError
 from audiofx.training.augment import Augment
-from audiofx.training.data import FoldSet, InMemoryLoader, load_in_memory
+from audiofx.training.data import (
+    MODE_MEMORY,
+    STATS_BATCH,
+    ChannelMoments,
+    DataMode,
+    FoldSet,
+    InMemoryLoader,
+    StreamingLoader,
+    choose_mode,
+    gigabytes,
+    load_in_memory,
+    streaming_channel_stats,
+)
 from audiofx.training.device import autocast, prepare_model, seed_everything
 from audiofx.training.distributed import Ranks, run_on_ranks, wrap
 from audiofx.training.featureset import fold_order, resolve_featureset, split_folds, validation_fold
@@ -65,6 +85,7 @@ class FinetuneConfig:
     fragments: int = 1  # Zhou et al.: N time fragments per clip, posteriors averaged per clip
     channel_fusion: bool = False  # Zhou et al.: one sample per channel (left/right/mid), posteriors averaged
     head: str = "linear"  # linear (GAP + linear) or mlp-attn
+    memory_budget_gb: float | None = None  # stream the folds when larger; None: half the free memory, 0: always stream
     seed: int = 0
     device: str = "auto"
     runs_root: str = "data/runs"
@@ -76,19 +97,14 @@ class FinetuneConfig:
         return recipe(self)
 
 
-def channel_stats(x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(x: torch.Tensor, chunk: int = STATS_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of (N, C, F, T) float16 features, accumulated in float64 in
-    chunks. Inputs are standardised with the training folds' statistics only."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    sq = torch.zeros_like(total)
+    chunks. Inputs are standardised with the training folds' statistics only. A streaming
+    run computes the same numbers in one pass over the store (``streaming_channel_stats``)."""
+    moments = ChannelMoments(x.shape[1], x.device)
     for i in range(0, x.shape[0], chunk):
-        part = x[i:i + chunk].double()
-        total += part.sum(dim=(0, 2, 3))
-        sq += (part * part).sum(dim=(0, 2, 3))
-    n = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total / n
-    std = (sq / n - mean * mean).clamp_min(1e-12).sqrt()
-    return mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
+        moments.add(x[i:i + chunk])
+    return moments.result()
 
 
 @torch.no_grad()
@@ -111,7 +127,8 @@ def subset(data, mask: torch.Tensor):
 
 # The options added after the first runs, at their defaults: a run started before they existed
 # has no such keys in its config.json and behaves exactly as these values, so it may resume.
-_LATER_OPTIONS = {"fragments": 1, "channel_fusion": False, "head": "linear"}
+_LATER_OPTIONS = {"fragments": 1, "channel_fusion": False, "head": "linear", "memory_budget_gb": None,
+                  "data_mode": "memory"}
 
 
 def _config_for(cfg: FinetuneConfig, config: dict[str, Any]) -> dict[str, Any]:
@@ -188,19 +205,26 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
     check_input_size(init.arch, bins, frames // cfg.fragments)  # before loading anything
     plan = split_folds(list(manifest["folds"]), cfg.fold)
     val_fold = validation_fold(list(manifest["folds"]), plan)
+    all_folds = sorted({f for t, train in plan for f in [t, *train]} | ({val_fold} if val_fold else set()), key=fold_order)
     name = cfg.name or default_name(cfg.init.replace(":", "-").replace("/", "_")[:40], cfg.dataset)
-    config = {**cfg.to_json(), "arch": init.arch, "key": key, "init_source": init.source, "stage": "finetune"}
+    mode = _data_mode(cfg, name, FoldSet(cfg.store, cfg.dataset, key, all_folds), manifest, ranks, device)
+    # The mode is recorded: it changes the batch order, so a resume must keep it.
+    config = {**cfg.to_json(), "arch": init.arch, "key": key, "init_source": init.source, "stage": "finetune",
+              "data_mode": mode.mode}
     # --resume --epochs N with N larger than the run's: the step schedule does not depend on
     # the total, so the extended run is the run that N epochs would have been from the start.
     run = open_run(ranks, cfg.runs_root, "finetune", name, _config_for(cfg, config), cfg.resume, extendable=("epochs",))
     say(f"finetune {cfg.dataset} ({key}) from {init.kind} ({init.source}), {init.arch}{_zhou_note(cfg)}, "
         f"{len(plan)} fold(s), {cfg.epochs} epochs on {device}{f' x {ranks.world} ranks' if ranks.active else ''}"
-        f"{f', epochs selected on {val_fold}' if val_fold else ''} -> {run.path}")
+        f"{f', epochs selected on {val_fold}' if val_fold else ''}, features {mode.describe()} -> {run.path}")
 
-    all_folds = sorted({f for t, train in plan for f in [t, *train]} | ({val_fold} if val_fold else set()), key=fold_order)
-    data = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, all_folds), device=device)
-    fold_of = np.array(data.fold_of)
-    val = subset(data, torch.from_numpy(fold_of == val_fold)) if val_fold else None
+    if mode.streaming:  # training folds streamed per test fold; the test fold and val split in memory
+        data = fold_of = None
+        val = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, [val_fold]), device=device) if val_fold else None
+    else:
+        data = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, all_folds), device=device)
+        fold_of = np.array(data.fold_of)
+        val = subset(data, torch.from_numpy(fold_of == val_fold)) if val_fold else None
     n_classes = len(manifest["classes"])
     done = {r["fold"]: r for r in run.metrics() if r.get("event") == "fold_done"}
     extended = [f for f, r in done.items() if _fold_epochs(run, f, r) < cfg.epochs]
@@ -214,8 +238,12 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
             say(f"fold {test_fold}: already done (last {task.metric_name} "
                 f"{100 * per_fold[test_fold][f'last_{task.metric}']:.2f}%)")
             continue
-        train = subset(data, torch.from_numpy(np.isin(fold_of, train_folds)))
-        test = subset(data, torch.from_numpy(fold_of == test_fold))
+        if data is None:  # streaming: the training folds in load_in_memory's order, for the statistics
+            train = FoldSet(cfg.store, cfg.dataset, key, sorted(train_folds, key=fold_order))
+            test = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, [test_fold]), device=device)
+        else:
+            train = subset(data, torch.from_numpy(np.isin(fold_of, train_folds)))
+            test = subset(data, torch.from_numpy(fold_of == test_fold))
         per_fold[test_fold] = _train_fold(cfg, init, run, task, train, test, val, n_classes, test_fold, device, ranks,
                                           say)
     summary = summarize(per_fold, task.metric)
@@ -228,6 +256,33 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
     run.write_text("summary.md", summary_markdown(cfg, init.arch, key, summary, val_fold))
     summary["run"] = str(run.path)
     return summary
+
+
+def _data_mode(cfg: FinetuneConfig, name: str, foldset: FoldSet, manifest: dict[str, Any], ranks: Ranks,
+               device: torch.device) -> DataMode:
+    """In memory or streaming (``choose_mode``). A resumed run without --memory-budget keeps
+    the mode it started in (the mode decides the batches; free memory may differ now), as
+    pretraining does. Every rank must take the same mode, so a default budget (free memory,
+    which differs between ranks) is the smallest of the ranks'. Zhou et al.'s options cut and
+    copy the training set in memory, so they refuse to stream."""
+    budget = None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * 1e9)
+    mode = choose_mode(foldset, budget, device, manifest)
+    recorded = Path(cfg.runs_root) / "finetune" / name / "config.json"
+    if cfg.resume and budget is None and recorded.is_file():  # runs from before streaming were in memory
+        mode = dataclasses.replace(mode, mode=json.loads(recorded.read_text()).get("data_mode", MODE_MEMORY))
+    elif ranks.active and budget is None:
+        import torch.distributed as dist
+
+        smallest = torch.tensor([mode.budget], dtype=torch.int64, device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        mode = choose_mode(foldset, int(smallest.item()), device, manifest)
+    if mode.streaming and (cfg.fragments > 1 or cfg.channel_fusion):
+        option = f"--fragments {cfg.fragments}" if cfg.fragments > 1 else "--channel-fusion"
+        raise ConfigError(f"{option} needs the training folds in memory, but their features ({gigabytes(mode.size)}) "
+                          f"are over the memory budget of {gigabytes(mode.budget)}",
+                          f"raise --memory-budget to at least {mode.size / 1e9:.3g} (GB) if the memory is there, "
+                          f"or drop {option}")
+    return mode
 
 
 def _fold_epochs(run: Run, fold: str, record: dict[str, Any]) -> int:
@@ -260,7 +315,14 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
     test_clips, test_index, val_index = test.clips, None, None
     y_val = val.y.cpu() if val is not None else None
     n_test, n_val = len(test.clips), len(val.clips) if val is not None else 0
-    if cfg.fragments == 1 and not cfg.channel_fusion:  # whole clips: the original path, unchanged
+    tag = f"fold-{fold}"
+    ckpt = run.load_checkpoint(tag) if cfg.resume else None
+    streaming = isinstance(train, FoldSet)  # the training folds stay in the store
+    if streaming:  # one sequential pass, unless the checkpoint has them (the same numbers)
+        mean, std = ((ckpt["states"]["mean"].to(device), ckpt["states"]["std"].to(device)) if ckpt else
+                     streaming_channel_stats(train, device=device))
+        saved_stats = (mean, std)
+    elif cfg.fragments == 1 and not cfg.channel_fusion:  # whole clips: the original path, unchanged
         mean, std = channel_stats(train.x)
         saved_stats = (mean, std)
     else:  # samples are fragments and/or channels; test predictions are fused back per clip
@@ -278,8 +340,6 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
 
     m = task.metric
     start, history, val_history = 0, [], []
-    tag = f"fold-{fold}"
-    ckpt = run.load_checkpoint(tag) if cfg.resume else None
     if ckpt:
         model.load_state_dict(ckpt["states"]["model"])
         opt.load_state_dict(ckpt["states"]["optimizer"])
@@ -290,8 +350,13 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
         # Epochs logged after the checkpoint (a kill between the two) are done again.
         run.drop_records(lambda r: r.get("event") == "epoch" and r.get("fold") == fold and r["epoch"] > start)
         say(f"fold {fold}: resuming after epoch {start}")
-    loader = InMemoryLoader(train, cfg.batch_size, shuffle=True, drop_last=False, seed=cfg.seed, rank=ranks.rank,
-                            world_size=ranks.world)
+    # Either loader's order depends only on (seed, epoch): a resumed run sees the same batches.
+    if streaming:
+        loader = StreamingLoader(train, cfg.batch_size, shuffle=True, drop_last=False, seed=cfg.seed, rank=ranks.rank,
+                                 world_size=ranks.world, device=device)
+    else:
+        loader = InMemoryLoader(train, cfg.batch_size, shuffle=True, drop_last=False, seed=cfg.seed,
+                                rank=ranks.rank, world_size=ranks.world)
     trained = wrap(model, ranks, device)  # DDP averages gradients across ranks; `model` stays the plain module
     augment = dataclasses.replace(cfg.augment, n_classes=n_classes)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -4,6 +4,12 @@ The pool defaults to every dataset with complete features (of the preset) in the
 folds, as in Hornauer et al. (NPID over all datasets combined). Datasets with longer clips
 are cut into segments of the shortest clip length (GTZAN's 1500 frames become six samples of
 250), so one batch can mix datasets and no audio is thrown away.
+
+Two data modes, as for fine-tuning: the pool is held in memory when its raw size fits the
+memory budget (default: half of the free memory where the data would live), and streamed
+from the store otherwise (``pool.PoolLoader``: same samples, same pool indices, so NPID's
+memory bank means the same in both). The mode changes the batch order, so config.json
+records it and a resumed run keeps it.
 """
 
 from __future__ import annotations
@@ -21,13 +27,23 @@ import torch
 from audiofx.errors import ConfigError, StoreError
 from audiofx.pipeline.store import FeatureStore
 from audiofx.training.augment import random_time_shift, spec_augment
-from audiofx.training.data import FoldSet, InMemoryData, InMemoryLoader, load_in_memory
+from audiofx.training.data import (
+    MODE_MEMORY,
+    DataMode,
+    MODE_STREAMING,
+    FoldSet,
+    InMemoryData,
+    InMemoryLoader,
+    available_memory,
+    load_in_memory,
+)
 from audiofx.training.device import autocast, prepare_model, seed_everything
 from audiofx.training.distributed import Ranks, run_on_ranks, wrap
 from audiofx.training.featureset import resolve_featureset, split_folds, validation_fold
 from audiofx.training.finetune import channel_stats
 from audiofx.training.knn import knn_scores
 from audiofx.training.models import ARCHS, build_encoder
+from audiofx.training.pool import PoolLoader, pool_channel_stats, segments
 from audiofx.training.runs import default_name, open_run, recipe
 from audiofx.training.tasks import Task
 from audiofx.training.ssl.methods import METHODS
@@ -52,6 +68,9 @@ class PretrainConfig:
     name: str | None = None
     resume: bool = False
     progress: bool = True
+    # GB (10^9 bytes) the pool may take in memory; None: half of the free memory where the
+    # data would live; 0: always stream from the store
+    memory_budget_gb: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return recipe(self)
@@ -73,14 +92,6 @@ def pool_datasets(store: str, preset: str, wanted: tuple[str, ...]) -> list[tupl
     return out
 
 
-def segments(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """(N, C, F, T) -> (N * (T // frames), C, F, frames): consecutive, non-overlapping segments."""
-    n, c, f, t = x.shape
-    s = t // frames
-    x = x[..., : s * frames].reshape(n, c, f, s, frames)
-    return x.permute(0, 3, 1, 2, 4).reshape(n * s, c, f, frames)
-
-
 def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}", f"use one of {', '.join(METHODS)}")
@@ -92,18 +103,38 @@ def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
 def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> dict[str, Any]:
     seed_everything(cfg.seed)
     pool = pool_datasets(cfg.store, cfg.preset, cfg.datasets)
-    loaded = [(ds, key, m, load_in_memory(FoldSet(cfg.store, ds, key, list(m["folds"])), device=device))
-              for ds, key, m in pool]
-    frames = min(d.x.shape[-1] for *_, d in loaded)
-    x = torch.cat([segments(d.x, frames) for *_, d in loaded])
-    n = x.shape[0]
-    data = InMemoryData(x=x, y=torch.zeros(n, dtype=torch.long, device=x.device),
-                        index=torch.arange(n, device=x.device), clips=[""] * n, fold_of=[""] * n)
-    mean, std = channel_stats(x)
+    foldsets = [FoldSet(cfg.store, ds, key, list(m["folds"])) for ds, key, m in pool]
+    frames = min(int(m["shape"][-1]) for *_, m in pool)
+    bins = int(pool[0][2]["shape"][-2])
     name = cfg.name or default_name(cfg.method, cfg.arch)
     _refuse_extension(cfg, name)
-    run = open_run(ranks, cfg.runs_root, "pretrain", name, {**cfg.to_json(), "stage": "pretrain",
-                                                            "pool": {ds: key for ds, key, _ in pool}}, cfg.resume)
+    recorded = _recorded_config(cfg, name)
+    mode, raw, budget = _data_mode(cfg, recorded, foldsets, [m for *_, m in pool], ranks, device)
+    say(f"data: {DataMode(mode, raw, budget).describe()}")
+    choice = _monitor_choice(pool)
+    if mode == MODE_MEMORY:
+        loaded = [load_in_memory(fs, device=device) for fs in foldsets]
+        x = torch.cat([segments(d.x, frames) for d in loaded])
+        n = x.shape[0]
+        data = InMemoryData(x=x, y=torch.zeros(n, dtype=torch.long, device=x.device),
+                            index=torch.arange(n, device=x.device), clips=[""] * n, fold_of=[""] * n)
+        mean, std = channel_stats(x)
+        loader = InMemoryLoader(data, cfg.batch_size, shuffle=True, drop_last=n > cfg.batch_size * ranks.world,
+                                seed=cfg.seed, rank=ranks.rank, world_size=ranks.world)
+        monitor_data = loaded[[ds for ds, *_ in pool].index(choice["dataset"])] if choice else None
+        del loaded  # the pool is in x now: keep only the monitored dataset's own copy
+    else:
+        # Every sample once per epoch (no drop_last: the tail batches are short instead).
+        loader = PoolLoader(foldsets, frames, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=ranks.rank,
+                            world_size=ranks.world, device=device)
+        n = loader.n
+        # Every rank makes the same sequential pass, so all ranks standardise alike.
+        mean, std = pool_channel_stats(foldsets, frames, device=device)
+        monitor_data = _monitor_load(cfg, choice, budget, device, say) if choice else None
+    settings = {**cfg.to_json(), "stage": "pretrain", "data_mode": mode, "pool": {ds: key for ds, key, _ in pool}}
+    if recorded is not None and "data_mode" not in recorded:  # a run from before streaming: it was in memory
+        settings.pop("data_mode")
+    run = open_run(ranks, cfg.runs_root, "pretrain", name, settings, cfg.resume)
     say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in pool)} ({n} samples of {frames} frames), "
         f"{cfg.arch}, {cfg.epochs} epochs on {device} -> {run.path}")
 
@@ -127,9 +158,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         start = ckpt["meta"]["epoch"] + 1
         run.drop_records(lambda r: r.get("event") == "epoch" and r["epoch"] > start)
         say(f"resuming after epoch {start}")
-    monitor = _monitor_split(loaded)
-    loader = InMemoryLoader(data, cfg.batch_size, shuffle=True, drop_last=n > cfg.batch_size * ranks.world,
-                            seed=cfg.seed, rank=ranks.rank, world_size=ranks.world)
+    monitor = _monitor_split(choice, monitor_data) if monitor_data is not None else None
     # Buffers (memory bank, queue, BatchNorm statistics) are kept in step by the methods
     # themselves, not broadcast from rank 0 at every forward.
     trained = wrap(method, ranks, device, broadcast_buffers=False)
@@ -137,7 +166,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     def view(batch: torch.Tensor) -> torch.Tensor:
         # Augmentations on whole batches on the device: circular time shift and SpecAugment masks.
         out = random_time_shift(batch, max_shift=frames // 4, generator=gen)
-        return spec_augment(out, time_width=max(1, frames // 10), freq_width=max(1, x.shape[2] // 8), generator=gen)
+        return spec_augment(out, time_width=max(1, frames // 10), freq_width=max(1, bins // 8), generator=gen)
 
     from tqdm import tqdm
 
@@ -179,7 +208,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
                         {"arch": cfg.arch, "method": cfg.method, "epochs": cfg.epochs})
     run.write_text("summary.md", f"# pretrain {cfg.method}\n\n{cfg.arch}, {cfg.epochs} epochs on "
                                  f"{', '.join(ds for ds, *_ in pool)} ({n} samples); final loss {loss_value:.4f}\n")
-    return {"run": str(run.path), "loss": loss_value, "samples": n}
+    return {"run": str(run.path), "loss": loss_value, "samples": n, "data_mode": mode}
 
 
 def _refuse_extension(cfg: PretrainConfig, name: str) -> None:
@@ -196,26 +225,73 @@ def _refuse_extension(cfg: PretrainConfig, name: str) -> None:
                           f"start a new run with --epochs {cfg.epochs}, or fine-tune from this one")
 
 
-def _monitor_split(loaded) -> dict[str, Any] | None:
+def _recorded_config(cfg: PretrainConfig, name: str) -> dict[str, Any] | None:
+    """The config.json of the run being resumed, if any."""
+    config = Path(cfg.runs_root) / "pretrain" / name / "config.json"
+    return json.loads(config.read_text()) if cfg.resume and config.is_file() else None
+
+
+def _data_mode(cfg: PretrainConfig, recorded: dict[str, Any] | None, foldsets: list[FoldSet], manifests: list[dict],
+               ranks: Ranks, device: torch.device) -> tuple[str, int, int]:
+    """(mode, the pool's raw bytes, the budget in bytes): in memory when the pool's raw size
+    (every dataset, all folds, as stored) fits the budget, else streaming. A resumed run
+    without --memory-budget keeps the mode it was started in (the mode changes the batch
+    order; free memory may differ now). Rank 0 decides for every rank: all must agree."""
+    raw = sum(fs.raw_bytes(m) for fs, m in zip(foldsets, manifests))
+    if cfg.memory_budget_gb is not None:
+        budget = int(cfg.memory_budget_gb * 1e9)
+    else:
+        budget = available_memory(device) // 2
+    mode = MODE_MEMORY if raw <= budget else MODE_STREAMING
+    if recorded is not None and cfg.memory_budget_gb is None:
+        mode = recorded.get("data_mode", MODE_MEMORY)  # runs from before streaming were all in memory
+    if ranks.active:
+        import torch.distributed as dist
+
+        decided = [mode, budget]
+        dist.broadcast_object_list(decided, src=0)
+        mode, budget = decided
+    return mode, raw, budget
+
+
+def _monitor_choice(pool: list[tuple[str, str, dict]]) -> dict[str, Any] | None:
     """A labelled dataset of the pool and a split of it held out for a weighted-kNN score each
     epoch (accuracy, or mAP for a multi-label set), voted by its training folds: the first
     of numbered folds, or the validation split of named splits (FSD50K's val; else their
     test split). Monitoring only: nothing is selected with it."""
-    for ds, _, manifest, d in loaded:
+    for ds, key, manifest in pool:
         folds = list(manifest["folds"])
         try:
             plan = split_folds(folds, "all")
         except StoreError:
             continue
         held, train_folds = validation_fold(folds, plan) or plan[0][0], plan[0][1]
-        if not train_folds:
-            continue
-        fold_of = np.array(d.fold_of)
-        rows = torch.from_numpy(np.flatnonzero(np.isin(fold_of, [held, *train_folds]))).to(d.x.device)
-        test = torch.from_numpy(fold_of == held).to(d.x.device)[rows]
-        return {"dataset": ds, "fold": f"fold {held}" if held.isdigit() else f"{held} split", "rows": rows,
-                "x": d.x, "y": d.y, "test": test, "classes": len(manifest["classes"]), "task": Task.of(manifest)}
+        if train_folds:
+            return {"dataset": ds, "key": key, "manifest": manifest, "held": held, "train": train_folds}
     return None
+
+
+def _monitor_load(cfg: PretrainConfig, choice: dict[str, Any], budget: int, device: torch.device, say):
+    """Streaming mode: the monitoring dataset's held-out and training folds in memory, when
+    they fit the budget on their own; else None (no monitoring), said why."""
+    fs = FoldSet(cfg.store, choice["dataset"], choice["key"], [choice["held"], *choice["train"]])
+    size = fs.raw_bytes(choice["manifest"])
+    if size > budget:
+        say(f"no kNN monitoring: {choice['dataset']}'s folds for it take {size / 1e9:.2f} GB, "
+            f"over the memory budget of {budget / 1e9:.2f} GB")
+        return None
+    return load_in_memory(fs, device=device)
+
+
+def _monitor_split(choice: dict[str, Any], d: InMemoryData) -> dict[str, Any]:
+    """The rows of ``d`` (the chosen dataset, in memory) that monitoring embeds, and which of
+    them are held out."""
+    held, manifest = choice["held"], choice["manifest"]
+    fold_of = np.array(d.fold_of)
+    rows = torch.from_numpy(np.flatnonzero(np.isin(fold_of, [held, *choice["train"]]))).to(d.x.device)
+    test = torch.from_numpy(fold_of == held).to(d.x.device)[rows]
+    return {"dataset": choice["dataset"], "fold": f"fold {held}" if held.isdigit() else f"{held} split", "rows": rows,
+            "x": d.x, "y": d.y, "test": test, "classes": len(manifest["classes"]), "task": Task.of(manifest)}
 
 
 @torch.no_grad()

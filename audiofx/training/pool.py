@@ -1,0 +1,122 @@
+"""The pretraining pool streamed from the store, for pools larger than the memory budget.
+
+The in-memory pool (pretrain.py) is every dataset's usable clips, cut into segments of the
+shortest clip length and concatenated. ``PoolLoader`` gives the same samples, numbered the
+same way, without holding them: one ``StreamingLoader`` per dataset (all folds) reads whole
+clips, each batch is cut into segments on arrival, and the datasets' batches are interleaved.
+
+Sample identity: pool index = dataset offset + clip index in the dataset (StreamingLoader's
+``index``: fold order then row order, skipped clips left out) * segments + segment number,
+exactly as ``torch.cat([segments(d.x, frames) for d in datasets])`` numbers its rows. So
+NPID's memory bank means the same thing in both modes.
+
+Order: a dataset with S segments per clip is read in batches of max(1, batch_size // S)
+clips (b * S samples, near batch_size). The sequence of "which dataset's next batch" is a
+seeded permutation of every dataset's batch count, drawn from (seed, epoch) alone: each
+dataset contributes in proportion to its size, every sample is seen once per epoch (each
+StreamingLoader covers its dataset once), and a resumed run repeats the same epochs. With
+several ranks each StreamingLoader gives every rank the same number of batches of the same
+sizes (padding by wrapping, like DistributedSampler), so all ranks take the same steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from audiofx.training.data import Batch, ChannelMoments, FoldSet, StreamingLoader, _generator
+
+# Tells the interleaving generator apart from the ones StreamingLoader seeds from (seed, epoch).
+_INTERLEAVE = 0x504F4F4C
+
+
+def segments(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(N, C, F, T) -> (N * (T // frames), C, F, frames): consecutive, non-overlapping segments
+    (the last T % frames frames are dropped)."""
+    n, c, f, t = x.shape
+    s = t // frames
+    x = x[..., : s * frames].reshape(n, c, f, s, frames)
+    return x.permute(0, 3, 1, 2, 4).reshape(n * s, c, f, frames)
+
+
+class PoolLoader:
+    """Batches of the pretraining pool streamed from the store (see the module docstring).
+
+    ``foldsets``: one FoldSet (all folds) per dataset, in pool order; ``frames``: the pool's
+    sample length (the shortest clip's frame count). ``stream``: extra StreamingLoader
+    arguments (buffer_chunks, run_chunks, threads, prefetch). Batches: x float32 (B, C, F,
+    frames) on ``device``, y zeros (labels are never read), index the pool indices.
+    """
+
+    def __init__(self, foldsets: list[FoldSet], frames: int, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", **stream: Any):
+        self.frames, self.batch_size, self.shuffle, self.seed = frames, batch_size, shuffle, seed
+        self.loaders: list[StreamingLoader] = []
+        self.segments: list[int] = []
+        for fs in foldsets:
+            shape = tuple(int(s) for s in fs.manifest()["shape"])
+            s = shape[-1] // frames
+            if s < 1:
+                raise ValueError(f"{fs.dataset} has {shape[-1]} frames, fewer than the pool's {frames}")
+            self.segments.append(s)
+            self.loaders.append(StreamingLoader(fs, max(1, batch_size // s), shuffle=shuffle, seed=seed, rank=rank,
+                                                world_size=world_size, device=device, **stream))
+        sizes = [ld.n * s for ld, s in zip(self.loaders, self.segments)]
+        self.offsets = np.cumsum([0] + sizes)[:-1].tolist()
+        self.n = int(sum(sizes))  # pool samples (the memory bank's rows)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return sum(len(ld) for ld in self.loaders)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Which dataset gives each batch of an epoch (positions in ``loaders``)."""
+        which = np.repeat(np.arange(len(self.loaders)), [len(ld) for ld in self.loaders])
+        if self.shuffle and len(which):
+            which = which[torch.randperm(len(which), generator=_generator(self.seed, epoch, _INTERLEAVE)).numpy()]
+        return which
+
+    def cut(self, d: int, batch: Batch) -> Batch:
+        """A batch of dataset ``d``'s clips as pool samples: segments and their pool indices."""
+        s = self.segments[d]
+        x = segments(batch.x, self.frames)
+        index = (self.offsets[d] + batch.index.view(-1, 1) * s
+                 + torch.arange(s, device=batch.index.device).view(1, -1)).reshape(-1)
+        return Batch(x, torch.zeros(len(index), dtype=torch.long, device=index.device), index)
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.epoch
+        self.epoch += 1
+        for ld in self.loaders:
+            ld.set_epoch(epoch)
+        # Generators: a loader starts its reading threads on its first batch, and close()
+        # below stops them however the epoch ends.
+        streams = [iter(ld) for ld in self.loaders]
+        try:
+            for d in self.order(epoch).tolist():
+                yield self.cut(d, next(streams[d]))
+        finally:
+            for st in streams:
+                st.close()
+
+
+@torch.no_grad()
+def pool_channel_stats(foldsets: list[FoldSet], frames: int, device: str | torch.device = "cpu",
+                       batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the pool's samples in one sequential pass over the store,
+    accumulated in float64 (``ChannelMoments``, as ``finetune.channel_stats`` on the in-memory
+    pool): the same values, without the pool in memory. Segments are a reshaping of the
+    frames, so summing the cut clips' frames (the frames past the last whole segment dropped,
+    as the in-memory pool drops them) gives the pool's sums."""
+    loader = PoolLoader(foldsets, frames, batch_size, shuffle=False, device=device)
+    moments = None
+    for batch in loader:
+        moments = moments or ChannelMoments(batch.x.shape[1], batch.x.device)
+        moments.add(batch.x)
+    return moments.result()
