@@ -116,7 +116,7 @@ def losses(run: Path) -> list[float]:
 
 
 def test_npid_streams_and_resumes_after_kill_9_like_an_uninterrupted_run(store, tmp_path):
-    args = ["pretrain", "--method", "npid", "--store", str(store), "--runs", str(tmp_path), "--epochs", "3",
+    args = ["pretrain", "--method", "npid", "--store", str(store), "--runs", str(tmp_path), "--epochs", "2",
             "--batch-size", "32", "--memory-budget", "0", *TINY]
     whole = run_cli(*args, "--name", "whole")
     assert whole.returncode == 0, whole.stderr
@@ -126,7 +126,7 @@ def test_npid_streams_and_resumes_after_kill_9_like_an_uninterrupted_run(store, 
     assert "no kNN monitoring: demo's folds for it take 0.02 GB, over the memory budget" in whole.stdout
     cfg = json.loads((tmp_path / "pretrain" / "whole" / "config.json").read_text())
     assert cfg["data_mode"] == "streaming" and cfg["memory_budget_gb"] == 0.0
-    assert len(losses(tmp_path / "pretrain" / "whole")) == 3 and np.isfinite(losses(tmp_path / "pretrain" / "whole")).all()
+    assert len(losses(tmp_path / "pretrain" / "whole")) == 2 and np.isfinite(losses(tmp_path / "pretrain" / "whole")).all()
     bank = torch.load(tmp_path / "pretrain" / "whole" / "checkpoints" / "last.pt", weights_only=True)["states"]["method"]
     bank = bank["bank.memory"]
     assert bank.shape == (POOL, 128)  # one row per pool sample, as in memory
@@ -137,7 +137,7 @@ def test_npid_streams_and_resumes_after_kill_9_like_an_uninterrupted_run(store, 
     wait_while_running(proc, lambda: log.exists() and len(log.read_text().splitlines()) >= 1)
     kill_9(proc)
     done = len(losses(tmp_path / "pretrain" / "cut"))
-    assert 1 <= done < 3
+    assert done == 1
     resumed = run_cli(*args, "--name", "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith("data: streaming") and "resuming after epoch" in resumed.stdout

@@ -34,9 +34,10 @@ def epochs_of(records: list[dict], key: str = "test_acc") -> list[tuple[str, int
     return [(r["fold"], r["epoch"], r[key]) for r in records if r["event"] == "epoch"]
 
 
-def test_streaming_finetune_fold_all_learns_one_result_per_fold(store, tmp_path):
+def test_streaming_finetune_learns_and_records_its_mode(store, tmp_path):
+    # One test fold: the fold loop is the in-memory one (test_training checks --fold all).
     proc = run_cli("finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path), "--init", "scratch",
-                   "--epochs", "4", "--lr", "3e-3", "--memory-budget", "0", "--name", "s", *TINY)
+                   "--fold", "2", "--epochs", "4", "--lr", "3e-3", "--memory-budget", "0", "--name", "s", *TINY)
     assert proc.returncode == 0, proc.stderr
     # 200 clips of 3 x 128 x 100 float16 = 15.36 MB, over a budget of 0
     assert "features streaming (0.0154 GB, over the budget of 0 GB)" in proc.stdout.splitlines()[0]
@@ -45,15 +46,14 @@ def test_streaming_finetune_fold_all_learns_one_result_per_fold(store, tmp_path)
     assert cfg["data_mode"] == "streaming" and cfg["memory_budget_gb"] == 0
     records = metrics(run)
     folds = {r["fold"]: r for r in records if r["event"] == "fold_done"}
-    assert sorted(folds) == ["1", "2", "3", "4", "5"]
-    for fold in folds:
-        accs = [a for f, _, a in epochs_of(records) if f == fold]
-        assert len(accs) == 4 and folds[fold]["last_acc"] == accs[-1]
-    assert sorted(run.joinpath("predictions").iterdir()) == [run / "predictions" / f"fold-{k}.npz" for k in "12345"]
+    assert sorted(folds) == ["2"]
+    accs = [a for f, _, a in epochs_of(records) if f == "2"]
+    assert len(accs) == 4 and folds["2"]["last_acc"] == accs[-1]
+    assert sorted(run.joinpath("predictions").iterdir()) == [run / "predictions" / "fold-2.npz"]
     summary = next(r for r in records if r["event"] == "summary")
-    assert summary["last_acc_mean"] == pytest.approx(np.mean([r["last_acc"] for r in folds.values()]))
-    # Chance is 20% (200 test clips in all: a chance mean has a std of ~3 points). Measured with
-    # these settings over seeds 0-2: streaming 78.5-81.5%, in memory 70-88%.
+    assert summary["last_acc_mean"] == folds["2"]["last_acc"]
+    # Chance is 20% (40 test clips: a chance accuracy has a std of ~6 points). Measured with
+    # these settings over seeds 0-2 and all folds: streaming 78.5-81.5% on average.
     assert summary["last_acc_mean"] > 0.5
 
 
@@ -113,7 +113,7 @@ def test_fragments_refuse_to_stream_with_a_one_line_error(store, tmp_path):
 
 def test_streaming_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_run(store, tmp_path):
     args = ["finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path), "--init", "scratch",
-            "--fold", "1", "--epochs", "3", "--lr", "1e-3", "--memory-budget", "0", *TINY]
+            "--fold", "1", "--epochs", "2", "--lr", "1e-3", "--memory-budget", "0", *TINY]
     whole = run_cli(*args, "--name", "whole")
     assert whole.returncode == 0, whole.stderr
     proc = start_cli(*args, "--name", "cut", own_group=True)
@@ -121,7 +121,7 @@ def test_streaming_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_ru
     wait_while_running(proc, lambda: log.exists() and len(log.read_text().splitlines()) >= 1)
     kill_9(proc)
     done_before = [e for _, e, _ in epochs_of(metrics(tmp_path / "finetune" / "cut"))]
-    assert 1 <= len(done_before) < 3
+    assert len(done_before) == 1
     # another budget would read in another order: the run keeps the mode it started with
     assert_one_line_error(run_cli(*args[:-5], "--memory-budget", "100", *TINY, "--name", "cut", "--resume"),
                           "was started with other settings (data_mode, memory_budget_gb)")
@@ -130,7 +130,7 @@ def test_streaming_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_ru
     assert "streaming" in resumed.stdout.splitlines()[0]
     assert any(f"resuming after epoch {e}" in resumed.stdout for e in (done_before[-1], done_before[-1] + 1))
     cut, ref = metrics(tmp_path / "finetune" / "cut"), metrics(tmp_path / "finetune" / "whole")
-    assert [e for _, e, _ in epochs_of(cut)] == [1, 2, 3]
+    assert [e for _, e, _ in epochs_of(cut)] == [1, 2]
     assert epochs_of(cut) == epochs_of(ref)
     a = torch.load(tmp_path / "finetune" / "cut" / "checkpoints" / "fold-1.pt", weights_only=True)["states"]
     b = torch.load(tmp_path / "finetune" / "whole" / "checkpoints" / "fold-1.pt", weights_only=True)["states"]

@@ -43,13 +43,13 @@ def metrics(run: Path) -> list[dict]:
 
 def test_finetune_fold_all_gives_one_result_per_fold_and_correct_mean_std(store, tmp_path):
     proc = run_cli("finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path), "--init", "scratch",
-                   "--epochs", "5", "--lr", "3e-3", "--name", "s", *TINY)
+                   "--epochs", "4", "--lr", "3e-3", "--name", "s", *TINY)
     assert proc.returncode == 0, proc.stderr
     records = metrics(tmp_path / "finetune" / "s")
     folds = {r["fold"]: r for r in records if r["event"] == "fold_done"}
     assert sorted(folds) == ["1", "2", "3", "4", "5"]
-    for fold in folds:  # five epochs per fold, each evaluated on the test fold
-        assert [r["epoch"] for r in records if r["event"] == "epoch" and r["fold"] == fold] == [1, 2, 3, 4, 5]
+    for fold in folds:  # four epochs per fold, each evaluated on the test fold
+        assert [r["epoch"] for r in records if r["event"] == "epoch" and r["fold"] == fold] == [1, 2, 3, 4]
         last = [r["test_acc"] for r in records if r["event"] == "epoch" and r["fold"] == fold]
         assert folds[fold]["last_acc"] == last[-1] and folds[fold]["best_acc"] == max(last)
     summary = next(r for r in records if r["event"] == "summary")
@@ -117,22 +117,22 @@ def test_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_run(store, t
 def test_resume_with_more_epochs_extends_a_finished_run_to_the_longer_run(store, npid_run, tmp_path):
     args = ["finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path), "--init", "scratch",
             "--fold", "1", "--lr", "1e-3", *TINY]
-    assert run_cli(*args, "--epochs", "4", "--name", "long").returncode == 0
+    assert run_cli(*args, "--epochs", "3", "--name", "long").returncode == 0
     args += ["--name", "grow"]
     assert run_cli(*args, "--epochs", "2").returncode == 0
-    grown = run_cli(*args, "--epochs", "4", "--resume")
+    grown = run_cli(*args, "--epochs", "3", "--resume")
     assert grown.returncode == 0, grown.stderr
-    assert "extending fold(s) 1 to 4 epochs" in grown.stdout and "resuming after epoch 2" in grown.stdout
+    assert "extending fold(s) 1 to 3 epochs" in grown.stdout and "resuming after epoch 2" in grown.stdout
     grow, long = metrics(tmp_path / "finetune" / "grow"), metrics(tmp_path / "finetune" / "long")
-    assert [r["epoch"] for r in grow if r["event"] == "epoch"] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in grow if r["event"] == "epoch"] == [1, 2, 3]
     assert [r["test_acc"] for r in grow if r["event"] == "epoch"] == [r["test_acc"] for r in long if r["event"] == "epoch"]
     assert [r["event"] for r in grow].count("summary") == 1 and [r["event"] for r in grow].count("fold_done") == 1
-    assert json.loads((tmp_path / "finetune" / "grow" / "config.json").read_text())["epochs"] == 4
+    assert json.loads((tmp_path / "finetune" / "grow" / "config.json").read_text())["epochs"] == 3
     a = torch.load(tmp_path / "finetune" / "grow" / "checkpoints" / "fold-1.pt", weights_only=True)["states"]["model"]
     b = torch.load(tmp_path / "finetune" / "long" / "checkpoints" / "fold-1.pt", weights_only=True)["states"]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert_one_line_error(run_cli(*args, "--epochs", "3", "--resume"), "was started with epochs 4",
-                          "cannot shorten it to 3")
+    assert_one_line_error(run_cli(*args, "--epochs", "2", "--resume"), "was started with epochs 3",
+                          "cannot shorten it to 2")
     assert_one_line_error(run_cli("pretrain", "--method", "npid", "--store", str(store), "--runs", str(npid_run),
                                   "--epochs", "4", "--batch-size", "32", "--name", "npid-a", "--resume", *TINY),
                           "was planned for 2 epochs", "cannot be extended to 4", "start a new run with --epochs 4")
