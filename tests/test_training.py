@@ -94,20 +94,20 @@ def test_linear_probe_leaves_the_encoder_bit_identical(store, npid_run):
 
 def test_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_run(store, tmp_path):
     args = ["finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path), "--init", "scratch",
-            "--fold", "1", "--epochs", "5", "--lr", "1e-3", *TINY]
+            "--fold", "1", "--epochs", "3", "--lr", "1e-3", *TINY]
     assert run_cli(*args, "--name", "whole").returncode == 0
     proc = start_cli(*args, "--name", "cut", own_group=True)
     log = tmp_path / "finetune" / "cut" / "metrics.jsonl"
-    wait_while_running(proc, lambda: log.exists() and len(log.read_text().splitlines()) >= 2)
+    wait_while_running(proc, lambda: log.exists() and len(log.read_text().splitlines()) >= 1)
     kill_9(proc)
     done_before = [r["epoch"] for r in metrics(tmp_path / "finetune" / "cut") if r["event"] == "epoch"]
-    assert 2 <= len(done_before) < 5
+    assert 1 <= len(done_before) < 3
     resumed = run_cli(*args, "--name", "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     # the checkpoint is saved before the epoch's log line, so it may be one epoch ahead of the log
     assert any(f"resuming after epoch {e}" in resumed.stdout for e in (done_before[-1], done_before[-1] + 1))
     cut, whole = metrics(tmp_path / "finetune" / "cut"), metrics(tmp_path / "finetune" / "whole")
-    assert [r["epoch"] for r in cut if r["event"] == "epoch"] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in cut if r["event"] == "epoch"] == [1, 2, 3]
     assert [r["test_acc"] for r in cut if r["event"] == "epoch"] == [r["test_acc"] for r in whole if r["event"] == "epoch"]
     a = torch.load(tmp_path / "finetune" / "cut" / "checkpoints" / "fold-1.pt", weights_only=True)["states"]["model"]
     b = torch.load(tmp_path / "finetune" / "whole" / "checkpoints" / "fold-1.pt", weights_only=True)["states"]["model"]

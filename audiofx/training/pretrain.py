@@ -111,6 +111,12 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     recorded = _recorded_config(cfg, name)
     mode, raw, budget = _data_mode(cfg, recorded, foldsets, [m for *_, m in pool], ranks, device)
     say(f"data: {DataMode(mode, raw, budget).describe()}")
+    # The run folder is made (or checked, on --resume) before the pool is read: a resume with
+    # other settings fails at once, not after minutes of loading.
+    settings = {**cfg.to_json(), "stage": "pretrain", "data_mode": mode, "pool": {ds: key for ds, key, _ in pool}}
+    if recorded is not None and "data_mode" not in recorded:  # a run from before streaming: it was in memory
+        settings.pop("data_mode")
+    run = open_run(ranks, cfg.runs_root, "pretrain", name, settings, cfg.resume)
     choice = _monitor_choice(pool)
     if mode == MODE_MEMORY:
         loaded = [load_in_memory(fs, device=device) for fs in foldsets]
@@ -131,10 +137,6 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         # Every rank makes the same sequential pass, so all ranks standardise alike.
         mean, std = pool_channel_stats(foldsets, frames, device=device)
         monitor_data = _monitor_load(cfg, choice, budget, device, say) if choice else None
-    settings = {**cfg.to_json(), "stage": "pretrain", "data_mode": mode, "pool": {ds: key for ds, key, _ in pool}}
-    if recorded is not None and "data_mode" not in recorded:  # a run from before streaming: it was in memory
-        settings.pop("data_mode")
-    run = open_run(ranks, cfg.runs_root, "pretrain", name, settings, cfg.resume)
     say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in pool)} ({n} samples of {frames} frames), "
         f"{cfg.arch}, {cfg.epochs} epochs on {device} -> {run.path}")
 
