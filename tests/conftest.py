@@ -48,6 +48,19 @@ def small_folder(tmp_path: Path) -> Path:
     return make_class_folder(tmp_path / "raw", classes=3, per_class=10, seconds=1.0)
 
 
+TINY = ["--arch", "tiny", "--no-progress"]  # the small CNN, no progress bars: training tests' CLI options
+
+
+def extract_demo(base: Path) -> Path:
+    """The synthetic demo dataset generated under base/raw and extracted (one worker) into
+    base/features; returns the store."""
+    from audiofx.pipeline.extract import ExtractRequest, extract
+
+    extract(ExtractRequest(dataset="demo", root=base / "raw", store=str(base / "features"), workers=1, progress=False),
+            on_event=lambda m: None)
+    return base / "features"
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"

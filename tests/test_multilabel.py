@@ -18,10 +18,9 @@ from audiofx.training.knn import choose_k, knn_scores
 from audiofx.training.metrics import multilabel_scores, per_class_report
 from audiofx.training.runs import Run
 from audiofx.training.tasks import Task
-from tests.conftest import run_cli
+from tests.conftest import TINY, run_cli
 from tests.layouts import make_fsd50k_learnable
 
-TINY = ["--arch", "tiny", "--no-progress"]
 
 
 def test_map_auc_and_dprime_against_hand_computation():

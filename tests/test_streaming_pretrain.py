@@ -23,9 +23,8 @@ from audiofx.training.featureset import resolve_featureset
 from audiofx.training.finetune import channel_stats
 from audiofx.training.pool import PoolLoader, pool_channel_stats, segments
 from audiofx.training.runs import Run
-from tests.conftest import REPO, cli_env, kill_9, make_class_folder, run_cli, start_cli, wait_while_running
+from tests.conftest import REPO, TINY, cli_env, extract_demo, kill_9, make_class_folder, run_cli, start_cli, wait_while_running
 
-TINY = ["--arch", "tiny", "--no-progress"]
 FRAMES = 100
 POOL = 200 + 15 * 2
 # raw bytes (float16): demo 200 x 3x128x100 = 15.36 MB, folder 15 x 3x128x250 = 2.88 MB
@@ -35,8 +34,7 @@ BETWEEN = "0.016"  # GB: the demo set alone fits (kNN monitoring), the pool does
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("pool")
-    extract(ExtractRequest(dataset="demo", root=base / "raw", store=str(base / "features"), workers=1, progress=False),
-            on_event=lambda m: None)
+    extract_demo(base)
     root = make_class_folder(base / "folder", classes=3, per_class=5, seconds=5.0)
     extract(ExtractRequest(dataset="folder", root=root, store=str(base / "features"), workers=1, progress=False,
                            overrides={"clip_seconds": 5.0, "frames": 250}), on_event=lambda m: None)

@@ -13,17 +13,11 @@ import torch
 
 from audiofx.pipeline.extract import ExtractRequest, extract
 from audiofx.training.runs import Run
-from tests.conftest import assert_one_line_error, kill_9, run_cli, start_cli, wait_while_running
-
-TINY = ["--arch", "tiny", "--no-progress"]
-
+from tests.conftest import TINY, assert_one_line_error, extract_demo, kill_9, run_cli, start_cli, wait_while_running
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("demo")
-    extract(ExtractRequest(dataset="demo", root=base / "raw", store=str(base / "features"), workers=1, progress=False),
-            on_event=lambda m: None)
-    return base / "features"
+    return extract_demo(tmp_path_factory.mktemp("demo"))
 
 
 def metrics(run: Path) -> list[dict]:
