@@ -190,14 +190,14 @@ def test_finetune_with_fragments_channel_fusion_and_mlp_attention_predicts_per_c
 
 
 def test_a_run_from_before_these_options_resumes_only_with_them_at_their_defaults(tmp_path):
-    from audiofx.training.finetune import FinetuneConfig, _config_for
+    from audiofx.training.finetune import _LATER_OPTIONS, FinetuneConfig
 
     recorded = {**FinetuneConfig(dataset="demo", runs_root=str(tmp_path)).to_json(), "arch": "tiny"}
     for later in ("fragments", "channel_fusion", "head"):
         del recorded[later]  # config.json as written before the options existed
     Run.create(tmp_path, "finetune", "old", recorded)
     same = FinetuneConfig(dataset="demo", runs_root=str(tmp_path), name="old", resume=True)
-    Run.create(tmp_path, "finetune", "old", _config_for(same, {**same.to_json(), "arch": "tiny"}), resume=True)
+    Run.create(tmp_path, "finetune", "old", {**same.to_json(), "arch": "tiny"}, resume=True, later=_LATER_OPTIONS)
     other = FinetuneConfig(dataset="demo", runs_root=str(tmp_path), name="old", resume=True, fragments=6)
     with pytest.raises(ConfigError, match=r"other settings \(fragments\)"):
-        Run.create(tmp_path, "finetune", "old", _config_for(other, {**other.to_json(), "arch": "tiny"}), resume=True)
+        Run.create(tmp_path, "finetune", "old", {**other.to_json(), "arch": "tiny"}, resume=True, later=_LATER_OPTIONS)

@@ -118,7 +118,7 @@ def test_streaming_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_ru
     assert len(done_before) == 1
     # another budget would read in another order: the run keeps the mode it started with
     assert_one_line_error(run_cli(*args[:-5], "--memory-budget", "100", *TINY, "--name", "cut", "--resume"),
-                          "was started with other settings (data_mode, memory_budget_gb)")
+                          "was started with other settings (data_mode)")
     resumed = run_cli(*args, "--name", "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "streaming" in resumed.stdout.splitlines()[0]

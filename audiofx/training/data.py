@@ -822,15 +822,36 @@ def gigabytes(n: int) -> str:
     return f"{n / 1e9:.3g} GB"
 
 
-def choose_mode(foldset: FoldSet, memory_budget_bytes: int | None = None, device: str | torch.device = "cpu",
-                manifest: dict[str, Any] | None = None) -> DataMode:
-    """In memory when the folds' raw size (manifest: clips * prod(shape) * 2 bytes) fits the
-    budget, else streaming. The default budget is half of what is free where the data would
-    live: MemAvailable for the CPU, free memory of the device for CUDA (the model and
-    activations need the rest). A budget of 0 always streams."""
-    size = foldset.raw_bytes(manifest or foldset.manifest())
-    budget = memory_budget_bytes if memory_budget_bytes is not None else available_memory(device) // 2
-    return DataMode(MODE_MEMORY if size <= budget else MODE_STREAMING, size, int(budget))
+def budget_bytes(gb: float | None) -> int | None:
+    """--memory-budget GB as bytes (None: the default budget)."""
+    return None if gb is None else int(gb * 1e9)
+
+
+def choose_mode(size: int, budget: int | None = None, device: str | torch.device = "cpu", *,
+                recorded: dict[str, Any] | None = None, ranks: Any = None) -> DataMode:
+    """The one rule every stage reads its folds by: in memory when their raw size in bytes
+    (``FoldSet.raw_bytes``: clips * prod(shape) * 2) fits the budget, else streaming.
+
+    - The budget is ``budget`` bytes (--memory-budget; 0 always streams), or by default half of
+      what is free where the data would live: MemAvailable for the CPU, free memory of the
+      device for CUDA (the model and activations need the rest).
+    - Under torchrun (``ranks.active``) every rank must take the same mode, and free memory
+      differs between ranks (one GPU each): the default budget is the smallest of the ranks'.
+    - ``recorded``: the config.json of the run a --resume continues. Without --memory-budget
+      the run keeps the mode it started in (the mode decides the batch order; free memory may
+      differ now); runs from before streaming existed were in memory.
+    """
+    given = budget is not None
+    budget = int(budget) if given else available_memory(device) // 2
+    if not given and ranks is not None and ranks.active:
+        import torch.distributed as dist
+
+        smallest = torch.tensor([budget], dtype=torch.int64, device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        budget = int(smallest.item())
+    if not given and recorded is not None:
+        return DataMode(recorded.get("data_mode", MODE_MEMORY), size, budget)
+    return DataMode(MODE_MEMORY if size <= budget else MODE_STREAMING, size, budget)
 
 
 class ChannelMoments:
@@ -881,7 +902,7 @@ def make_loader(foldset: FoldSet, batch_size: int, memory_budget_bytes: int | No
     ``kw``: shuffle, seed, drop_last, rank, world_size for both; buffer_chunks, run_chunks,
     threads, prefetch for streaming only (ignored in memory).
     """
-    if not choose_mode(foldset, memory_budget_bytes, device).streaming:
+    if not choose_mode(foldset.raw_bytes(foldset.manifest()), memory_budget_bytes, device).streaming:
         common = {k: v for k, v in kw.items() if k not in _STREAM_ONLY}
         return InMemoryLoader(load_in_memory(foldset, device=device), batch_size, **common), MODE_MEMORY
     return StreamingLoader(foldset, batch_size, device=device, **kw), MODE_STREAMING

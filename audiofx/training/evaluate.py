@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from audiofx.errors import ConfigError
-from audiofx.training.data import FoldSet, StreamingLoader, choose_mode, load_in_memory, streaming_channel_stats
+from audiofx.training.data import FoldSet, StreamingLoader, budget_bytes, choose_mode, load_in_memory, streaming_channel_stats
 from audiofx.training.device import autocast, pick_device, seed_everything
 from audiofx.training.featureset import fold_order, resolve_featureset, split_folds
 from audiofx.training.finetune import channel_stats
@@ -133,8 +133,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     plan = split_folds(list(manifest["folds"]), cfg.fold)
     folds = sorted({f for t, tr in plan for f in [t, *tr]}, key=fold_order)
     foldset = FoldSet(cfg.store, cfg.dataset, key, folds)
-    budget = None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * 1e9)
-    data_mode = choose_mode(foldset, budget, device, manifest)
+    data_mode = choose_mode(foldset.raw_bytes(manifest), budget_bytes(cfg.memory_budget_gb), device)
     name = cfg.name or default_name(cfg.mode, Path(init.source).name, cfg.dataset)
     run = Run.create(cfg.runs_root, "evaluate", name, {**recipe(cfg), "arch": init.arch, "key": key,
                                                        "source": init.source, "stage": "evaluate",

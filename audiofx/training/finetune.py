@@ -49,6 +49,7 @@ from audiofx.training.data import (
     FoldSet,
     InMemoryLoader,
     StreamingLoader,
+    budget_bytes,
     choose_mode,
     gigabytes,
     load_in_memory,
@@ -61,7 +62,7 @@ from audiofx.training.fusion import expand_channels, fuse_posteriors, split_frag
 from audiofx.training.init import resolve_init
 from audiofx.training.metrics import mean_std
 from audiofx.training.models import HEADS, Classifier, check_input_size
-from audiofx.training.runs import Run, default_name, open_run, recipe
+from audiofx.training.runs import Run, default_name, open_run, recipe, recorded_config
 from audiofx.training.tasks import METRIC_NAMES, Task
 
 
@@ -125,21 +126,9 @@ def subset(data, mask: torch.Tensor):
     )
 
 
-# The options added after the first runs, at their defaults: a run started before they existed
-# has no such keys in its config.json and behaves exactly as these values, so it may resume.
-_LATER_OPTIONS = {"fragments": 1, "channel_fusion": False, "head": "linear", "memory_budget_gb": None,
-                  "data_mode": "memory"}
-
-
-def _config_for(cfg: FinetuneConfig, config: dict[str, Any]) -> dict[str, Any]:
-    """The config to record or, on --resume, to compare with the run's config.json; the
-    later options at their defaults are left out of the comparison with an older run."""
-    old = Path(cfg.runs_root) / "finetune" / (cfg.name or "") / "config.json"
-    if not (cfg.resume and cfg.name and old.is_file()):
-        return config
-    recorded = json.loads(old.read_text())
-    return {k: v for k, v in config.items() if not (k in _LATER_OPTIONS and k not in recorded
-                                                     and v == _LATER_OPTIONS[k])}
+# The options added after the first runs, at the values runs started before them behaved as
+# (no such key in their config.json): such a run may resume with them at these values.
+_LATER_OPTIONS = {"fragments": 1, "channel_fusion": False, "head": "linear", "data_mode": MODE_MEMORY}
 
 
 def standardise_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, chunk: int = 256) -> torch.Tensor:
@@ -207,13 +196,15 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
     val_fold = validation_fold(list(manifest["folds"]), plan)
     all_folds = sorted({f for t, train in plan for f in [t, *train]} | ({val_fold} if val_fold else set()), key=fold_order)
     name = cfg.name or default_name(cfg.init.replace(":", "-").replace("/", "_")[:40], cfg.dataset)
-    mode = _data_mode(cfg, name, FoldSet(cfg.store, cfg.dataset, key, all_folds), manifest, ranks, device)
+    recorded = recorded_config(cfg.runs_root, "finetune", name, cfg.resume)
+    mode = _data_mode(cfg, FoldSet(cfg.store, cfg.dataset, key, all_folds).raw_bytes(manifest), recorded, ranks, device)
     # The mode is recorded: it changes the batch order, so a resume must keep it.
     config = {**cfg.to_json(), "arch": init.arch, "key": key, "init_source": init.source, "stage": "finetune",
               "data_mode": mode.mode}
     # --resume --epochs N with N larger than the run's: the step schedule does not depend on
     # the total, so the extended run is the run that N epochs would have been from the start.
-    run = open_run(ranks, cfg.runs_root, "finetune", name, _config_for(cfg, config), cfg.resume, extendable=("epochs",))
+    run = open_run(ranks, cfg.runs_root, "finetune", name, config, cfg.resume, extendable=("epochs",),
+                   later=_LATER_OPTIONS)
     say(f"finetune {cfg.dataset} ({key}) from {init.kind} ({init.source}), {init.arch}{_zhou_note(cfg)}, "
         f"{len(plan)} fold(s), {cfg.epochs} epochs on {device}{f' x {ranks.world} ranks' if ranks.active else ''}"
         f"{f', epochs selected on {val_fold}' if val_fold else ''}, features {mode.describe()} -> {run.path}")
@@ -258,24 +249,12 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
     return summary
 
 
-def _data_mode(cfg: FinetuneConfig, name: str, foldset: FoldSet, manifest: dict[str, Any], ranks: Ranks,
+def _data_mode(cfg: FinetuneConfig, size: int, recorded: dict[str, Any] | None, ranks: Ranks,
                device: torch.device) -> DataMode:
-    """In memory or streaming (``choose_mode``). A resumed run without --memory-budget keeps
-    the mode it started in (the mode decides the batches; free memory may differ now), as
-    pretraining does. Every rank must take the same mode, so a default budget (free memory,
-    which differs between ranks) is the smallest of the ranks'. Zhou et al.'s options cut and
-    copy the training set in memory, so they refuse to stream."""
-    budget = None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * 1e9)
-    mode = choose_mode(foldset, budget, device, manifest)
-    recorded = Path(cfg.runs_root) / "finetune" / name / "config.json"
-    if cfg.resume and budget is None and recorded.is_file():  # runs from before streaming were in memory
-        mode = dataclasses.replace(mode, mode=json.loads(recorded.read_text()).get("data_mode", MODE_MEMORY))
-    elif ranks.active and budget is None:
-        import torch.distributed as dist
-
-        smallest = torch.tensor([mode.budget], dtype=torch.int64, device=device)
-        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-        mode = choose_mode(foldset, int(smallest.item()), device, manifest)
+    """In memory or streaming, by ``choose_mode``'s rule (which pretraining and evaluation
+    share). Zhou et al.'s options cut and copy the training set in memory, so they refuse to
+    stream."""
+    mode = choose_mode(size, budget_bytes(cfg.memory_budget_gb), device, recorded=recorded, ranks=ranks)
     if mode.streaming and (cfg.fragments > 1 or cfg.channel_fusion):
         option = f"--fragments {cfg.fragments}" if cfg.fragments > 1 else "--channel-fusion"
         raise ConfigError(f"{option} needs the training folds in memory, but their features ({gigabytes(mode.size)}) "

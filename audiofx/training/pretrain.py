@@ -14,7 +14,6 @@ records it and a resumed run keeps it.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -29,12 +28,11 @@ from audiofx.pipeline.store import FeatureStore
 from audiofx.training.augment import random_time_shift, spec_augment
 from audiofx.training.data import (
     MODE_MEMORY,
-    DataMode,
-    MODE_STREAMING,
     FoldSet,
     InMemoryData,
     InMemoryLoader,
-    available_memory,
+    budget_bytes,
+    choose_mode,
     load_in_memory,
 )
 from audiofx.training.device import autocast, prepare_model, seed_everything
@@ -44,7 +42,7 @@ from audiofx.training.finetune import channel_stats
 from audiofx.training.knn import knn_scores
 from audiofx.training.models import ARCHS, build_encoder
 from audiofx.training.pool import PoolLoader, pool_channel_stats, segments
-from audiofx.training.runs import default_name, open_run, recipe
+from audiofx.training.runs import default_name, open_run, recipe, recorded_config
 from audiofx.training.tasks import Task
 from audiofx.training.ssl.methods import METHODS
 
@@ -107,16 +105,17 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     frames = min(int(m["shape"][-1]) for *_, m in pool)
     bins = int(pool[0][2]["shape"][-2])
     name = cfg.name or default_name(cfg.method, cfg.arch)
-    _refuse_extension(cfg, name)
-    recorded = _recorded_config(cfg, name)
-    mode, raw, budget = _data_mode(cfg, recorded, foldsets, [m for *_, m in pool], ranks, device)
-    say(f"data: {DataMode(mode, raw, budget).describe()}")
+    recorded = recorded_config(cfg.runs_root, "pretrain", name, cfg.resume)
+    _refuse_extension(cfg, recorded, name)
+    data_mode = choose_mode(sum(fs.raw_bytes(m) for fs, (*_, m) in zip(foldsets, pool)),
+                            budget_bytes(cfg.memory_budget_gb), device, recorded=recorded, ranks=ranks)
+    mode, budget = data_mode.mode, data_mode.budget
+    say(f"data: {data_mode.describe()}")
     # The run folder is made (or checked, on --resume) before the pool is read: a resume with
     # other settings fails at once, not after minutes of loading.
     settings = {**cfg.to_json(), "stage": "pretrain", "data_mode": mode, "pool": {ds: key for ds, key, _ in pool}}
-    if recorded is not None and "data_mode" not in recorded:  # a run from before streaming: it was in memory
-        settings.pop("data_mode")
-    run = open_run(ranks, cfg.runs_root, "pretrain", name, settings, cfg.resume)
+    # runs from before streaming have no data_mode: they were in memory
+    run = open_run(ranks, cfg.runs_root, "pretrain", name, settings, cfg.resume, later={"data_mode": MODE_MEMORY})
     choice = _monitor_choice(pool)
     if mode == MODE_MEMORY:
         loaded = [load_in_memory(fs, device=device) for fs in foldsets]
@@ -213,47 +212,15 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     return {"run": str(run.path), "loss": loss_value, "samples": n, "data_mode": mode}
 
 
-def _refuse_extension(cfg: PretrainConfig, name: str) -> None:
+def _refuse_extension(cfg: PretrainConfig, recorded: dict[str, Any] | None, name: str) -> None:
     """Fine-tuning runs may be extended with --resume --epochs N; pretraining runs may not: the
     cosine schedule is laid out over the planned epochs, so N more epochs would not be the
     run N epochs would have been (its rate has already decayed to zero)."""
-    config = Path(cfg.runs_root) / "pretrain" / name / "config.json"
-    if not (cfg.resume and config.is_file()):
-        return
-    planned = json.loads(config.read_text()).get("epochs")
+    planned = (recorded or {}).get("epochs")
     if isinstance(planned, int) and cfg.epochs > planned:
-        raise ConfigError(f"pretrain run {config.parent} was planned for {planned} epochs; its cosine learning-rate "
-                          f"schedule ends there, so it cannot be extended to {cfg.epochs}",
+        raise ConfigError(f"pretrain run {Path(cfg.runs_root) / 'pretrain' / name} was planned for {planned} epochs; "
+                          f"its cosine learning-rate schedule ends there, so it cannot be extended to {cfg.epochs}",
                           f"start a new run with --epochs {cfg.epochs}, or fine-tune from this one")
-
-
-def _recorded_config(cfg: PretrainConfig, name: str) -> dict[str, Any] | None:
-    """The config.json of the run being resumed, if any."""
-    config = Path(cfg.runs_root) / "pretrain" / name / "config.json"
-    return json.loads(config.read_text()) if cfg.resume and config.is_file() else None
-
-
-def _data_mode(cfg: PretrainConfig, recorded: dict[str, Any] | None, foldsets: list[FoldSet], manifests: list[dict],
-               ranks: Ranks, device: torch.device) -> tuple[str, int, int]:
-    """(mode, the pool's raw bytes, the budget in bytes): in memory when the pool's raw size
-    (every dataset, all folds, as stored) fits the budget, else streaming. A resumed run
-    without --memory-budget keeps the mode it was started in (the mode changes the batch
-    order; free memory may differ now). Rank 0 decides for every rank: all must agree."""
-    raw = sum(fs.raw_bytes(m) for fs, m in zip(foldsets, manifests))
-    if cfg.memory_budget_gb is not None:
-        budget = int(cfg.memory_budget_gb * 1e9)
-    else:
-        budget = available_memory(device) // 2
-    mode = MODE_MEMORY if raw <= budget else MODE_STREAMING
-    if recorded is not None and cfg.memory_budget_gb is None:
-        mode = recorded.get("data_mode", MODE_MEMORY)  # runs from before streaming were all in memory
-    if ranks.active:
-        import torch.distributed as dist
-
-        decided = [mode, budget]
-        dist.broadcast_object_list(decided, src=0)
-        mode, budget = decided
-    return mode, raw, budget
 
 
 def _monitor_choice(pool: list[tuple[str, str, dict]]) -> dict[str, Any] | None:

@@ -17,6 +17,9 @@ import torch
 from audiofx.errors import ConfigError
 
 STAGES = ("pretrain", "finetune", "evaluate")
+# Recorded, not compared on --resume: the memory budget only picks the data mode, and the
+# mode (which decides the batch order) is recorded and compared itself.
+UNCHECKED = ("memory_budget_gb",)
 
 
 @dataclass
@@ -30,10 +33,14 @@ class Run:
 
     @classmethod
     def create(cls, root: str | Path, stage: str, name: str, config: dict[str, Any], resume: bool = False,
-               extendable: tuple[str, ...] = ()) -> "Run":
+               extendable: tuple[str, ...] = (), later: dict[str, Any] | None = None) -> "Run":
         """Create a run folder, or on ``resume`` check that the settings are the recorded ones.
-        A setting named in ``extendable`` (fine-tuning's ``epochs``) may grow on resume: the
-        run continues to the new value and config.json records it."""
+
+        - A setting named in ``extendable`` (fine-tuning's ``epochs``) may grow on resume: the
+          run continues to the new value and config.json records it.
+        - ``later``: settings added after the first runs, each with the value that runs
+          recorded without it behaved as; such a run resumes when the setting has that value.
+        - Settings in ``UNCHECKED`` are recorded for the reader but may change on resume."""
         path = Path(root) / stage / name
         if path.exists() and not resume:
             raise ConfigError(f"run {path} already exists", "pass --resume to continue it, or another --name")
@@ -42,8 +49,9 @@ class Run:
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
         if resume:
-            old = json.loads((path / "config.json").read_text())
-            changed = sorted(k for k in config if old.get(k) != config[k])
+            recorded = json.loads((path / "config.json").read_text())
+            old = {**(later or {}), **recorded}
+            changed = sorted(k for k in config if k not in UNCHECKED and old.get(k) != config[k])
             grown = [k for k in changed if k in extendable and isinstance(old.get(k), int) and config[k] > old[k]]
             shrunk = [k for k in changed if k in extendable and isinstance(old.get(k), int) and config[k] < old[k]]
             if shrunk:
@@ -55,7 +63,7 @@ class Run:
                 raise ConfigError(f"run {path} was started with other settings ({', '.join(changed)})",
                                   "resume with the same options, or start a new run with --name")
             if grown:
-                _atomic_write(path / "config.json", json.dumps({**old, **{k: config[k] for k in grown}}, indent=1))
+                _atomic_write(path / "config.json", json.dumps({**recorded, **{k: config[k] for k in grown}}, indent=1))
         else:
             _atomic_write(path / "config.json", json.dumps({**config, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
                                                            indent=1))
@@ -144,14 +152,21 @@ class Run:
 
 
 def open_run(ranks, root: str | Path, stage: str, name: str, config: dict[str, Any], resume: bool,
-             extendable: tuple[str, ...] = ()) -> Run:
+             extendable: tuple[str, ...] = (), later: dict[str, Any] | None = None) -> Run:
     """Rank 0 creates (or checks, on --resume) the run folder; the other ranks wait for it and
     get a read-only handle on the same folder."""
     from audiofx.training.distributed import barrier
 
-    run = Run.create(root, stage, name, config, resume, extendable) if ranks.main else None
+    run = Run.create(root, stage, name, config, resume, extendable, later) if ranks.main else None
     barrier(ranks)
     return run or Run(Path(root) / stage / name, readonly=True)
+
+
+def recorded_config(root: str | Path, stage: str, name: str | None, resume: bool) -> dict[str, Any] | None:
+    """The config.json of the run a --resume continues; None for a new run (or a missing
+    one: ``Run.create`` says so)."""
+    path = Path(root) / stage / (name or "") / "config.json"
+    return json.loads(path.read_text()) if resume and name and path.is_file() else None
 
 
 def _atomic_write(path: Path, text: str) -> None:
