@@ -56,6 +56,11 @@ def test_task_loss_outputs_and_predictions():
     assert torch.equal(single.outputs(logits), logits) and (single.predicted(logits.numpy()) == [0, 2]).all()
     assert single.loss(logits, torch.tensor([0, 2])).item() == pytest.approx(
         F.cross_entropy(logits, torch.tensor([0, 2])).item())
+    # the per-epoch headline is the final score's, without AUC and d'
+    y = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=bool)
+    s = np.array([[0.9, 0.2, 0.6], [0.4, 0.3, 0.1], [0.3, 0.8, 0.2], [0.5, 0.1, 0.3]])
+    assert task.headline(s, y) == task.score(s, y)["map"] == pytest.approx((3 / 4 + 1 + 1) / 3)  # class 0: positives ranked 1st and 4th
+    assert single.headline(logits, torch.tensor([0, 1])) == single.score(logits, torch.tensor([0, 1]))["acc"] == 0.5
 
 
 def test_multilabel_knn_votes_are_the_weighted_share_of_neighbours():

@@ -166,10 +166,10 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
             result = task.score(scores, y[te])
             if len(train_folds) > 1:  # one training fold (TUT/TAU, FSD50K splits): nothing to cross-validate k on
                 best_k, cv = choose_k(z[tr], y[tr], fold_of[tr.cpu().numpy()], n_classes, temperature=cfg.temperature,
-                                      score=lambda s, t: task.score(s, t)[m])
+                                      score=task.headline)
                 cv_scores = scores if best_k == cfg.k else \
                     knn_scores(z[tr], y[tr], z[te], n_classes, best_k, cfg.temperature)
-                result.update({f"{m}_k{best_k}_cv": task.score(cv_scores, y[te])[m], "k_cv": best_k, f"cv_{m}": cv})
+                result.update({f"{m}_k{best_k}_cv": task.headline(cv_scores, y[te]), "k_cv": best_k, f"cv_{m}": cv})
         else:
             logits = linear_probe(z[tr], y[tr], z[te], n_classes, cfg.linear_epochs, cfg.linear_lr, cfg.batch_size,
                                   cfg.seed, task)

@@ -339,7 +339,7 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
     trained = wrap(model, ranks, device)  # DDP averages gradients across ranks; `model` stays the plain module
     augment = dataclasses.replace(cfg.augment, n_classes=n_classes)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    scores = final = None
+    scores = None
     for epoch in range(start, cfg.epochs):
         model.train()
         loader.set_epoch(epoch)
@@ -361,12 +361,11 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
             bar.set_postfix(samples_s=f"{seen / (time.perf_counter() - t0):.0f}", loss=f"{loss_sum / seen:.3f}")
         sched.step()
         scores = outputs(test, test_index, n_test)
-        final = task.score(scores, y_test)
-        history.append(final[m])
+        history.append(task.headline(scores, y_test))
         record = {"event": "epoch", "fold": fold, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                  f"test_{m}": final[m]}
+                  f"test_{m}": history[-1]}
         if val is not None:
-            val_history.append(task.score(outputs(val, val_index, n_val), y_val)[m])
+            val_history.append(task.headline(outputs(val, val_index, n_val), y_val))
             record[f"val_{m}"] = val_history[-1]
         run.save_checkpoint(tag, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                   "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
@@ -376,7 +375,7 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
         run.log({**record, "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)})
     if scores is None:  # resumed after its last epoch (killed before the fold was recorded)
         scores = outputs(test, test_index, n_test)
-        final = task.score(scores, y_test)
+    final = task.score(scores, y_test)  # the headline and, multi-label, AUC and d' beside it
     run.save_predictions(fold, test_clips, y_test.numpy(), scores.numpy(), task.predicted(scores.numpy()))
     last = {f"last_{k}": v for k, v in final.items()}
     best = _best(history)  # NaN (a test split without a positive of any class) never wins

@@ -31,6 +31,11 @@ def average_precision_per_class(y_true: np.ndarray, scores: np.ndarray) -> np.nd
     return out
 
 
+def mean_average_precision(ap: np.ndarray) -> float:
+    """Macro mAP of per-class APs, over the classes with a positive clip (NaN if none has)."""
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else math.nan
+
+
 def multilabel_scores(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """mAP, macro ROC AUC and d' of (clips, classes) scores against bool labels."""
     from scipy.stats import norm
@@ -41,7 +46,7 @@ def multilabel_scores(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float
     both = np.flatnonzero(y_true.any(axis=0) & (~y_true).any(axis=0))
     auc = float(np.mean([roc_auc_score(y_true[:, c], scores[:, c]) for c in both])) if len(both) else math.nan
     return {
-        "map": float(np.nanmean(ap)) if np.isfinite(ap).any() else math.nan,
+        "map": mean_average_precision(ap),
         "map_classes": int(np.isfinite(ap).sum()),
         "auc": auc,
         "dprime": float(math.sqrt(2.0) * norm.ppf(auc)) if math.isfinite(auc) else math.nan,

@@ -273,4 +273,4 @@ def _monitor_knn(encoder, monitor, mean, std, device) -> float:
     z = torch.cat([embed(encoder, monitor["x"][rows[i:i + 512]], mean, std, device) for i in range(0, len(rows), 512)])
     y = monitor["y"][rows]
     scores = knn_scores(z[~test], y[~test], z[test], monitor["classes"], k=200)
-    return task.score(scores, y[test])[task.metric]
+    return task.headline(scores, y[test])
