@@ -104,10 +104,10 @@ def extract(dataset, root, store, preset, overrides, split, workers, device, sch
     from audiofx.pipeline.extract import extract as run_extract
 
     if fetch_first:  # only when the root is missing or empty; extract checks a present one itself
-        from audiofx.pipeline.download import download
+        from audiofx.pipeline.download import fetch_missing
 
-        fetched = download(dataset, root, progress=not no_progress, trust_present=True, say=click.echo)
-        if fetched.status == "downloaded":
+        fetched = fetch_missing(dataset, root, progress=not no_progress, say=click.echo)
+        if fetched is not None:
             click.echo(_downloaded(fetched))
     values = parse_overrides(overrides)
     if split is not None:

@@ -268,11 +268,10 @@ def test_every_table_file_is_unpacked_once_with_its_split_parts():
 def test_a_present_root_is_trusted_without_indexing_or_fetching(server, tmp_path):
     root = tmp_path / "raw" / "esc50"
     (root / "audio").mkdir(parents=True)  # far from complete: only extract's own check would say so
-    s = dl.download("esc50", root, mirror=server.url, progress=False, trust_present=True)
-    assert (s.status, s.clips, s.fetched_bytes) == ("present", None, 0)
+    assert dl.fetch_missing("esc50", root, mirror=server.url, progress=False) is None
     assert server.log == [] and not (tmp_path / "raw" / "downloads").exists()
     with pytest.raises(DatasetError, match=f"{root} exists but is not a complete esc50"):
-        dl.download("esc50", root, mirror=server.url, progress=False)  # without trust_present it is checked
+        dl.download("esc50", root, mirror=server.url, progress=False)  # download itself checks it
 
 
 

@@ -4,8 +4,8 @@ One table (SOURCES) says where each dataset's archives are, their published chec
 archive folder that becomes the dataset root and how many clips the dataset adapter must
 find once it is complete. download() then:
 
-1. does nothing when the root already holds the complete dataset (with trust_present, as
-   extract --download calls it: when the root holds any file, for extract to check);
+1. does nothing when the root already holds the complete dataset (fetch_missing(), which
+   extract --download calls, does nothing when the root holds any file: extract checks it);
 2. fetches every archive into <root>/../downloads/ with HTTP Range resume: bytes go to
    NAME.part, which a rerun (or an automatic retry) continues; the file gets its real name
    only when complete (and its md5 matches, where the table has one);
@@ -40,7 +40,7 @@ import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from audiofx import __version__
 from audiofx.errors import ConfigError, DatasetError
@@ -153,7 +153,7 @@ class DownloadSummary:
     dataset: str
     root: Path
     status: str  # "present" (nothing done) or "downloaded"
-    clips: int | None  # None: a present root taken as it is (trust_present)
+    clips: int  # clips the dataset adapter found
     fetched_bytes: int = 0  # bytes transferred in this run
     resumed: list[str] = field(default_factory=list)  # archives continued from a .part file
     archives: Path | None = None  # where the archives are (kept) or were (removed)
@@ -461,14 +461,21 @@ def listing(name: str, root: Path | str | None = None, mirror: str | None = None
                    Path(root) if root else default_root(name))
 
 
+def fetch_missing(name: str, root: Path | str | None = None, **kw: Any) -> DownloadSummary | None:
+    """extract --download: download() when the root is missing or empty; None, without
+    indexing it, when it holds files (extract indexes and checks the root itself right after,
+    so checking it here too would list a large dataset twice)."""
+    root = Path(root) if root else default_root(name)
+    return None if _nonempty_dir(root) else download(name, root, **kw)
+
+
 def download(name: str, root: Path | str | None = None, *, mirror: str | None = None, progress: bool = True,
              keep_archives: bool = False, timeout: float = 30.0, retries: int = 3, clips: int | None = None,
-             trust_present: bool = False, say: Callable[[str], None] = lambda s: None) -> DownloadSummary:
+             say: Callable[[str], None] = lambda s: None) -> DownloadSummary:
     """Fetch, extract and check one dataset. `clips` overrides the expected clip count (tests).
 
     A root that already holds files is never downloaded into: it is checked with the
-    adapter (status "present"), or, with trust_present, taken as it is without indexing it
-    (extract --download: extract indexes and checks the root itself right after).
+    adapter (status "present").
     """
     source = get_source(name)
     root = Path(root) if root else default_root(name)
@@ -477,8 +484,6 @@ def download(name: str, root: Path | str | None = None, *, mirror: str | None = 
     if root.exists() and not root.is_dir():
         raise DatasetError(f"{root} is a file, not a dataset folder", "pass another --root")
     if _nonempty_dir(root):
-        if trust_present:
-            return DownloadSummary(name, root, "present", None)
         try:
             return DownloadSummary(name, root, "present", check_dataset(name, root, clips))
         except DatasetError as e:
