@@ -30,31 +30,24 @@ from audiofx.training.finetune import channel_stats
 from audiofx.training.init import resolve_init
 from audiofx.training.knn import choose_k, knn_scores
 from audiofx.training.metrics import mean_std, per_class_markdown
-from audiofx.training.runs import Run, default_name, recipe
+from audiofx.training.runs import Run, StageOptions, default_name
 from audiofx.training.tasks import METRIC_NAMES, Task
 
 MODES = ("knn", "linear")
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(StageOptions):
     run: str  # a pretrain run: npid | simclr | moco (newest), METHOD:RUN, or a checkpoint path
     dataset: str
     mode: str = "knn"
     fold: str = "all"
-    store: str = "data/features"
-    preset: str = "shin2021"
     key: str | None = None
     k: int = 200
     temperature: float = 0.07
     linear_epochs: int = 100
     linear_lr: float = 1e-3
     batch_size: int = 256
-    memory_budget_gb: float | None = None  # stream the folds when larger; None: half the free memory, 0: always stream
-    seed: int = 0
-    device: str = "auto"
-    runs_root: str = "data/runs"
-    name: str | None = None
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -135,7 +128,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     foldset = FoldSet(cfg.store, cfg.dataset, key, folds)
     data_mode = choose_mode(foldset.raw_bytes(manifest), budget_bytes(cfg.memory_budget_gb), device)
     name = cfg.name or default_name(cfg.mode, Path(init.source).name, cfg.dataset)
-    run = Run.create(cfg.runs_root, "evaluate", name, {**recipe(cfg), "arch": init.arch, "key": key,
+    run = Run.create(cfg.runs_root, "evaluate", name, {**cfg.to_json(), "arch": init.arch, "key": key,
                                                        "source": init.source, "stage": "evaluate",
                                                        "data_mode": data_mode.mode})
     say(f"evaluate {init.source} ({init.arch}) on {cfg.dataset} ({key}) by {cfg.mode}, {len(plan)} fold(s) on "

@@ -62,16 +62,14 @@ from audiofx.training.fusion import expand_channels, fuse_posteriors, split_frag
 from audiofx.training.init import resolve_init
 from audiofx.training.metrics import mean_std
 from audiofx.training.models import HEADS, Classifier, check_input_size
-from audiofx.training.runs import Run, default_name, open_run, recipe, recorded_config
+from audiofx.training.runs import Run, TrainingOptions, default_name, open_run, recorded_config
 from audiofx.training.tasks import METRIC_NAMES, Task
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainingOptions):
     dataset: str
     init: str = "scratch"
-    store: str = "data/features"
-    preset: str = "shin2021"
     key: str | None = None
     arch: str | None = None  # default resnet50, or the pretrain run's arch
     weights: str | None = None  # ImageNet checkpoint file
@@ -86,16 +84,6 @@ class FinetuneConfig:
     fragments: int = 1  # Zhou et al.: N time fragments per clip, posteriors averaged per clip
     channel_fusion: bool = False  # Zhou et al.: one sample per channel (left/right/mid), posteriors averaged
     head: str = "linear"  # linear (GAP + linear) or mlp-attn
-    memory_budget_gb: float | None = None  # stream the folds when larger; None: half the free memory, 0: always stream
-    seed: int = 0
-    device: str = "auto"
-    runs_root: str = "data/runs"
-    name: str | None = None
-    resume: bool = False
-    progress: bool = True
-
-    def to_json(self) -> dict[str, Any]:
-        return recipe(self)
 
 
 def channel_stats(x: torch.Tensor, chunk: int = STATS_BATCH) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,17 +42,15 @@ from audiofx.training.finetune import channel_stats
 from audiofx.training.knn import knn_scores
 from audiofx.training.models import ARCHS, build_encoder
 from audiofx.training.pool import PoolLoader, pool_channel_stats, segments
-from audiofx.training.runs import default_name, open_run, recipe, recorded_config
+from audiofx.training.runs import TrainingOptions, default_name, open_run, recorded_config
 from audiofx.training.tasks import Task
 from audiofx.training.ssl.methods import METHODS
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainingOptions):
     method: str = "npid"
     datasets: tuple[str, ...] = ()  # empty: every dataset in the store
-    store: str = "data/features"
-    preset: str = "shin2021"
     arch: str = "resnet50"
     epochs: int = 200
     batch_size: int = 64
@@ -60,18 +58,6 @@ class PretrainConfig:
     weight_decay: float | None = None
     nce_k: int = 64  # NPID noise samples (0: full softmax)
     temperature: float | None = None  # default: the method's (NPID 0.4, SimCLR 0.5, MoCo 0.2)
-    seed: int = 0
-    device: str = "auto"
-    runs_root: str = "data/runs"
-    name: str | None = None
-    resume: bool = False
-    progress: bool = True
-    # GB (10^9 bytes) the pool may take in memory; None: half of the free memory where the
-    # data would live; 0: always stream from the store
-    memory_budget_gb: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return recipe(self)
 
 
 def pool_datasets(store: str, preset: str, wanted: tuple[str, ...]) -> list[tuple[str, str, dict]]:

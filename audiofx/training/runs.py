@@ -189,10 +189,39 @@ def list_runs(root: str | Path, stage: str, method: str | None = None) -> list[P
     return sorted(out, key=lambda p: (p / "checkpoints" / "final.pt").stat().st_mtime)
 
 
+@dataclass(kw_only=True)
+class StageOptions:
+    """The options pretrain, finetune and evaluate share (keyword-only, after each stage's own)."""
+
+    store: str = "data/features"
+    preset: str = "shin2021"
+    # GB (10^9 bytes) the folds may take in memory, else they are streamed from the store
+    # (data.choose_mode); None: half of the free memory where the data would live; 0: always stream
+    memory_budget_gb: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    runs_root: str = "data/runs"
+    name: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return recipe(self)
+
+
+@dataclass(kw_only=True)
+class TrainingOptions(StageOptions):
+    """And the training stages': --resume, progress bars."""
+
+    resume: bool = False
+    progress: bool = True
+
+
 def recipe(config: Any) -> dict[str, Any]:
     """A stage config as JSON for config.json, without the options that do not change the
-    result (so --resume may differ in them): resume, progress, name, device."""
+    result (so --resume may differ in them): resume, progress, name, device. The stage's own
+    options come first, the shared ones after them."""
     out = dataclasses.asdict(config)
+    shared = [f.name for f in dataclasses.fields(TrainingOptions)]
+    out = {**{k: v for k, v in out.items() if k not in shared}, **{k: out[k] for k in shared if k in out}}
     for transient in ("resume", "progress", "name", "device"):
         out.pop(transient, None)
     return json.loads(json.dumps(out, default=list))
