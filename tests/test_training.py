@@ -187,9 +187,11 @@ def test_torchrun_data_parallel_on_two_cpu_processes(store, tmp_path):
 
 
 def test_short_pretraining_beats_the_same_network_at_random_init(store, tmp_path):
-    """The learning test: 10 epochs of SimCLR on the synthetic demo set give a ResNet-18 whose
+    """The learning test: 5 epochs of SimCLR on the synthetic demo set give a ResNet-18 whose
     frozen embeddings classify clearly better by weighted kNN than those of randomly
-    initialised ResNet-18s (66-73% over three seeds, measured; SimCLR reaches ~81%)."""
+    initialised ResNet-18s. Measured: random init 66.5-74% over seeds 0-4; SimCLR 81-82% over
+    pretraining seeds 0-2 (5 epochs, ~45 s; 10 epochs gave no more). A tiny CNN does not
+    do: at random init it already scores 82-87% here, and SimCLR does not lift it."""
     from audiofx.training.data import FoldSet, load_in_memory
     from audiofx.training.evaluate import embed
     from audiofx.training.featureset import resolve_featureset
@@ -216,7 +218,7 @@ def test_short_pretraining_beats_the_same_network_at_random_init(store, tmp_path
     for seed in range(3):
         torch.manual_seed(seed)
         random_init.append(knn_accuracy(build_encoder("resnet18"), mean, std))
-    result = pretrain(PretrainConfig(method="simclr", datasets=("demo",), store=str(store), arch="resnet18", epochs=10,
+    result = pretrain(PretrainConfig(method="simclr", datasets=("demo",), store=str(store), arch="resnet18", epochs=5,
                                      batch_size=32, runs_root=str(tmp_path), name="learn", progress=False),
                       say=lambda *a: None)
     final = torch.load(Path(result["run"]) / "checkpoints" / "final.pt", weights_only=True)["states"]
