@@ -178,9 +178,10 @@ def test_simclr_streams_with_knn_monitoring_when_the_monitored_set_fits(store, p
     assert old.stdout.startswith("data: in memory") and "resuming after epoch 1" in old.stdout
 
 
-def test_torchrun_two_ranks_stream_the_pool(store, tmp_path):
+def test_torchrun_two_ranks_stream_the_pool(store, pool, tmp_path):
     """Two gloo ranks under torchrun, each streaming its share: the same steps on both (NPID
-    gathers both ranks' batches into one bank every step, which needs equal batch sizes)."""
+    gathers both ranks' batches into one bank every step, which needs equal batch sizes);
+    the input statistics from each rank's half of the pool, summed over the ranks."""
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "audiofx", "pretrain", "--method", "npid",
                            "--epochs", "1", "--batch-size", "25", "--name", "p", "--memory-budget", "0", "--store",
@@ -191,3 +192,7 @@ def test_torchrun_two_ranks_stream_the_pool(store, tmp_path):
     state = torch.load(tmp_path / "pretrain" / "p" / "checkpoints" / "last.pt", weights_only=True)["states"]["method"]
     torch.testing.assert_close(state["bank.memory"].norm(dim=1), torch.ones(POOL), rtol=0, atol=1e-5)
     assert np.isfinite(losses(tmp_path / "pretrain" / "p")).all()
+    final = torch.load(tmp_path / "pretrain" / "p" / "checkpoints" / "final.pt", weights_only=True)["states"]
+    mean, std = channel_stats(pool[1])  # the whole pool in one process
+    torch.testing.assert_close(final["mean"], mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(final["std"], std, rtol=1e-6, atol=1e-6)

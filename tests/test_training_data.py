@@ -201,6 +201,14 @@ def test_streaming_ranks_are_disjoint_and_cover(built, expected):
     assert all(len(s) == 8 for s in shares)
     everything = [i for s in shares for i in s]
     assert set(everything) == set(range(30)) and len(everything) - len(set(everything)) == 2
+    # exact shares (a pass summed over ranks, as the statistics): each sample once, in order
+    shares = [_indices(StreamingLoader(fset, 4, shuffle=False, run_chunks=2, rank=r, world_size=4, exact_shares=True))
+              for r in range(4)]
+    assert [len(s) for s in shares] == [7, 8, 7, 8] and [i for s in shares for i in s] == list(range(30))
+    # exact shares (a pass summed over ranks, as the statistics): each sample once, in order
+    shares = [_indices(StreamingLoader(fset, 4, shuffle=False, run_chunks=2, rank=r, world_size=4, exact_shares=True))
+              for r in range(4)]
+    assert [len(s) for s in shares] == [7, 8, 7, 8] and [i for s in shares for i in s] == list(range(30))
 
 
 OLD_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")  # what stores were written with before

@@ -140,9 +140,13 @@ def _generator(*parts: int) -> torch.Generator:
     return g
 
 
-def _rank_span(rank: int, world_size: int, n: int, drop_last: bool) -> tuple[int, int, int]:
+def _rank_span(rank: int, world_size: int, n: int, drop_last: bool, exact: bool = False) -> tuple[int, int, int]:
     """(start, stop, per_rank) of a rank's share of n samples, DistributedSampler-style:
-    per_rank = ceil(n / ws) (positions past n wrap around) or floor(n / ws) with drop_last."""
+    per_rank = ceil(n / ws) (positions past n wrap around) or floor(n / ws) with drop_last.
+    ``exact``: every sample on exactly one rank, shares differing by at most one."""
+    if exact:
+        start, stop = rank * n // world_size, (rank + 1) * n // world_size
+        return start, stop, stop - start
     per_rank = n // world_size if drop_last else -(-n // world_size)
     return rank * per_rank, (rank + 1) * per_rank, per_rank
 
@@ -568,7 +572,10 @@ class StreamingLoader:
     random order; the usable samples, taken run after run in that order, are cut into
     ``world_size`` contiguous equal spans (padded by wrapping, like DistributedSampler), one
     per rank, so a rank reads its own runs (only the two runs at its span's ends are split,
-    by rows, with the neighbouring ranks). ``threads`` background threads read the rank's
+    by rows, with the neighbouring ranks). ``exact_shares``: no padding, every sample on
+    exactly one rank (shares may differ by one sample): for a pass whose results are summed
+    over the ranks, such as the input statistics; training needs the equal shares, as every
+    rank must take the same number of steps. ``threads`` background threads read the rank's
     pieces sequentially from Zarr, at most ``prefetch`` pieces ahead, and the pieces are
     consumed in order so the result never depends on thread timing. A shuffle buffer of
     ``buffer_chunks`` chunks (at least two batches) mixes samples across runs: whenever it is
@@ -586,7 +593,7 @@ class StreamingLoader:
     def __init__(self, foldset: FoldSet, batch_size: int, shuffle: bool = True, seed: int = 0,
                  buffer_chunks: int = 8, run_chunks: int = 4, threads: int = 2, rank: int = 0,
                  world_size: int = 1, device: str | torch.device = "cpu", drop_last: bool = False,
-                 prefetch: int | None = None):
+                 prefetch: int | None = None, exact_shares: bool = False):
         _check_common(batch_size, rank, world_size)
         if run_chunks < 1 or threads < 1 or buffer_chunks < 0:
             raise ValueError("run_chunks and threads must be >= 1, buffer_chunks >= 0")
@@ -602,6 +609,7 @@ class StreamingLoader:
         self.world_size = world_size
         self.device = torch.device(device)
         self.drop_last = drop_last
+        self.exact_shares = exact_shares
         self.epoch = 0
 
         fs = foldset.feature_store()
@@ -647,11 +655,14 @@ class StreamingLoader:
 
     @property
     def num_samples(self) -> int:
-        return _rank_span(self.rank, self.world_size, self.n, self.drop_last)[2]
+        return self._span()[2]
 
     @property
     def buffer_capacity(self) -> int:
         return max(self.buffer_chunks * self.chunk_clips, 2 * self.batch_size)
+
+    def _span(self) -> tuple[int, int, int]:
+        return _rank_span(self.rank, self.world_size, self.n, self.drop_last, self.exact_shares)
 
     # -- planning ----------------------------------------------------------------------------
     def plan(self, epoch: int) -> list[_Piece]:
@@ -663,7 +674,7 @@ class StreamingLoader:
         if not runs:
             return []
         starts = np.cumsum([0] + [len(r.rows) for r in runs]).tolist()  # usable offsets of runs
-        start, stop, _ = _rank_span(self.rank, self.world_size, self.n, self.drop_last)
+        start, stop, _ = self._span()
         pieces = []
         pos = start
         while pos < stop:  # positions past n wrap around to the start of the sequence
@@ -871,6 +882,18 @@ class ChannelMoments:
         self.sq += (part * part).sum(dim=(0, 2, 3))
         self.count += x.shape[0] * x.shape[2] * x.shape[3]
 
+    def all_reduce(self, ranks: Any) -> None:
+        """Under torchrun: the moments summed over the ranks, each of which added a disjoint
+        share (one collective; every rank ends with the same sums)."""
+        if ranks is None or not ranks.active:
+            return
+        import torch.distributed as dist
+
+        packed = torch.cat([self.total, self.sq, self.total.new_tensor([float(self.count)])])
+        dist.all_reduce(packed)
+        c = self.total.numel()
+        self.total, self.sq, self.count = packed[:c], packed[c:2 * c], int(packed[-1].item())
+
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std), float32 (1, C, 1, 1); std from E[x^2] - mean^2, at least 1e-6."""
         mean = self.total / self.count
@@ -882,15 +905,22 @@ STATS_BATCH = 256  # rows per piece of the statistics, in memory and streaming a
 
 
 def streaming_channel_stats(foldset: FoldSet, device: str | torch.device = "cpu", batch: int = STATS_BATCH,
-                            threads: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                            threads: int = 2, ranks: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean, std) of every usable clip of ``foldset``, from one sequential
     (unshuffled) streaming pass: the rows come in the order ``load_in_memory`` keeps them and
     in pieces of ``batch``, so the result equals ``channel_stats(x, chunk=batch)`` of the
-    loaded set bit for bit (float16 -> float32 -> float64 is exact either way)."""
-    loader = StreamingLoader(foldset, batch, shuffle=False, threads=threads, device=device)
+    loaded set bit for bit (float16 -> float32 -> float64 is exact either way).
+
+    Under torchrun (``ranks.active``) each rank reads its own exact share and the sums are
+    added over the ranks, so the store is read once, not once per rank; the result then
+    differs from the one-process pass only by the order of float64 additions (~1e-16)."""
+    rank, world = (ranks.rank, ranks.world) if ranks is not None and ranks.active else (0, 1)
+    loader = StreamingLoader(foldset, batch, shuffle=False, threads=threads, device=device, rank=rank,
+                             world_size=world, exact_shares=True)
     moments = ChannelMoments(loader.shape[0], device)
-    for batch in loader:
-        moments.add(batch.x)
+    for b in loader:
+        moments.add(b.x)
+    moments.all_reduce(ranks)
     return moments.result()
 
 

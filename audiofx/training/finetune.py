@@ -287,7 +287,7 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
     streaming = isinstance(train, FoldSet)  # the training folds stay in the store
     if streaming:  # one sequential pass, unless the checkpoint has them (the same numbers)
         mean, std = ((ckpt["states"]["mean"].to(device), ckpt["states"]["std"].to(device)) if ckpt else
-                     streaming_channel_stats(train, device=device))
+                     streaming_channel_stats(train, device=device, ranks=ranks))
         saved_stats = (mean, std)
     elif cfg.fragments == 1 and not cfg.channel_fusion:  # whole clips: the original path, unchanged
         mean, std = channel_stats(train.x)

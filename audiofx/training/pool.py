@@ -108,15 +108,19 @@ class PoolLoader:
 
 @torch.no_grad()
 def pool_channel_stats(foldsets: list[FoldSet], frames: int, device: str | torch.device = "cpu",
-                       batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                       batch_size: int = 64, ranks: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the pool's samples in one sequential pass over the store,
     accumulated in float64 (``ChannelMoments``, as ``finetune.channel_stats`` on the in-memory
     pool): the same values, without the pool in memory. Segments are a reshaping of the
     frames, so summing the cut clips' frames (the frames past the last whole segment dropped,
-    as the in-memory pool drops them) gives the pool's sums."""
-    loader = PoolLoader(foldsets, frames, batch_size, shuffle=False, device=device)
-    moments = None
+    as the in-memory pool drops them) gives the pool's sums. Under torchrun each rank reads
+    an exact share of every dataset and the sums are added over the ranks
+    (``streaming_channel_stats``)."""
+    rank, world = (ranks.rank, ranks.world) if ranks is not None and ranks.active else (0, 1)
+    loader = PoolLoader(foldsets, frames, batch_size, shuffle=False, device=device, rank=rank, world_size=world,
+                        exact_shares=True)
+    moments = ChannelMoments(loader.loaders[0].shape[0], device)
     for batch in loader:
-        moments = moments or ChannelMoments(batch.x.shape[1], batch.x.device)
         moments.add(batch.x)
+    moments.all_reduce(ranks)
     return moments.result()

@@ -120,7 +120,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
                             world_size=ranks.world, device=device)
         n = loader.n
         # Every rank makes the same sequential pass, so all ranks standardise alike.
-        mean, std = pool_channel_stats(foldsets, frames, device=device)
+        mean, std = pool_channel_stats(foldsets, frames, device=device, ranks=ranks)
         monitor_data = _monitor_load(cfg, choice, budget, device, say) if choice else None
     say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in pool)} ({n} samples of {frames} frames), "
         f"{cfg.arch}, {cfg.epochs} epochs on {device} -> {run.path}")
