@@ -1,7 +1,8 @@
 """Store -> model: feature batches for training, without random per-clip Zarr reads.
 
-Random per-clip reads from a Zarr store were measured 5-13x slower than a raw memmap: each
-one decompresses a whole chunk (8 clips for ESC-50) to use one clip. So training is never
+Random per-clip reads from a Zarr store were measured ~60x slower than a raw memmap
+(docs/benchmarks.md; 5-13x in the first measurements the issue quotes): each one
+decompresses a whole chunk (8 clips for ESC-50) to use one clip. So training is never
 fed that way. There are two paths, both reading the store in long sequential runs of whole
 chunks:
 
