@@ -121,7 +121,7 @@ def test_streaming_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_ru
                           "was started with other settings (data_mode)")
     resumed = run_cli(*args, "--name", "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "streaming" in resumed.stdout.splitlines()[0]
+    assert "features streaming (0.0154 GB, as the resumed run started)" in resumed.stdout.splitlines()[0]
     assert any(f"resuming after epoch {e}" in resumed.stdout for e in (done_before[-1], done_before[-1] + 1))
     cut, ref = metrics(tmp_path / "finetune" / "cut"), metrics(tmp_path / "finetune" / "whole")
     assert [e for _, e, _ in epochs_of(cut)] == [1, 2]

@@ -465,6 +465,7 @@ def fetch_missing(name: str, root: Path | str | None = None, **kw: Any) -> Downl
     """extract --download: download() when the root is missing or empty; None, without
     indexing it, when it holds files (extract indexes and checks the root itself right after,
     so checking it here too would list a large dataset twice)."""
+    get_source(name)  # an unknown dataset is an error whatever the root holds
     root = Path(root) if root else default_root(name)
     return None if _nonempty_dir(root) else download(name, root, **kw)
 

@@ -818,13 +818,17 @@ class DataMode:
     mode: str
     size: int
     budget: int
+    kept: bool = False  # the mode recorded by the run a --resume continues, whatever the budget
 
     @property
     def streaming(self) -> bool:
         return self.mode == MODE_STREAMING
 
     def describe(self) -> str:
-        """'in memory (0.015 GB, budget 8.2 GB)' or 'streaming (0.015 GB, over the budget of 0 GB)'."""
+        """'in memory (0.015 GB, budget 8.2 GB)' or 'streaming (0.015 GB, over the budget of 0 GB)';
+        'streaming (0.015 GB, as the resumed run started)' for a kept mode."""
+        if self.kept:
+            return f"{'streaming' if self.streaming else 'in memory'} ({gigabytes(self.size)}, as the resumed run started)"
         if self.streaming:
             return f"streaming ({gigabytes(self.size)}, over the budget of {gigabytes(self.budget)})"
         return f"in memory ({gigabytes(self.size)}, budget {gigabytes(self.budget)})"
@@ -862,7 +866,7 @@ def choose_mode(size: int, budget: int | None = None, device: str | torch.device
         dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
         budget = int(smallest.item())
     if not given and recorded is not None:
-        return DataMode(recorded.get("data_mode", MODE_MEMORY), size, budget)
+        return DataMode(recorded.get("data_mode", MODE_MEMORY), size, budget, kept=True)
     return DataMode(MODE_MEMORY if size <= budget else MODE_STREAMING, size, budget)
 
 

@@ -103,6 +103,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     # runs from before streaming have no data_mode: they were in memory
     run = open_run(ranks, cfg.runs_root, "pretrain", name, settings, cfg.resume, later={"data_mode": MODE_MEMORY})
     choice = _monitor_choice(pool)
+    ckpt = run.load_checkpoint("last") if cfg.resume else None
     if mode == MODE_MEMORY:
         loaded = [load_in_memory(fs, device=device) for fs in foldsets]
         x = torch.cat([segments(d.x, frames) for d in loaded])
@@ -119,8 +120,13 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         loader = PoolLoader(foldsets, frames, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=ranks.rank,
                             world_size=ranks.world, device=device)
         n = loader.n
-        # Every rank makes the same sequential pass, so all ranks standardise alike.
-        mean, std = pool_channel_stats(foldsets, frames, device=device, ranks=ranks)
+        # One sequential pass, shared by the ranks (each reads a share; the sums are added), so
+        # all ranks standardise alike. A resume takes them from the checkpoint: summed in
+        # another order (another rank count) they could differ in the last bit.
+        if ckpt and "mean" in ckpt["states"]:
+            mean, std = ckpt["states"]["mean"].to(device), ckpt["states"]["std"].to(device)
+        else:
+            mean, std = pool_channel_stats(foldsets, frames, device=device, ranks=ranks)
         monitor_data = _monitor_load(cfg, choice, budget, device, say) if choice else None
     say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in pool)} ({n} samples of {frames} frames), "
         f"{cfg.arch}, {cfg.epochs} epochs on {device} -> {run.path}")
@@ -136,7 +142,6 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
                           weight_decay=method_cls.default_weight_decay if cfg.weight_decay is None else cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
     start = 0
-    ckpt = run.load_checkpoint("last") if cfg.resume else None
     if ckpt:
         method.load_state_dict(ckpt["states"]["method"])
         opt.load_state_dict(ckpt["states"]["optimizer"])
@@ -185,7 +190,8 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
             record[f"knn_{task.metric}"] = _monitor_knn(method.encoder, monitor, mean, std, device)
             record.update(knn_dataset=monitor["dataset"], knn_fold=monitor["fold"])
         run.save_checkpoint("last", {"method": method.state_dict(), "optimizer": opt.state_dict(),
-                                     "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
+                                     "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                                     "mean": mean.cpu(), "std": std.cpu()},
                             {"epoch": epoch, "arch": cfg.arch, "method": cfg.method})
         run.log(record)
         say(f"epoch {epoch + 1}: loss {loss_value:.4f}" +
