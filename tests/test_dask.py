@@ -82,9 +82,31 @@ def test_local_cluster_store_equals_joblib_store(dataset, joblib_store, tmp_path
 def cluster():
     from distributed import Client, LocalCluster
 
+    from audiofx.pipeline.executors import restore_environ
+
+    environ = dict(os.environ)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
             Client(c) as client:
         yield c, client
+    # distributed's Nanny set OMP_NUM_THREADS=1 and friends in this process: without this,
+    # every later test's subprocess would run torch on one thread
+    restore_environ(environ)
+
+
+def test_a_local_cluster_leaves_the_callers_environment_as_it_was(monkeypatch):
+    """extract --scheduler local:N from Python (a notebook): distributed sets OMP_NUM_THREADS=1
+    and friends in the caller's environment; closing the executor takes them back."""
+    from audiofx.pipeline.executors import _connect, parse_scheduler
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    before = dict(os.environ)
+    executor = _connect(parse_scheduler("local:1"))
+    try:
+        assert os.environ.get("OMP_NUM_THREADS") == "1" and os.environ["MKL_NUM_THREADS"] == "3"  # unset ones only
+    finally:
+        executor.close()
+    assert dict(os.environ) == before
 
 
 def test_existing_cluster_store_equals_joblib_store(dataset, joblib_store, cluster, tmp_path):
