@@ -28,7 +28,14 @@ def run(root: Path, store: Path | str, **kw) -> "ExtractSummary":  # noqa: F821
 
 
 def test_round_trip_values_labels_and_paths(small_folder, store_url):
+    from numcodecs import blosc
+
+    threads = torch.get_num_threads()
+    blosc.set_nthreads(2)
     summary = run(small_folder, store_url)
+    # one worker runs in this process, on one thread, and gives the threads back after:
+    # a notebook that extracts and then trains would otherwise train on one thread
+    assert torch.get_num_threads() == threads and blosc.set_nthreads(2) == 2
     assert summary.status == "written" and summary.clips_total == 30 and not summary.skipped
     fs = FeatureStore(store_url)
     manifest = fs.read_manifest("folder", summary.key)

@@ -85,7 +85,7 @@ class LocalProcesses:
 
     def map_unordered(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         if self.workers == 1:
-            return map(fn, items)
+            return _in_this_process(fn, items)
         from joblib import Parallel, delayed
 
         # One item per task; results come back as they finish so a progress bar moves smoothly.
@@ -97,6 +97,23 @@ class LocalProcesses:
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()  # joblib aborts the tasks that have not started
+
+
+def _in_this_process(fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+    """fn over items in this process, then torch's and Blosc's thread counts as they were:
+    the tasks set both to one thread, as a worker process should (extract.run_unit), and a
+    caller that extracts and then trains in one process (a notebook) would otherwise train
+    on one thread."""
+    import torch
+    from numcodecs import blosc
+
+    torch_threads, blosc_threads = torch.get_num_threads(), blosc.get_nthreads()
+    try:
+        for item in items:
+            yield fn(item)
+    finally:
+        torch.set_num_threads(torch_threads)
+        blosc.set_nthreads(blosc_threads)
 
 
 class DaskExecutor:
