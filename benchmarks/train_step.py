@@ -1,33 +1,45 @@
 """Training step rate: is the data path a bottleneck? (the data stall), and one NPID epoch.
 
     python benchmarks/train_step.py [--arch A] [--clips N] [--batch-size 32] [--steps S] [--device auto]
+                                    [--threads T]
 
 Defaults: ResNet-50, 512 clips, 20 steps on CUDA; ResNet-18, 128 clips, 5 steps on CPU, where
 a ResNet-50 step takes seconds and the figure only shows that the data path is not the limit.
 
 Builds (not timed) an in-memory set of ESC-50-shaped features (3x128x250 float16) on the
-device, then measures fine-tuning steps/s of the same model and optimizer fed
-  loader    by InMemoryLoader (shuffled batches gathered from the resident set, cast to float32)
-  resident  by one float32 batch already on the device, reused every step (no data path at all)
-and prints the data stall = 1 - loader / resident (target: under 5%). Then it times one NPID
-epoch over the set (memory bank, NCE with K 64). On CUDA the steps use bf16 autocast and
-channels_last, as the training stages do.
+device and a store of as many clips (benchmarks/loader.py's, Blosc zstd as extract writes
+it), then measures fine-tuning steps/s of the same model and optimizer fed
+  in-memory  by InMemoryLoader (shuffled batches gathered from the resident set, cast to float32)
+  streaming  by StreamingLoader from the store (T reader threads, pinned batches copied to the
+             device; the mode for sets over the memory budget)
+  resident   by one float32 batch already on the device, reused every step (no data path at all)
+and prints each data stall = 1 - fed / resident (target: under 5%). Then it times one NPID
+epoch over the in-memory set (memory bank, NCE with K 64). On CUDA the steps use bf16
+autocast and channels_last, as the training stages do.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from audiofx.training.data import InMemoryData, InMemoryLoader
-from audiofx.training.device import autocast, pick_device, prepare_model
-from audiofx.training.models import Classifier, build_encoder
-from audiofx.training.ssl.methods import NPID
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from audiofx.training.data import InMemoryData, InMemoryLoader, StreamingLoader  # noqa: E402
+from audiofx.training.device import autocast, pick_device, prepare_model  # noqa: E402
+from audiofx.training.models import Classifier, build_encoder  # noqa: E402
+from audiofx.training.ssl.methods import NPID  # noqa: E402
+from benchmarks.loader import build  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -62,6 +74,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 2),
+                   help="reader threads of the streaming loader (default: cores, at most 8)")
     args = p.parse_args()
     device = pick_device(args.device)
     gpu = device.type == "cuda"
@@ -87,9 +101,23 @@ def main() -> None:
         while True:
             yield fixed
 
-    fed = steps_per_second(model, opt, from_loader, device, args.steps)
-    alone = steps_per_second(model, opt, resident, device, args.steps)
+    with tempfile.TemporaryDirectory(prefix="audiofx-train-step-") as tmp:
+        *_, foldset = build(Path(tmp), n, memmap=False)
+        stream = StreamingLoader(foldset, bs, seed=0, threads=args.threads, device=device, drop_last=True)
+
+        def from_stream():
+            epoch = 0
+            while True:
+                stream.set_epoch(epoch)
+                for b in stream:
+                    yield b.x, b.y.to(device)
+                epoch += 1
+
+        fed = steps_per_second(model, opt, from_loader, device, args.steps)
+        streamed = steps_per_second(model, opt, from_stream, device, args.steps)
+        alone = steps_per_second(model, opt, resident, device, args.steps)
     stall = max(0.0, 1 - fed / alone)
+    stream_stall = max(0.0, 1 - streamed / alone)
 
     npid = prepare_model(NPID(build_encoder(args.arch), n, torch.Generator().manual_seed(0)), device)
     npid_opt = torch.optim.SGD(npid.parameters(), lr=0.03, momentum=0.9)
@@ -110,8 +138,11 @@ def main() -> None:
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
     print(f"device: {name}, torch {torch.__version__}, {args.arch}, batch {bs}, {n} clips of 3x128x250")
     print(f"fine-tune steps/s fed by InMemoryLoader : {fed:8.2f}  ({fed * bs:.0f} samples/s)")
+    print(f"fine-tune steps/s fed by StreamingLoader: {streamed:8.2f}  ({streamed * bs:.0f} samples/s, "
+          f"{args.threads} reader threads)")
     print(f"fine-tune steps/s on a resident batch   : {alone:8.2f}  ({alone * bs:.0f} samples/s)")
-    print(f"data stall                              : {100 * stall:7.1f}%  (target < 5%)")
+    print(f"data stall, in memory                   : {100 * stall:7.1f}%  (target < 5%)")
+    print(f"data stall, streaming                   : {100 * stream_stall:7.1f}%  (target < 5%)")
     print(f"NPID epoch over {n} clips               : {epoch_s:8.2f} s  ({n / epoch_s:.0f} samples/s)")
 
 
