@@ -33,6 +33,30 @@ def store_option(f):
     return click.option("--store", default="data/features", show_default=True, help=STORE_HELP)(f)
 
 
+def run_options(resume_help: str | None = None):
+    """The options of a stage's run (runs.StageOptions): --memory-budget, --seed, --device,
+    --runs, --name; and, for the training stages (resume_help given), --resume and
+    --no-progress."""
+    options = [
+        click.option("--memory-budget", "memory_budget", type=click.FloatRange(min=0), default=None, metavar="GB",
+                     help="Keep the features in memory when their raw size fits in GB, else stream them from the "
+                          "store; 0 always streams [half of the free memory where the data would live]."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        click.option("--runs", "runs_root", default="data/runs", show_default=True, help="Where run folders go."),
+        click.option("--name", default=None, help="Run name [made of the settings and the time]."),
+    ]
+    if resume_help:
+        options += [click.option("--resume", is_flag=True, help=resume_help),
+                    click.option("--no-progress", is_flag=True, help="No progress bars.")]
+
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
 def _set_cache(ctx, param, value):
     """Applied while the options are parsed, so commands need no extra parameters."""
     if value is not None:
@@ -48,7 +72,8 @@ def read_cache_options(f):
                      help="Limit of the read-through cache, e.g. 50GB [$AUDIOFX_CACHE_SIZE or 50GB].")(f)
     return click.option("--cache-dir", default=None, type=click.Path(path_type=Path), expose_value=False,
                         callback=_set_cache,
-                        help="Local read-through cache of remote stores [$AUDIOFX_CACHE_DIR or ~/.cache/audiofx/features].")(f)
+                        help="Local read-through cache of remote stores "
+                             "[$AUDIOFX_CACHE_DIR or ${XDG_CACHE_HOME:-~/.cache}/audiofx/features].")(f)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -417,15 +442,7 @@ Examples:
 @click.option("--lr", type=float, default=None, help="SGD learning rate [the method's default].")
 @click.option("--nce-k", type=click.IntRange(min=0), default=64, show_default=True, help="NPID noise samples (0: full softmax).")
 @click.option("--temperature", type=float, default=None, help="[NPID 0.4, SimCLR 0.5, MoCo 0.2]")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--runs", "runs_root", default="data/runs", show_default=True, help="Where run folders go.")
-@click.option("--name", default=None, help="Run name [method-arch-time].")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run (give its --name).")
-@click.option("--memory-budget", "memory_budget", type=click.FloatRange(min=0), default=None, metavar="GB",
-              help="Hold the pool in memory when its raw size fits in GB, else stream it from the store; "
-                   "0 always streams [half of the free memory where the data would live].")
-@click.option("--no-progress", is_flag=True)
+@run_options(resume_help="Continue an interrupted run (give its --name).")
 def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, nce_k, temperature, seed, device, runs_root,
              name, resume, memory_budget, no_progress):
     """Learn a representation without labels from the cached features (NPID, SimCLR, MoCo v2)."""
@@ -476,15 +493,7 @@ Examples:
               help="Each channel (zhou2019: left, right, mid) its own sample; posteriors averaged per clip.")
 @click.option("--head", type=click.Choice(["linear", "mlp-attn"]), default="linear", show_default=True,
               help="linear: global average pool + linear; mlp-attn: Zhou et al.'s MLP attention.")
-@click.option("--memory-budget", "memory_budget", type=click.FloatRange(min=0), default=None, metavar="GB",
-              help="Load the folds into memory when their features fit in GB, else stream them from the store "
-                   "[half the free memory where the data lives]; 0 always streams.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--runs", "runs_root", default="data/runs", show_default=True)
-@click.option("--name", default=None)
-@click.option("--resume", is_flag=True, help="Continue an interrupted run (give its --name); a larger --epochs extends it.")
-@click.option("--no-progress", is_flag=True)
+@run_options(resume_help="Continue an interrupted run (give its --name); a larger --epochs extends it.")
 def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, batch_size, lr, weight_decay, spec_augment,
              time_shift, mixup, fragments, channel_fusion, head, memory_budget, seed, device, runs_root, name, resume,
              no_progress):
@@ -521,13 +530,7 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
 @click.option("--key", default=None)
 @click.option("--k", "k", type=click.IntRange(min=1), default=200, show_default=True, help="kNN neighbours (k by CV is also reported).")
 @click.option("--epochs", "linear_epochs", type=click.IntRange(min=1), default=100, show_default=True, help="Linear probe epochs.")
-@click.option("--memory-budget", "memory_budget", type=click.FloatRange(min=0), default=None, metavar="GB",
-              help="Load the folds into memory when their features fit in GB, else stream them from the store "
-                   "[half the free memory where the data lives]; 0 always streams.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--runs", "runs_root", default="data/runs", show_default=True)
-@click.option("--name", default=None)
+@run_options()
 def evaluate_cmd(run_spec, dataset, mode, fold, store, preset, key, k, linear_epochs, memory_budget, seed, device,
                  runs_root, name):
     """Frozen-encoder evaluation: linear probe or weighted kNN, per fold."""
