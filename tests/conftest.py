@@ -118,6 +118,33 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     return errors[0]
 
 
+# What a library may change for a whole process and must give back: once, distributed's
+# LocalCluster left OMP_NUM_THREADS=1 here (every later training subprocess ran on one
+# thread) and extract's in-process worker left torch on one thread.
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _thread_settings() -> tuple:
+    import torch
+
+    return torch.get_num_threads(), {k: os.environ.get(k) for k in _THREAD_VARS}
+
+
+@pytest.fixture(autouse=True)
+def _test_keeps_thread_settings():
+    before = _thread_settings()
+    yield
+    assert _thread_settings() == before, "this test left the process's thread settings changed"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_keeps_thread_settings():
+    """The module's fixtures too (they are set up before a test's own snapshot)."""
+    before = _thread_settings()
+    yield
+    assert _thread_settings() == before, "this module's fixtures left the process's thread settings changed"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_read_cache(tmp_path_factory):
     """Reads of remote stores go through a cache in the test's temp dir, never ~/.cache."""
