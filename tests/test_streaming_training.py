@@ -15,6 +15,7 @@ from audiofx.pipeline.extract import ExtractRequest, extract
 from audiofx.training.runs import Run
 from tests.conftest import TINY, assert_one_line_error, extract_demo, kill_9, run_cli, start_cli, wait_while_running
 
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return extract_demo(tmp_path_factory.mktemp("demo"))

@@ -54,6 +54,7 @@ from numcodecs import blosc
 
 from audiofx.errors import StoreError
 from audiofx.pipeline.store import FeatureStore, chunk_clips
+from audiofx.training.distributed import Ranks
 
 # How much raw data one read asks for when loading a fold into memory: many whole chunks,
 # few enough bytes that the reading threads share the work evenly to the end and that the
@@ -844,7 +845,7 @@ def budget_bytes(gb: float | None) -> int | None:
 
 
 def choose_mode(size: int, budget: int | None = None, device: str | torch.device = "cpu", *,
-                recorded: dict[str, Any] | None = None, ranks: Any = None) -> DataMode:
+                recorded: dict[str, Any] | None = None, ranks: Ranks = Ranks()) -> DataMode:
     """The one rule every stage reads its folds by: in memory when their raw size in bytes
     (``FoldSet.raw_bytes``: clips * prod(shape) * 2) fits the budget, else streaming.
 
@@ -859,7 +860,7 @@ def choose_mode(size: int, budget: int | None = None, device: str | torch.device
     """
     given = budget is not None
     budget = int(budget) if given else available_memory(device) // 2
-    if not given and ranks is not None and ranks.active:
+    if not given and ranks.active:
         import torch.distributed as dist
 
         smallest = torch.tensor([budget], dtype=torch.int64, device=device)
@@ -887,10 +888,10 @@ class ChannelMoments:
         self.sq += (part * part).sum(dim=(0, 2, 3))
         self.count += x.shape[0] * x.shape[2] * x.shape[3]
 
-    def all_reduce(self, ranks: Any) -> None:
+    def all_reduce(self, ranks: Ranks) -> None:
         """Under torchrun: the moments summed over the ranks, each of which added a disjoint
         share (one collective; every rank ends with the same sums)."""
-        if ranks is None or not ranks.active:
+        if not ranks.active:
             return
         import torch.distributed as dist
 
@@ -910,7 +911,7 @@ STATS_BATCH = 256  # rows per piece of the statistics, in memory and streaming a
 
 
 def streaming_channel_stats(foldset: FoldSet, device: str | torch.device = "cpu", batch: int = STATS_BATCH,
-                            threads: int = 2, ranks: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            threads: int = 2, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean, std) of every usable clip of ``foldset``, from one sequential
     (unshuffled) streaming pass: the rows come in the order ``load_in_memory`` keeps them and
     in pieces of ``batch``, so the result equals ``channel_stats(x, chunk=batch)`` of the
@@ -919,9 +920,8 @@ def streaming_channel_stats(foldset: FoldSet, device: str | torch.device = "cpu"
     Under torchrun (``ranks.active``) each rank reads its own exact share and the sums are
     added over the ranks, so the store is read once, not once per rank; the result then
     differs from the one-process pass only by the order of float64 additions (~1e-16)."""
-    rank, world = (ranks.rank, ranks.world) if ranks is not None and ranks.active else (0, 1)
-    loader = StreamingLoader(foldset, batch, shuffle=False, threads=threads, device=device, rank=rank,
-                             world_size=world, exact_shares=True)
+    loader = StreamingLoader(foldset, batch, shuffle=False, threads=threads, device=device, rank=ranks.rank,
+                             world_size=ranks.world, exact_shares=True)
     moments = ChannelMoments(loader.shape[0], device)
     for b in loader:
         moments.add(b.x)

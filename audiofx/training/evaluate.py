@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from audiofx.errors import ConfigError
+from audiofx.errors import ConfigError, StoreError
 from audiofx.training.data import FoldSet, StreamingLoader, budget_bytes, choose_mode, load_in_memory, streaming_channel_stats
 from audiofx.training.device import autocast, pick_device, seed_everything
 from audiofx.training.featureset import fold_order, resolve_featureset, split_folds
@@ -88,7 +88,8 @@ def embed_streaming(encoder: torch.nn.Module, foldset: FoldSet, mean: torch.Tens
             z = torch.empty((loader.n, out.shape[1]), dtype=out.dtype, device=device)
         z[b.index.to(device)] = out
     if z is None:
-        raise ValueError(f"no usable clip in folds {foldset.folds}")
+        raise StoreError(f"{foldset.dataset} has no usable clip in fold(s) {', '.join(foldset.folds)}",
+                         "every clip there was skipped at extraction: fix or replace those audio files and extract again")
     return z, loader.labels().to(device), list(loader.clips), list(loader.fold_of)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from audiofx.training.data import Batch, ChannelMoments, FoldSet, StreamingLoader, _generator
+from audiofx.training.distributed import Ranks
 
 # Tells the interleaving generator apart from the ones StreamingLoader seeds from (seed, epoch).
 _INTERLEAVE = 0x504F4F4C
@@ -108,7 +109,7 @@ class PoolLoader:
 
 @torch.no_grad()
 def pool_channel_stats(foldsets: list[FoldSet], frames: int, device: str | torch.device = "cpu",
-                       batch_size: int = 64, ranks: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       batch_size: int = 64, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the pool's samples in one sequential pass over the store,
     accumulated in float64 (``ChannelMoments``, as ``finetune.channel_stats`` on the in-memory
     pool): the same values, without the pool in memory. Segments are a reshaping of the
@@ -116,9 +117,8 @@ def pool_channel_stats(foldsets: list[FoldSet], frames: int, device: str | torch
     as the in-memory pool drops them) gives the pool's sums. Under torchrun each rank reads
     an exact share of every dataset and the sums are added over the ranks
     (``streaming_channel_stats``)."""
-    rank, world = (ranks.rank, ranks.world) if ranks is not None and ranks.active else (0, 1)
-    loader = PoolLoader(foldsets, frames, batch_size, shuffle=False, device=device, rank=rank, world_size=world,
-                        exact_shares=True)
+    loader = PoolLoader(foldsets, frames, batch_size, shuffle=False, device=device, rank=ranks.rank,
+                        world_size=ranks.world, exact_shares=True)
     moments = ChannelMoments(loader.loaders[0].shape[0], device)
     for batch in loader:
         moments.add(batch.x)
