@@ -147,3 +147,43 @@ def test_cache_commands(tmp_path, small_folder):
     assert bad.returncode != 0 and f"DAMAGED folder/{key}/fold-1/x chunk 0 (clips 0-14): unreadable" in bad.stdout
     assert_one_line_error(bad, "1 of 1 feature sets are damaged")
     assert_one_line_error(run_cli("cache", "info", "zzzz", "--store", str(tmp_path / "s")), "no feature set 'zzzz'")
+
+
+def test_folds_of_skipped_clips_only_are_refused_before_training(tmp_path, small_folder):
+    # Fold 3 holds only unreadable files: every stage must say so up front, in both data
+    # modes, instead of training on nothing (NaN statistics, an empty torch.cat).
+    import torch
+
+    from audiofx.training.models import build_encoder
+
+    (small_folder / "bad").mkdir()
+    rows = [f"class{c}/class{c}-{i:03d}.wav,c{c},{1 + i % 2}" for c in range(3) for i in range(10)]
+    for c in range(3):
+        (small_folder / "bad" / f"b{c}.wav").write_text("not audio\n")
+        rows.append(f"bad/b{c}.wav,c{c},3")
+    split = tmp_path / "split.csv"
+    split.write_text("path,label,fold\n" + "\n".join(rows) + "\n")
+    store, runs = str(tmp_path / "s"), tmp_path / "runs"
+    proc = extract(small_folder, tmp_path / "s", "--set", f"split={split}")
+    assert proc.returncode == 0 and "30 usable of 33" in proc.stdout, proc.stdout + proc.stderr
+    encoder = tmp_path / "encoder.pt"
+    torch.save({"states": {"encoder": build_encoder("tiny").state_dict()}, "meta": {"arch": "tiny"}}, encoder)
+    common = ["--dataset", "folder", "--store", store, "--runs", str(runs), "--fold", "all"]
+    for budget in ([], ["--memory-budget", "0"]):
+        finetune = run_cli("finetune", *common, "--init", "scratch", "--epochs", "1", "--arch", "tiny", *budget)
+        assert_one_line_error(finetune, "no usable clip in its test fold 3: all 3 were skipped", "--fold K")
+        evaluate = run_cli("evaluate", *common, "--run", str(encoder), "--mode", "knn", *budget)
+        assert_one_line_error(evaluate, "no usable clip in its test fold 3", "extract again")
+    assert not runs.exists()  # refused before any run folder is made
+    # A pretraining pool of a set with no usable clip at all
+    bad_only = small_folder.parent / "bad-only"
+    (bad_only / "a").mkdir(parents=True)
+    for i in range(3):
+        (bad_only / "a" / f"{i}.wav").write_text("not audio\n")
+    assert extract(bad_only, tmp_path / "bad-store").returncode == 0
+    pretrain = run_cli("pretrain", "--method", "simclr", "--datasets", "folder", "--store", str(tmp_path / "bad-store"),
+                       "--runs", str(runs), "--epochs", "1", "--arch", "tiny")
+    assert_one_line_error(pretrain, "folder", "has no usable clip: all 3 were skipped", "--datasets")
+    default_pool = run_cli("pretrain", "--method", "simclr", "--store", str(tmp_path / "bad-store"), "--runs", str(runs),
+                           "--epochs", "1", "--arch", "tiny")
+    assert_one_line_error(default_pool, "no complete shin2021 features with usable clips")

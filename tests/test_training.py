@@ -148,6 +148,25 @@ def test_training_errors_are_one_line(store, tmp_path):
                                   "--fold", "9", *TINY), "fold 9 does not exist")
 
 
+def test_monitoring_holds_out_a_fold_with_usable_clips():
+    from audiofx.training.pretrain import _monitor_choice
+
+    def manifest(usable: dict[str, int]) -> dict:
+        return {"folds": {f: {"clips": 4, "ok": n} for f, n in usable.items()}}
+
+    pool = [("a", "k1", manifest({"1": 0, "2": 0, "3": 0})),  # nothing usable: not monitored
+            ("b", "k2", manifest({"1": 0, "2": 4, "3": 4}))]  # fold 1 all skipped: hold out fold 2
+    choice = _monitor_choice(pool)
+    assert (choice["dataset"], choice["held"], choice["train"]) == ("b", "2", ["1", "3"])
+    named = manifest({"train": 4, "val": 4, "eval": 4})  # FSD50K's splits: val is held out
+    choice = _monitor_choice([("c", "k3", named)])
+    assert (choice["held"], choice["train"]) == ("val", ["train"])
+    named["folds"]["val"]["ok"] = 0  # unless it has no usable clip: then the test split is
+    assert _monitor_choice([("c", "k3", named)])["held"] == "eval"
+    named["folds"]["train"]["ok"] = 0  # and nothing to vote with: no monitoring
+    assert _monitor_choice([("c", "k3", named)]) is None
+
+
 @pytest.mark.parametrize("method,extra", [("simclr", []), ("moco", []), ("npid", ["--nce-k", "0"])])
 def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra):
     """One epoch of each method (NPID with the full softmax too); the checkpoint carries the

@@ -25,7 +25,7 @@ import torch
 from audiofx.errors import ConfigError, StoreError
 from audiofx.training.data import FoldSet, StreamingLoader, budget_bytes, choose_mode, load_in_memory, streaming_channel_stats
 from audiofx.training.device import autocast, pick_device, seed_everything
-from audiofx.training.featureset import fold_order, resolve_featureset, split_folds
+from audiofx.training.featureset import SKIPPED_HINT, check_usable, fold_order, resolve_featureset, split_folds
 from audiofx.training.finetune import channel_stats
 from audiofx.training.init import resolve_init
 from audiofx.training.knn import choose_k, knn_scores
@@ -89,7 +89,7 @@ def embed_streaming(encoder: torch.nn.Module, foldset: FoldSet, mean: torch.Tens
         z[b.index.to(device)] = out
     if z is None:
         raise StoreError(f"{foldset.dataset} has no usable clip in fold(s) {', '.join(foldset.folds)}",
-                         "every clip there was skipped at extraction: fix or replace those audio files and extract again")
+                         f"every clip there was skipped at extraction; {SKIPPED_HINT}")
     return z, loader.labels().to(device), list(loader.clips), list(loader.fold_of)
 
 
@@ -125,6 +125,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     task = Task.of(manifest)
     m = task.metric
     plan = split_folds(list(manifest["folds"]), cfg.fold)
+    check_usable(manifest, cfg.dataset, plan)
     folds = sorted({f for t, tr in plan for f in [t, *tr]}, key=fold_order)
     foldset = FoldSet(cfg.store, cfg.dataset, key, folds)
     data_mode = choose_mode(foldset.raw_bytes(manifest), budget_bytes(cfg.memory_budget_gb), device)

@@ -54,6 +54,33 @@ def validation_fold(folds: list[str], plan: list[tuple[str, list[str]]]) -> str 
     return next((f for f in ("val", "validation") if f in folds and f not in used), None)
 
 
+# What to do about clips skipped at extraction: stages that find none usable say it.
+SKIPPED_HINT = ("extract listed them (so does the manifest, under skipped): fix or replace those audio files and "
+                "extract again")
+
+
+def usable_clips(manifest: dict[str, Any], fold: str) -> int:
+    """Clips of ``fold`` that extraction did not skip (the manifest's count; stores written
+    before it was recorded count every clip)."""
+    entry = manifest["folds"][fold]
+    return int(entry.get("ok", entry["clips"]))
+
+
+def check_usable(manifest: dict[str, Any], dataset: str, plan: list[tuple[str, list[str]]],
+                 val_fold: str | None = None) -> None:
+    """Refuse, before anything is loaded, a split with nothing to test, train or select on:
+    folds whose every clip was skipped at extraction (unreadable audio) would otherwise give
+    empty tensors, NaN statistics and a failure deep in training. Raises StoreError."""
+    roles = [(f"test fold {test}", [test]) for test, _ in plan]
+    roles += [(f"training folds {', '.join(train)} (testing on {test})", train) for test, train in plan]
+    roles += [(f"validation split {val_fold}", [val_fold])] if val_fold else []
+    for role, folds in roles:
+        if folds and not sum(usable_clips(manifest, f) for f in folds):
+            clips = sum(int(manifest["folds"][f]["clips"]) for f in folds)
+            raise StoreError(f"{dataset} has no usable clip in its {role}: all {clips} were skipped at extraction",
+                             f"{SKIPPED_HINT}, or choose other folds with --fold K")
+
+
 def split_folds(folds: list[str], which: str) -> list[tuple[str, list[str]]]:
     """(test fold, training folds) pairs for --fold all|K.
 

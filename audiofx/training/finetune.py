@@ -57,7 +57,7 @@ from audiofx.training.data import (
 )
 from audiofx.training.device import autocast, prepare_model, seed_everything
 from audiofx.training.distributed import Ranks, run_on_ranks, wrap
-from audiofx.training.featureset import fold_order, resolve_featureset, split_folds, validation_fold
+from audiofx.training.featureset import check_usable, fold_order, resolve_featureset, split_folds, validation_fold
 from audiofx.training.fusion import expand_channels, fuse_posteriors, split_fragments
 from audiofx.training.init import resolve_init
 from audiofx.training.metrics import mean_std
@@ -182,6 +182,7 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
     check_input_size(init.arch, bins, frames // cfg.fragments)  # before loading anything
     plan = split_folds(list(manifest["folds"]), cfg.fold)
     val_fold = validation_fold(list(manifest["folds"]), plan)
+    check_usable(manifest, cfg.dataset, plan, val_fold)
     all_folds = sorted({f for t, train in plan for f in [t, *train]} | ({val_fold} if val_fold else set()), key=fold_order)
     name = cfg.name or default_name(cfg.init.replace(":", "-").replace("/", "_")[:40], cfg.dataset)
     recorded = recorded_config(cfg.runs_root, "finetune", name, cfg.resume)

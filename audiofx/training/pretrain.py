@@ -37,7 +37,14 @@ from audiofx.training.data import (
 )
 from audiofx.training.device import autocast, prepare_model, seed_everything
 from audiofx.training.distributed import Ranks, run_on_ranks, wrap
-from audiofx.training.featureset import resolve_featureset, split_folds, validation_fold
+from audiofx.training.featureset import (
+    SKIPPED_HINT,
+    check_usable,
+    resolve_featureset,
+    split_folds,
+    usable_clips,
+    validation_fold,
+)
 from audiofx.training.finetune import channel_stats
 from audiofx.training.knn import knn_scores
 from audiofx.training.models import ARCHS, build_encoder
@@ -61,17 +68,23 @@ class PretrainConfig(TrainingOptions):
 
 
 def pool_datasets(store: str, preset: str, wanted: tuple[str, ...]) -> list[tuple[str, str, dict]]:
-    """(dataset, key, manifest) of every dataset in the pool."""
+    """(dataset, key, manifest) of every dataset in the pool: the named ones, or by default
+    every dataset with usable clips in the store."""
     names = list(wanted) or sorted({ds for ds, _, _ in FeatureStore(store).groups()})
     out = []
     for ds in names:
         try:
-            out.append((ds, *resolve_featureset(store, ds, preset)))
+            key, manifest = resolve_featureset(store, ds, preset)
+            if not any(usable_clips(manifest, f) for f in manifest["folds"]):
+                clips = sum(int(m["clips"]) for m in manifest["folds"].values())
+                raise StoreError(f"{ds} ({key}) has no usable clip: all {clips} were skipped at extraction",
+                                 f"{SKIPPED_HINT}, or leave it out of --datasets")
+            out.append((ds, key, manifest))
         except StoreError:
             if wanted:
                 raise
     if not out:
-        raise StoreError(f"no complete {preset} features in store {store} to pretrain on",
+        raise StoreError(f"no complete {preset} features with usable clips in store {store} to pretrain on",
                          "extract some first: audiofx extract --dataset demo")
     return out
 
@@ -218,17 +231,23 @@ def _refuse_extension(cfg: PretrainConfig, recorded: dict[str, Any] | None, name
 def _monitor_choice(pool: list[tuple[str, str, dict]]) -> dict[str, Any] | None:
     """A labelled dataset of the pool and a split of it held out for a weighted-kNN score each
     epoch (accuracy, or mAP for a multi-label set), voted by its training folds: the first
-    of numbered folds, or the validation split of named splits (FSD50K's val; else their
-    test split). Monitoring only: nothing is selected with it."""
+    of numbered folds with usable clips on both sides, or the validation split of named splits
+    (FSD50K's val; else, or when it has no usable clip, their test split). Monitoring only:
+    nothing is selected with it."""
     for ds, key, manifest in pool:
         folds = list(manifest["folds"])
         try:
             plan = split_folds(folds, "all")
         except StoreError:
             continue
-        held, train_folds = validation_fold(folds, plan) or plan[0][0], plan[0][1]
-        if train_folds:
-            return {"dataset": ds, "key": key, "manifest": manifest, "held": held, "train": train_folds}
+        val = validation_fold(folds, plan)
+        for held, train_folds in ([(val, plan[0][1])] if val else []) + plan:
+            try:
+                check_usable(manifest, ds, [(held, train_folds)])
+            except StoreError:  # a fold of skipped clips only: try the next
+                continue
+            if train_folds:
+                return {"dataset": ds, "key": key, "manifest": manifest, "held": held, "train": train_folds}
     return None
 
 
