@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from audiofx.training.distributed import Ranks, run_on_ranks, wrap
 from audiofx.training.featureset import check_usable, fold_order, resolve_featureset, split_folds, validation_fold
 from audiofx.training.fusion import expand_channels, fuse_posteriors, split_fragments
 from audiofx.training.init import resolve_init
+from audiofx.training.loop import optimiser_states, restore_optimiser_states, train_epoch
 from audiofx.training.metrics import mean_std
 from audiofx.training.models import HEADS, Classifier, check_input_size
 from audiofx.training.runs import Run, TrainingOptions, default_name, open_run, recorded_config
@@ -273,8 +273,6 @@ def _zhou_note(cfg: FinetuneConfig) -> str:
 
 def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: int, fold: str, device, ranks: Ranks,
                 say) -> dict[str, float]:
-    from tqdm import tqdm
-
     seed_everything(cfg.seed)
     model = prepare_model(Classifier(init.build(), n_classes, head=cfg.head), device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -310,9 +308,7 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
     start, history, val_history = 0, [], []
     if ckpt:
         model.load_state_dict(ckpt["states"]["model"])
-        opt.load_state_dict(ckpt["states"]["optimizer"])
-        sched.load_state_dict(ckpt["states"]["scheduler"])
-        torch.set_rng_state(ckpt["states"]["rng"])
+        restore_optimiser_states(ckpt["states"], opt, sched)
         start, history = ckpt["meta"]["epoch"] + 1, ckpt["meta"]["history"]
         val_history = ckpt["meta"].get("val_history", [])
         # Epochs logged after the checkpoint (a kill between the two) are done again.
@@ -328,40 +324,33 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
     trained = wrap(model, ranks, device)  # DDP averages gradients across ranks; `model` stays the plain module
     augment = dataclasses.replace(cfg.augment, n_classes=n_classes)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def loss_of(batch) -> tuple[torch.Tensor, int]:
+        x = (batch.x.to(device).float() - mean) / std
+        x, target = augment(x, batch.y.to(device), generator=gen)
+        with autocast(device):
+            logits = trained(x)
+        return task.loss(logits, target), x.shape[0]
+
     scores = None
     for epoch in range(start, cfg.epochs):
         model.train()
-        loader.set_epoch(epoch)
-        gen.manual_seed(cfg.seed * 100003 + epoch)
-        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
-        bar = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not cfg.progress or not ranks.main)
-        for batch in bar:
-            x = (batch.x.to(device).float() - mean) / std
-            x, target = augment(x, batch.y.to(device), generator=gen)
-            with autocast(device):
-                logits = trained(x)
-            loss = task.loss(logits, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen += x.shape[0]
-            loss_sum += loss.item() * x.shape[0]
-            bar.set_postfix(samples_s=f"{seen / (time.perf_counter() - t0):.0f}", loss=f"{loss_sum / seen:.3f}")
+        trained_pass = train_epoch(loader, epoch, cfg.seed, gen, opt, loss_of,
+                                   desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}",
+                                   progress=cfg.progress and ranks.main)
         sched.step()
         scores = outputs(test, test_index, n_test)
         history.append(task.headline(scores, y_test))
-        record = {"event": "epoch", "fold": fold, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+        record = {"event": "epoch", "fold": fold, "epoch": epoch + 1, "train_loss": trained_pass.loss,
                   f"test_{m}": history[-1]}
         if val is not None:
             val_history.append(task.headline(outputs(val, val_index, n_val), y_val))
             record[f"val_{m}"] = val_history[-1]
-        run.save_checkpoint(tag, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                  "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+        run.save_checkpoint(tag, {"model": model.state_dict(), **optimiser_states(opt, sched),
                                   "mean": saved_stats[0].cpu(), "std": saved_stats[1].cpu()},
                             {"epoch": epoch, "history": history, "val_history": val_history, "arch": init.arch,
                              "fold": fold})
-        run.log({**record, "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)})
+        run.log({**record, "lr": sched.get_last_lr()[0], "seconds": trained_pass.seconds()})
     if scores is None:  # resumed after its last epoch (killed before the fold was recorded)
         scores = outputs(test, test_index, n_test)
     final = task.score(scores, y_test)  # the headline and, multi-label, AUC and d' beside it

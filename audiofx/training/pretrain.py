@@ -15,7 +15,6 @@ records it and a resumed run keeps it.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from audiofx.training.featureset import (
 )
 from audiofx.training.finetune import channel_stats
 from audiofx.training.knn import knn_scores
+from audiofx.training.loop import optimiser_states, restore_optimiser_states, train_epoch
 from audiofx.training.models import ARCHS, build_encoder
 from audiofx.training.pool import PoolLoader, pool_channel_stats, segments
 from audiofx.training.runs import TrainingOptions, default_name, open_run, recorded_config
@@ -157,9 +157,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     start = 0
     if ckpt:
         method.load_state_dict(ckpt["states"]["method"])
-        opt.load_state_dict(ckpt["states"]["optimizer"])
-        sched.load_state_dict(ckpt["states"]["scheduler"])
-        torch.set_rng_state(ckpt["states"]["rng"])
+        restore_optimiser_states(ckpt["states"], opt, sched)
         start = ckpt["meta"]["epoch"] + 1
         run.drop_records(lambda r: r.get("event") == "epoch" and r["epoch"] > start)
         say(f"resuming after epoch {start}")
@@ -173,37 +171,26 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         out = random_time_shift(batch, max_shift=frames // 4, generator=gen)
         return spec_augment(out, time_width=max(1, frames // 10), freq_width=max(1, bins // 8), generator=gen)
 
-    from tqdm import tqdm
+    def loss_of(batch) -> tuple[torch.Tensor, int]:
+        xb = (batch.x.to(device).float() - mean) / std
+        with autocast(device):
+            return trained(xb, batch.index.to(device), view, gen), xb.shape[0]
 
     loss_value = math.nan
     for epoch in range(start, cfg.epochs):
         method.train()
-        loader.set_epoch(epoch)
-        gen.manual_seed(cfg.seed * 100003 + epoch)
-        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
-        bar = tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not cfg.progress or not ranks.main)
-        for batch in bar:
-            xb = (batch.x.to(device).float() - mean) / std
-            with autocast(device):
-                loss = trained(xb, batch.index.to(device), view, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            method.after_step()
-            seen += xb.shape[0]
-            loss_sum += loss.item() * xb.shape[0]
-            bar.set_postfix(samples_s=f"{seen / (time.perf_counter() - t0):.0f}", loss=f"{loss_sum / seen:.3f}")
+        trained_pass = train_epoch(loader, epoch, cfg.seed, gen, opt, loss_of, after_step=method.after_step,
+                                   desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
+                                   progress=cfg.progress and ranks.main)
         sched.step()
-        loss_value = loss_sum / max(seen, 1)
+        loss_value = trained_pass.loss
         record = {"event": "epoch", "epoch": epoch + 1, "loss": loss_value, "lr": sched.get_last_lr()[0],
-                  "seconds": round(time.perf_counter() - t0, 2)}
+                  "seconds": trained_pass.seconds()}
         if monitor:
             task = monitor["task"]
             record[f"knn_{task.metric}"] = _monitor_knn(method.encoder, monitor, mean, std, device)
             record.update(knn_dataset=monitor["dataset"], knn_fold=monitor["fold"])
-        run.save_checkpoint("last", {"method": method.state_dict(), "optimizer": opt.state_dict(),
-                                     "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+        run.save_checkpoint("last", {"method": method.state_dict(), **optimiser_states(opt, sched),
                                      "mean": mean.cpu(), "std": std.cpu()},
                             {"epoch": epoch, "arch": cfg.arch, "method": cfg.method})
         run.log(record)
