@@ -470,7 +470,7 @@ Examples:
 
 @cli.command(epilog=FINETUNE_EXAMPLE)
 @click.option("--dataset", required=True)
-@click.option("--init", default="scratch", show_default=True, help="scratch, imagenet, simclr, npid, moco, METHOD:RUN or a PATH.")
+@click.option("--init", default="scratch", show_default=True, help="scratch, imagenet, simclr, npid, moco (the newest run), METHOD:RUN, a pretrain run's name or folder, or a checkpoint PATH.")
 @click.option("--weights", default=None, help="ImageNet checkpoint file (for --init imagenet offline).")
 @store_option
 @read_cache_options
@@ -520,7 +520,9 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
 
 
 @cli.command("evaluate")
-@click.option("--run", "run_spec", required=True, help="A pretrain run: npid, simclr, moco (newest), METHOD:RUN or a PATH.")
+@click.option("--run", "run_spec", required=True,
+              help="A pretrain run: npid, simclr, moco (the newest), METHOD:RUN, a run's name or folder, or a checkpoint PATH.")
+@click.option("--arch", default=None, help="For a bare encoder state dict: the network it is of (checkpoints record it).")
 @click.option("--dataset", required=True)
 @click.option("--mode", default="knn", show_default=True, help="knn or linear.")
 @click.option("--fold", default="all", show_default=True)
@@ -531,13 +533,13 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
 @click.option("--k", "k", type=click.IntRange(min=1), default=200, show_default=True, help="kNN neighbours (k by CV is also reported).")
 @click.option("--epochs", "linear_epochs", type=click.IntRange(min=1), default=100, show_default=True, help="Linear probe epochs.")
 @run_options()
-def evaluate_cmd(run_spec, dataset, mode, fold, store, preset, key, k, linear_epochs, memory_budget, seed, device,
+def evaluate_cmd(run_spec, arch, dataset, mode, fold, store, preset, key, k, linear_epochs, memory_budget, seed, device,
                  runs_root, name):
     """Frozen-encoder evaluation: linear probe or weighted kNN, per fold."""
     from audiofx.training.evaluate import EvaluateConfig, evaluate
     from audiofx.training.tasks import METRIC_NAMES
 
-    s = evaluate(EvaluateConfig(run=run_spec, dataset=dataset, mode=mode, fold=fold, store=store, preset=preset, key=key,
+    s = evaluate(EvaluateConfig(run=run_spec, arch=arch, dataset=dataset, mode=mode, fold=fold, store=store, preset=preset, key=key,
                                 k=k, linear_epochs=linear_epochs, memory_budget_gb=memory_budget, seed=seed,
                                 device=device, runs_root=runs_root, name=name),
                  say=click.echo)

@@ -75,6 +75,57 @@ def test_pretrain_then_finetune_and_knn_from_it(store, npid_run, tmp_path):
     assert "npid fine-tune" in table.stdout and "npid knn" in table.stdout
 
 
+def test_init_finds_a_pretrain_run_every_way_and_refuses_what_is_not_one(store, npid_run, tmp_path):
+    from audiofx.errors import ConfigError
+    from audiofx.training.init import resolve_init
+    from audiofx.training.models import Classifier, build_encoder
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    run = npid_run / "pretrain" / "npid-a"
+    encoder = torch.load(run / "checkpoints" / "final.pt", weights_only=True)["states"]["encoder"]
+    for spec in ("npid", "npid:npid-a", "npid-a", str(run)):  # newest, METHOD:RUN, name, folder
+        init = resolve_init(spec, None, npid_run)
+        assert (init.kind, init.arch, Path(init.source)) == ("pretrain", "tiny", run) and init.input_stats is not None
+        assert same(init.encoder_state, encoder)
+    # Checkpoints that keep the encoder beside other state: a pretrain run's last.pt (the
+    # method's: bank, projection head) and a fine-tuned classifier's fold-K.pt
+    last = resolve_init(str(run / "checkpoints" / "last.pt"), None, npid_run)
+    assert last.arch == "tiny" and same(last.encoder_state, encoder)
+    classifier = Classifier(build_encoder("tiny"), 5)
+    torch.save({"states": {"model": classifier.state_dict()}, "meta": {"arch": "tiny"}}, tmp_path / "fold-1.pt")
+    assert same(resolve_init(str(tmp_path / "fold-1.pt"), None, npid_run).encoder_state, classifier.encoder.state_dict())
+    torch.save(build_encoder("resnet18").state_dict(), tmp_path / "r18.pt")  # a bare state dict: --arch says what
+    assert resolve_init(str(tmp_path / "r18.pt"), "resnet18", npid_run).arch == "resnet18"
+
+    def refused(spec: str, *needles: str, arch: str | None = None) -> None:
+        with pytest.raises(ConfigError) as e:
+            resolve_init(spec, arch, npid_run, option="--run")
+        for needle in needles:
+            assert needle in e.value.one_line(), e.value.one_line()
+
+    refused("moco:npid-a", "npid-a is a npid run, not moco", "npid:npid-a")
+    refused("simclr", "no finished simclr pretrain run", "runs there: npid-a", "audiofx pretrain --method simclr")
+    refused(str(tmp_path / "r18.pt"), "does not hold resnet50 encoder weights", "--arch")
+    torch.save({"states": {"optimizer": {}}, "meta": {}}, tmp_path / "opt.pt")
+    refused(str(tmp_path / "opt.pt"), "holds no encoder weights")
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "config.json").write_text(json.dumps({"stage": "finetune"}))
+    refused(str(tmp_path / "ft"), "is not a pretrain run")
+    unfinished = npid_run / "pretrain" / "cut-short"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text(json.dumps({"stage": "pretrain", "method": "npid", "arch": "tiny"}))
+    try:
+        refused("cut-short", "has no final checkpoint", "--name cut-short --resume", "last.pt")
+    finally:
+        (unfinished / "config.json").unlink()
+        unfinished.rmdir()
+    refused("nope", "--run 'nope' is neither")
+    assert_one_line_error(run_cli("evaluate", "--run", "moco:npid-a", "--dataset", "demo", "--store", str(store),
+                                  "--runs", str(npid_run)), "--run 'moco:npid-a'", "npid:npid-a")
+
+
 def test_linear_probe_leaves_the_encoder_bit_identical(store, npid_run):
     final = npid_run / "pretrain" / "npid-a" / "checkpoints" / "final.pt"
     before = final.read_bytes()

@@ -38,8 +38,9 @@ MODES = ("knn", "linear")
 
 @dataclass
 class EvaluateConfig(StageOptions):
-    run: str  # a pretrain run: npid | simclr | moco (newest), METHOD:RUN, or a checkpoint path
+    run: str  # a pretrain run: npid | simclr | moco (newest), METHOD:RUN, a run's name or folder, or a checkpoint
     dataset: str
+    arch: str | None = None  # only for a bare encoder state dict (checkpoints record theirs)
     mode: str = "knn"
     fold: str = "all"
     key: str | None = None
@@ -118,7 +119,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
         raise ConfigError(f"unknown mode {cfg.mode!r}", f"use one of {', '.join(MODES)}")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    init = resolve_init(cfg.run, None, cfg.runs_root)
+    init = resolve_init(cfg.run, cfg.arch, cfg.runs_root, option="--run")
     if init.kind not in ("pretrain", "file"):
         raise ConfigError(f"--run {cfg.run!r} is not a pretrained representation", "pass npid, simclr, moco or METHOD:RUN")
     key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key)
