@@ -131,8 +131,8 @@ def test_npid_streams_and_resumes_after_kill_9_like_an_uninterrupted_run(store, 
     torch.testing.assert_close(bank.norm(dim=1), torch.ones(POOL), rtol=0, atol=1e-5)
 
     proc = start_cli(*args, "--name", "cut", own_group=True)
-    log = tmp_path / "pretrain" / "cut" / "metrics.jsonl"
-    wait_while_running(proc, lambda: log.exists() and len(log.read_text().splitlines()) >= 1)
+    checkpoint = tmp_path / "pretrain" / "cut" / "checkpoints" / "last.pt"
+    wait_while_running(proc, checkpoint.exists)
     kill_9(proc)
     done = len(losses(tmp_path / "pretrain" / "cut"))
     assert done == 1

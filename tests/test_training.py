@@ -142,15 +142,15 @@ def test_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_run(store, t
             "--fold", "1", "--epochs", "3", "--lr", "1e-3", *TINY]
     assert run_cli(*args, "--name", "whole").returncode == 0
     proc = start_cli(*args, "--name", "cut", own_group=True)
-    log = tmp_path / "finetune" / "cut" / "metrics.jsonl"
-    wait_while_running(proc, lambda: log.exists() and len(log.read_text().splitlines()) >= 1)
+    checkpoint = tmp_path / "finetune" / "cut" / "checkpoints" / "fold-1.pt"
+    wait_while_running(proc, checkpoint.exists)
     kill_9(proc)
     done_before = [r["epoch"] for r in metrics(tmp_path / "finetune" / "cut") if r["event"] == "epoch"]
     assert 1 <= len(done_before) < 3
     resumed = run_cli(*args, "--name", "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    # the checkpoint is saved before the epoch's log line, so it may be one epoch ahead of the log
-    assert any(f"resuming after epoch {e}" in resumed.stdout for e in (done_before[-1], done_before[-1] + 1))
+    # an epoch's line is logged before its checkpoint, so the log may be one epoch ahead of it
+    assert any(f"resuming after epoch {e}" in resumed.stdout for e in (done_before[-1], done_before[-1] - 1))
     cut, whole = metrics(tmp_path / "finetune" / "cut"), metrics(tmp_path / "finetune" / "whole")
     assert [r["epoch"] for r in cut if r["event"] == "epoch"] == [1, 2, 3]
     assert [r["test_acc"] for r in cut if r["event"] == "epoch"] == [r["test_acc"] for r in whole if r["event"] == "epoch"]
@@ -233,8 +233,13 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
     if method == "npid":  # 200 memory entries moved towards the features: still unit vectors
         assert torch.allclose(state["bank.memory"].norm(dim=1), torch.ones(200), atol=1e-5)
     assert np.isfinite([r["loss"] for r in metrics(tmp_path / "pretrain" / method)]).all()
+    final = tmp_path / "pretrain" / method / "checkpoints" / "final.pt"
+    kept = (final.read_bytes(), final.stat().st_mtime_ns)
     again = run_cli(*args, "--resume")
-    assert again.returncode == 0 and "resuming after epoch 1" in again.stdout
+    assert again.returncode == 0 and "the run has finished, nothing left to do" in again.stdout
+    loss = metrics(tmp_path / "pretrain" / method)[-1]["loss"]
+    assert f"(final loss {loss:.4f})" in again.stdout  # the run's, not NaN
+    assert (final.read_bytes(), final.stat().st_mtime_ns) == kept  # which run is newest is left as it was
     changed = run_cli(*args, "--lr", "0.01", "--resume")
     assert_one_line_error(changed, "was started with other settings (lr)")
 

@@ -311,9 +311,9 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
         restore_optimiser_states(ckpt["states"], opt, sched)
         start, history = ckpt["meta"]["epoch"] + 1, ckpt["meta"]["history"]
         val_history = ckpt["meta"].get("val_history", [])
-        # Epochs logged after the checkpoint (a kill between the two) are done again.
-        run.drop_records(lambda r: r.get("event") == "epoch" and r.get("fold") == fold and r["epoch"] > start)
         say(f"fold {fold}: resuming after epoch {start}")
+    if cfg.resume:  # epochs logged after the checkpoint (a kill between the two) are done again
+        run.drop_records(lambda r: r.get("event") == "epoch" and r.get("fold") == fold and r["epoch"] > start)
     # Either loader's order depends only on (seed, epoch): a resumed run sees the same batches.
     if streaming:
         loader = StreamingLoader(train, cfg.batch_size, shuffle=True, drop_last=False, seed=cfg.seed, rank=ranks.rank,
@@ -346,11 +346,12 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
         if val is not None:
             val_history.append(task.headline(outputs(val, val_index, n_val), y_val))
             record[f"val_{m}"] = val_history[-1]
+        # The line first, then the checkpoint: a kill between the two redoes this epoch and its line.
+        run.log({**record, "lr": sched.get_last_lr()[0], "seconds": trained_pass.seconds()})
         run.save_checkpoint(tag, {"model": model.state_dict(), **optimiser_states(opt, sched),
                                   "mean": saved_stats[0].cpu(), "std": saved_stats[1].cpu()},
                             {"epoch": epoch, "history": history, "val_history": val_history, "arch": init.arch,
                              "fold": fold})
-        run.log({**record, "lr": sched.get_last_lr()[0], "seconds": trained_pass.seconds()})
     if scores is None:  # resumed after its last epoch (killed before the fold was recorded)
         scores = outputs(test, test_index, n_test)
     final = task.score(scores, y_test)  # the headline and, multi-label, AUC and d' beside it

@@ -117,6 +117,11 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     run = open_run(ranks, cfg.runs_root, "pretrain", name, settings, cfg.resume, later={"data_mode": MODE_MEMORY})
     choice = _monitor_choice(pool)
     ckpt = run.load_checkpoint("last") if cfg.resume else None
+    if ckpt and ckpt["meta"]["epoch"] + 1 >= cfg.epochs and run.checkpoint_path("final").is_file():
+        # Finished: its final.pt stays as it is (the newest run of a method is found by it).
+        losses = [r["loss"] for r in run.metrics() if r.get("event") == "epoch"]
+        say(f"resuming after epoch {cfg.epochs}: the run has finished, nothing left to do")
+        return {"run": str(run.path), "loss": losses[-1] if losses else math.nan, "data_mode": mode}
     if mode == MODE_MEMORY:
         loaded = [load_in_memory(fs, device=device) for fs in foldsets]
         x = torch.cat([segments(d.x, frames) for d in loaded])
@@ -159,8 +164,9 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         method.load_state_dict(ckpt["states"]["method"])
         restore_optimiser_states(ckpt["states"], opt, sched)
         start = ckpt["meta"]["epoch"] + 1
-        run.drop_records(lambda r: r.get("event") == "epoch" and r["epoch"] > start)
         say(f"resuming after epoch {start}")
+    if cfg.resume:  # epochs logged after the checkpoint (a kill between the two) are done again
+        run.drop_records(lambda r: r.get("event") == "epoch" and r["epoch"] > start)
     monitor = _monitor_split(choice, monitor_data) if monitor_data is not None else None
     # Buffers (memory bank, queue, BatchNorm statistics) are kept in step by the methods
     # themselves, not broadcast from rank 0 at every forward.
@@ -190,10 +196,10 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
             task = monitor["task"]
             record[f"knn_{task.metric}"] = _monitor_knn(method.encoder, monitor, mean, std, device)
             record.update(knn_dataset=monitor["dataset"], knn_fold=monitor["fold"])
+        run.log(record)  # then the checkpoint: a kill between the two redoes this epoch and its line
         run.save_checkpoint("last", {"method": method.state_dict(), **optimiser_states(opt, sched),
                                      "mean": mean.cpu(), "std": std.cpu()},
                             {"epoch": epoch, "arch": cfg.arch, "method": cfg.method})
-        run.log(record)
         say(f"epoch {epoch + 1}: loss {loss_value:.4f}" +
             (f", kNN {monitor['task'].metric_name} {100 * record[f'knn_{task.metric}']:.1f}% on {monitor['dataset']} "
              f"{monitor['fold']} (monitoring only)" if monitor else ""))
