@@ -432,7 +432,7 @@ Examples:
 
 @cli.command(epilog=TRAIN_EXAMPLE)
 @click.option("--method", required=True, help="npid, simclr or moco.")
-@click.option("--datasets", default="", help="Comma-separated datasets for the unlabeled pool [every dataset in the store].")
+@click.option("--datasets", default="", help="Comma-separated datasets for the unlabeled pool [every dataset in the store of the preset's size].")
 @store_option
 @read_cache_options
 @click.option("--preset", default="shin2021", show_default=True, help="Which extracted features to use.")
@@ -544,8 +544,10 @@ def evaluate_cmd(run_spec, arch, dataset, mode, fold, store, preset, key, k, lin
                                 device=device, runs_root=runs_root, name=name),
                  say=click.echo)
     m = s["metric"]
+    by_cv = (f" ({100 * s[f'{m}_kcv_mean']:.2f} ± {100 * s[f'{m}_kcv_std']:.2f}% with k chosen on the training folds)"
+             if f"{m}_kcv_mean" in s else "")
     click.echo(f"{mode} {METRIC_NAMES[m]} over {s['n_folds']} fold(s): {100 * s[f'{m}_mean']:.2f} ± "
-               f"{100 * s[f'{m}_std']:.2f}%; {s['run']}/summary.md")
+               f"{100 * s[f'{m}_std']:.2f}%{by_cv}; {s['run']}/summary.md")
 
 
 @cli.command()

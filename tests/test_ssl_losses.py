@@ -24,6 +24,7 @@ from audiofx.training.ssl import (
     npid_softmax_loss,
     nt_xent,
 )
+from audiofx.training.distributed import Ranks, average_batchnorm_statistics
 from tests.s3server import free_port
 
 T = 0.5
@@ -91,6 +92,11 @@ def test_nt_xent_rejects_mismatched_views():
 DIST_CASES = {"equal": (3, 3), "unequal": (3, 2)}
 
 
+def _npid_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(5, 4, generator=g), torch.tensor([0, 2, 4, 6, 8]), torch.randint(10, (5, 3), generator=g)
+
+
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -109,12 +115,24 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         queue = MoCoQueue(size=7, dim=4, generator=torch.Generator().manual_seed(0))
         queue.enqueue(3.0 * torch.eye(4)[rank].repeat(rank + 2, 1))      # 2 keys e_0 from rank 0, 3 keys e_1 from rank 1
         results["queue"] = (queue.queue.clone(), queue.ptr.clone())
+        # NPID: rank 0 holds rows 0-2 and rank 1 rows 3-4 of one first batch; Z from both.
+        bank = MemoryBank(10, 4, generator=torch.Generator().manual_seed(0))
+        feats, idx, noise = _npid_batch()
+        rows = slice(0, 3) if rank == 0 else slice(3, 5)
+        npid_nce_loss(feats[rows], idx[rows], bank, temperature=0.5, noise_indices=noise[rows])
+        results["z"] = bank.z.clone()
+        # BatchNorm running statistics that followed each rank's share, averaged
+        bn = nn.BatchNorm1d(3)
+        bn.running_mean.fill_(rank + 1.0)
+        bn.running_var.fill_(2.0 * (rank + 1))
+        average_batchnorm_statistics(nn.Sequential(bn), Ranks(rank, world))
+        results["bn"] = (bn.running_mean.clone(), bn.running_var.clone())
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_nt_xent_distributed_matches_single_process(tmp_path):
+def test_distributed_losses_and_statistics_match_one_process(tmp_path):
     world = 2
     mp.spawn(_dist_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
@@ -155,6 +173,16 @@ def test_nt_xent_distributed_matches_single_process(tmp_path):
     torch.testing.assert_close(queues[0][0], queues[1][0])
     assert int(queues[0][1]) == int(queues[1][1]) == 5
     torch.testing.assert_close(queues[0][0][:5], torch.eye(4)[[0, 0, 1, 1, 1]])
+
+    # NPID's Z: both ranks fix the one-process estimate over the whole first batch
+    bank = MemoryBank(10, 4, generator=torch.Generator().manual_seed(0))
+    npid_nce_loss(*_npid_batch()[:2], bank, temperature=0.5, noise_indices=_npid_batch()[2])
+    torch.testing.assert_close(res[0]["z"], bank.z)
+    torch.testing.assert_close(res[1]["z"], bank.z)
+    # BatchNorm statistics: the mean over the ranks, on every rank
+    for r in range(world):
+        torch.testing.assert_close(res[r]["bn"][0], torch.full((3,), 1.5))
+        torch.testing.assert_close(res[r]["bn"][1], torch.full((3,), 3.0))
 
 
 # --------------------------------------------------------------------------------------------- NPID

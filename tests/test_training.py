@@ -71,6 +71,13 @@ def test_pretrain_then_finetune_and_knn_from_it(store, npid_run, tmp_path):
     assert summary["n_folds"] == 5 and summary["acc_mean"] > 0.5
     report = json.loads((runs / "evaluate" / "k" / "per_class.json").read_text())
     assert np.array(report["confusion"]).sum() == 200 and len(report["f1"]) == 5
+    # k chosen by cross-validation on each fold's training folds, reported beside k 200
+    folds = [r for r in metrics(runs / "evaluate" / "k") if r["event"] == "fold_done"]
+    assert all(r["k_cv"] in (1, 5, 10, 20, 50, 100, 200) and 0 <= r["acc_kcv"] <= 1 for r in folds)
+    assert summary["acc_kcv_mean"] == pytest.approx(np.mean([r["acc_kcv"] for r in folds]))
+    assert "with k chosen on the training folds" in proc.stdout
+    text = (runs / "evaluate" / "k" / "summary.md").read_text()
+    assert "| accuracy (k 200) | accuracy, k chosen on the training folds | k chosen |" in text
     table = run_cli("compare", str(runs / "finetune" / "from-npid"), str(runs / "evaluate" / "k"))
     assert "npid fine-tune" in table.stdout and "npid knn" in table.stdout
 
@@ -197,6 +204,28 @@ def test_training_errors_are_one_line(store, tmp_path):
                           "unknown method 'byol'", "npid, simclr, moco")
     assert_one_line_error(run_cli("finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path),
                                   "--fold", "9", *TINY), "fold 9 does not exist")
+
+
+def test_the_default_pool_leaves_out_features_of_another_size(store, tmp_path):
+    import shutil
+
+    from tests.conftest import make_class_folder
+
+    mixed = tmp_path / "store"
+    shutil.copytree(store, mixed)
+    folder = make_class_folder(tmp_path / "raw", classes=2, per_class=4, seconds=1.0)
+    proc = run_cli("extract", "--dataset", "folder", "--root", str(folder), "--store", str(mixed), "--set", "n_mels=64",
+                   "--set", "sample_rate=22050", "--set", "clip_seconds=1.0", "--set", "folds=2", "--workers", "1",
+                   "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    common = ["pretrain", "--method", "simclr", "--store", str(mixed), "--runs", str(tmp_path / "runs"), "--epochs", "1",
+              "--batch-size", "50", *TINY]
+    pooled = run_cli(*common, "--name", "default")
+    assert pooled.returncode == 0, pooled.stderr
+    assert "left out of the pool (features not 3 x 128 bins as shin2021): folder (3 x 64)" in pooled.stdout
+    assert json.loads((tmp_path / "runs" / "pretrain" / "default" / "config.json").read_text())["pool"].keys() == {"demo"}
+    named = run_cli(*common, "--datasets", "demo,folder", "--name", "named")
+    assert_one_line_error(named, "different sizes: demo 3 x 128 bins, folder 3 x 64 bins", "--datasets")
 
 
 def test_monitoring_holds_out_a_fold_with_usable_clips():

@@ -60,6 +60,22 @@ def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device, broadcast_b
     return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=broadcast_buffers)
 
 
+def average_batchnorm_statistics(model: torch.nn.Module, ranks: Ranks) -> None:
+    """Average BatchNorm running means and variances over the ranks. Pretraining wraps its
+    methods without DDP's buffer broadcast (the memory bank or queue would be sent at every
+    step; the methods keep those in step themselves), so each rank's running statistics
+    follow its own share: averaged once an epoch, before the checkpoint, the saved encoder
+    normalises with statistics of the whole epoch, the same on every rank."""
+    if not ranks.active:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for stats in (module.running_mean, module.running_var):
+                if stats is not None:
+                    dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+                    stats.div_(ranks.world)
+
+
 def run_on_ranks(stage, cfg, say):
     """Run `stage(cfg, ranks, device, say)` in this process or as one torchrun rank: rank 0
     alone talks, every rank needs the same --name (they open one run folder), and the process

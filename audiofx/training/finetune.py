@@ -337,7 +337,7 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
         model.train()
         trained_pass = train_epoch(loader, epoch, cfg.seed, gen, opt, loss_of,
                                    desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}",
-                                   progress=cfg.progress and ranks.main)
+                                   progress=cfg.progress and ranks.main, rank=ranks.rank)
         sched.step()
         scores = outputs(test, test_index, n_test)
         history.append(task.headline(scores, y_test))

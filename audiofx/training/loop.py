@@ -11,10 +11,11 @@ from typing import Any, Callable, Iterable
 import torch
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """The augmentation generator's seed for one epoch: a function of (seed, epoch) only, so
-    a resumed run draws the masks, shifts and mixup partners an uninterrupted one would."""
-    return seed * 100003 + epoch
+    a resumed run draws the masks, shifts, mixup partners and NPID noise an uninterrupted one
+    would; and of the DDP rank, so that ranks do not draw the same ones for their shares."""
+    return seed * 100003 + epoch + rank * 1_000_003
 
 
 @dataclass
@@ -29,16 +30,16 @@ class EpochPass:
 
 
 def train_epoch(loader: Any, epoch: int, seed: int, generator: torch.Generator, opt: torch.optim.Optimizer,
-                loss_of: Callable[[Any], tuple[torch.Tensor, int]], *, desc: str, progress: bool,
+                loss_of: Callable[[Any], tuple[torch.Tensor, int]], *, desc: str, progress: bool, rank: int = 0,
                 after_step: Callable[[], None] | None = None) -> EpochPass:
     """One pass over ``loader`` (an InMemoryLoader, StreamingLoader or PoolLoader): set its
-    order and ``generator`` for ``epoch``; for each batch, ``loss_of(batch)`` gives (loss,
+    order and ``generator`` for ``epoch`` (and ``rank``); for each batch, ``loss_of(batch)`` gives (loss,
     samples), then one optimiser step and ``after_step`` (NPID's bank, MoCo's queue, which
     must change only after the step). A bar shows samples/s and the running loss."""
     from tqdm import tqdm
 
     loader.set_epoch(epoch)
-    generator.manual_seed(epoch_seed(seed, epoch))
+    generator.manual_seed(epoch_seed(seed, epoch, rank))
     seen, loss_sum, started = 0, 0.0, time.perf_counter()
     bar: Iterable = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
     for batch in bar:

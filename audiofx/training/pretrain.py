@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from audiofx.config import resolve_feature_config
 from audiofx.errors import ConfigError, StoreError
+from audiofx.pipeline.datasets import get_adapter
 from audiofx.pipeline.store import FeatureStore
 from audiofx.training.augment import random_time_shift, spec_augment
 from audiofx.training.data import (
@@ -35,7 +37,7 @@ from audiofx.training.data import (
     load_in_memory,
 )
 from audiofx.training.device import autocast, prepare_model, seed_everything
-from audiofx.training.distributed import Ranks, run_on_ranks, wrap
+from audiofx.training.distributed import Ranks, average_batchnorm_statistics, run_on_ranks, wrap
 from audiofx.training.featureset import (
     SKIPPED_HINT,
     check_usable,
@@ -67,9 +69,10 @@ class PretrainConfig(TrainingOptions):
     temperature: float | None = None  # default: the method's (NPID 0.4, SimCLR 0.5, MoCo 0.2)
 
 
-def pool_datasets(store: str, preset: str, wanted: tuple[str, ...]) -> list[tuple[str, str, dict]]:
+def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print) -> list[tuple[str, str, dict]]:
     """(dataset, key, manifest) of every dataset in the pool: the named ones, or by default
-    every dataset with usable clips in the store."""
+    every dataset with usable clips in the store whose features have the preset's channels
+    and mel bins (one network takes them all; the number of frames may differ)."""
     names = list(wanted) or sorted({ds for ds, _, _ in FeatureStore(store).groups()})
     out = []
     for ds in names:
@@ -86,6 +89,21 @@ def pool_datasets(store: str, preset: str, wanted: tuple[str, ...]) -> list[tupl
     if not out:
         raise StoreError(f"no complete {preset} features with usable clips in store {store} to pretrain on",
                          "extract some first: audiofx extract --dataset demo")
+    shapes = {ds: tuple(int(v) for v in m["shape"][:2]) for ds, _, m in out}  # (channels, mel bins)
+    if wanted and len(set(shapes.values())) > 1:
+        raise StoreError("the datasets to pretrain on have features of different sizes: "
+                         + ", ".join(f"{ds} {c} x {b} bins" for ds, (c, b) in shapes.items()),
+                         "name sets extracted with the same channels and mel bins in --datasets")
+    if not wanted:
+        c, b, _ = resolve_feature_config(get_adapter(out[0][0]).defaults, preset).shape
+        other = [ds for ds, shape in shapes.items() if shape != (c, b)]
+        if other:
+            say(f"left out of the pool (features not {c} x {b} bins as {preset}): "
+                + ", ".join(f"{ds} ({shapes[ds][0]} x {shapes[ds][1]})" for ds in other))
+            out = [entry for entry in out if entry[0] not in other]
+        if not out:
+            raise StoreError(f"no dataset in store {store} has {preset}'s {c} x {b} bin features to pretrain on",
+                             "name the sets to pretrain on with --datasets (of one size)")
     return out
 
 
@@ -99,7 +117,7 @@ def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
 
 def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> dict[str, Any]:
     seed_everything(cfg.seed)
-    pool = pool_datasets(cfg.store, cfg.preset, cfg.datasets)
+    pool = pool_datasets(cfg.store, cfg.preset, cfg.datasets, say)
     foldsets = [FoldSet(cfg.store, ds, key, list(m["folds"])) for ds, key, m in pool]
     frames = min(int(m["shape"][-1]) for *_, m in pool)
     bins = int(pool[0][2]["shape"][-2])
@@ -168,8 +186,8 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     if cfg.resume:  # epochs logged after the checkpoint (a kill between the two) are done again
         run.drop_records(lambda r: r.get("event") == "epoch" and r["epoch"] > start)
     monitor = _monitor_split(choice, monitor_data) if monitor_data is not None else None
-    # Buffers (memory bank, queue, BatchNorm statistics) are kept in step by the methods
-    # themselves, not broadcast from rank 0 at every forward.
+    # Buffers are not broadcast from rank 0 at every forward: the methods keep the memory bank
+    # and the queue in step themselves, and BatchNorm statistics are averaged once an epoch.
     trained = wrap(method, ranks, device, broadcast_buffers=False)
 
     def view(batch: torch.Tensor) -> torch.Tensor:
@@ -187,8 +205,9 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         method.train()
         trained_pass = train_epoch(loader, epoch, cfg.seed, gen, opt, loss_of, after_step=method.after_step,
                                    desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
-                                   progress=cfg.progress and ranks.main)
+                                   progress=cfg.progress and ranks.main, rank=ranks.rank)
         sched.step()
+        average_batchnorm_statistics(method, ranks)
         loss_value = trained_pass.loss
         record = {"event": "epoch", "epoch": epoch + 1, "loss": loss_value, "lr": sched.get_last_lr()[0],
                   "seconds": trained_pass.seconds()}

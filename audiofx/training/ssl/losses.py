@@ -151,7 +151,8 @@ def npid_nce_loss(features: Tensor, indices: Tensor, bank: MemoryBank, k: int = 
         L = 1/B sum_b [ -log h(i_b, f_b) - sum_{k=1..K} log(1 - h(j_bk, f_b)) ].
 
     Z is the Monte-Carlo estimate N * mean(exp(v . f / t)) over the first batch's positive and
-    noise entries, then kept fixed in `bank.z` (the constant-Z variant of the lemniscate code).
+    noise entries (every rank's, under DDP), then kept fixed in `bank.z` (the constant-Z variant
+    of the lemniscate code).
     The positive uses its memory entry v_i, not the current feature. Noise is drawn uniformly over
     all N entries (it may hit the positive, as in the reference code). Call `bank.update` after.
 
@@ -170,7 +171,13 @@ def npid_nce_loss(features: Tensor, indices: Tensor, bank: MemoryBank, k: int = 
     s = torch.einsum("bkd,bd->bk", v, f) / temperature
     if not bank.z_fixed:
         with torch.no_grad():
-            bank.z.fill_(float(s.exp().mean() * n))
+            e = s.float().exp()
+            # Under DDP the estimate is over every rank's first batch, so all ranks fix one Z
+            # and optimise one loss (the loss of the large batch they make together).
+            moments = torch.stack([e.sum(), e.new_tensor(float(e.numel()))])
+            if _distributed() and dist.get_world_size() > 1:
+                dist.all_reduce(moments, op=dist.ReduceOp.SUM)
+            bank.z.fill_(float(moments[0] / moments[1] * n))
     # log space: log h = log P - log(P + K P_n), log(1 - h) = log(K P_n) - log(P + K P_n), no eps needed.
     log_p = s - torch.log(bank.z.to(s.dtype))
     log_kpn = math.log(k / n)
