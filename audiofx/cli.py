@@ -485,7 +485,13 @@ Examples:
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--weight-decay", type=float, default=1e-3, show_default=True)
 @click.option("--spec-augment", is_flag=True, help="SpecAugment time and frequency masks.")
-@click.option("--time-shift", type=int, default=0, help="Random circular time shift of up to N frames.")
+@click.option("--time-masks", type=click.IntRange(min=0), default=2, show_default=True,
+              help="SpecAugment: time masks per clip (0: frequency masks only).")
+@click.option("--freq-masks", type=click.IntRange(min=0), default=2, show_default=True,
+              help="SpecAugment: frequency masks per clip (0: time masks only).")
+@click.option("--time-crop", type=click.IntRange(min=1), default=None,
+              help="Train on a random crop of N frames of each clip (test clips stay whole).")
+@click.option("--time-shift", type=click.IntRange(min=0), default=0, help="Random circular time shift of up to N frames.")
 @click.option("--mixup", type=float, default=0.0, help="Mixup with Beta(a, a); 0 is off.")
 @click.option("--fragments", type=click.IntRange(min=1), default=1, show_default=True,
               help="Cut each clip into N time fragments (trained as samples; posteriors averaged per clip).")
@@ -495,7 +501,7 @@ Examples:
               help="linear: global average pool + linear; mlp-attn: Zhou et al.'s MLP attention.")
 @run_options(resume_help="Continue an interrupted run (give its --name); a larger --epochs extends it.")
 def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, batch_size, lr, weight_decay, spec_augment,
-             time_shift, mixup, fragments, channel_fusion, head, memory_budget, seed, device, runs_root, name, resume,
+             time_masks, freq_masks, time_crop, time_shift, mixup, fragments, channel_fusion, head, memory_budget, seed, device, runs_root, name, resume,
              no_progress):
     """Fine-tune a classifier with k-fold cross-validation on the official folds."""
     from audiofx.training.augment import Augment
@@ -506,7 +512,8 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
     s = run_finetune(FinetuneConfig(
         dataset=dataset, init=init, weights=weights, store=store, preset=preset, key=key, arch=arch, fold=fold,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        augment=Augment(spec_augment=spec_augment, time_shift=time_shift, mixup=mixup), fragments=fragments,
+        augment=Augment(spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks, time_crop=time_crop,
+                        time_shift=time_shift, mixup=mixup), fragments=fragments,
         channel_fusion=channel_fusion, head=head, memory_budget_gb=memory_budget, seed=seed, device=device,
         runs_root=runs_root, name=name, resume=resume, progress=not no_progress), say=click.echo)
     if not _main_rank():

@@ -228,6 +228,19 @@ def test_the_default_pool_leaves_out_features_of_another_size(store, tmp_path):
     assert_one_line_error(named, "different sizes: demo 3 x 128 bins, folder 3 x 64 bins", "--datasets")
 
 
+def test_finetune_augmentations_are_switched_one_by_one(store, tmp_path):
+    common = ["finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path), "--init", "scratch",
+              "--fold", "2", "--epochs", "1", *TINY]
+    proc = run_cli(*common, "--spec-augment", "--freq-masks", "0", "--time-crop", "60", "--time-shift", "5",
+                   "--mixup", "0.2", "--name", "aug")
+    assert proc.returncode == 0, proc.stderr
+    augment = json.loads((tmp_path / "finetune" / "aug" / "config.json").read_text())["augment"]
+    assert {k: augment[k] for k in ("spec_augment", "time_masks", "freq_masks", "time_crop", "time_shift", "mixup")} \
+        == {"spec_augment": True, "time_masks": 2, "freq_masks": 0, "time_crop": 60, "time_shift": 5, "mixup": 0.2}
+    assert_one_line_error(run_cli(*common, "--time-crop", "101"), "--time-crop 101 is not within the 100 frames",
+                          "use --time-crop 1 to 100")
+
+
 def test_monitoring_holds_out_a_fold_with_usable_clips():
     from audiofx.training.pretrain import _monitor_choice
 

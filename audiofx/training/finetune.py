@@ -180,6 +180,12 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
     if frames // cfg.fragments < 1:
         raise ConfigError(f"cannot cut {frames} frames into {cfg.fragments} fragments", f"use --fragments {frames} or fewer")
     check_input_size(init.arch, bins, frames // cfg.fragments)  # before loading anything
+    crop = cfg.augment.time_crop
+    if crop is not None:  # training samples are cropped; the test clips are not
+        if not 1 <= crop <= frames // cfg.fragments:
+            raise ConfigError(f"--time-crop {crop} is not within the {frames // cfg.fragments} frames of a training "
+                              "sample", f"use --time-crop 1 to {frames // cfg.fragments}")
+        check_input_size(init.arch, bins, crop)
     plan = split_folds(list(manifest["folds"]), cfg.fold)
     val_fold = validation_fold(list(manifest["folds"]), plan)
     check_usable(manifest, cfg.dataset, plan, val_fold)
