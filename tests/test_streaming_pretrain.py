@@ -21,7 +21,7 @@ from audiofx.pipeline.extract import ExtractRequest, extract
 from audiofx.training.data import FoldSet, load_in_memory
 from audiofx.training.featureset import resolve_featureset
 from audiofx.training.finetune import channel_stats
-from audiofx.training.pool import PoolLoader, pool_channel_stats, segments
+from audiofx.training.pool import PoolLoader, load_pool, pool_channel_stats, segments
 from audiofx.training.runs import Run
 from tests.conftest import REPO, TINY, cli_env, extract_demo, kill_9, make_class_folder, run_cli, start_cli, wait_while_running
 
@@ -48,8 +48,11 @@ def pool(store) -> tuple[list[FoldSet], torch.Tensor]:
     for ds in ("demo", "folder"):
         key, manifest = resolve_featureset(str(store), ds)
         foldsets.append(FoldSet(str(store), ds, key, list(manifest["folds"])))
-    x = torch.cat([segments(load_in_memory(fs).x, FRAMES) for fs in foldsets])
+    x, demo = load_pool(foldsets, FRAMES, keep=0)
     assert x.shape == (POOL, 3, 128, FRAMES) and x.dtype == torch.float16
+    # cut in place, one dataset at a time: the concatenation of each dataset's segments
+    assert torch.equal(x, torch.cat([segments(load_in_memory(fs).x, FRAMES) for fs in foldsets]))
+    assert torch.equal(demo.x, load_in_memory(foldsets[0]).x)
     return foldsets, x
 
 

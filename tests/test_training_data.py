@@ -407,3 +407,20 @@ def test_augment_config():
     assert aug.active and ax.shape == (6, 3, 64, 80) and ay.shape == (6, 3)
     bx, by = aug(x, y, _gen(4))
     assert torch.equal(ax, bx) and torch.equal(ay, by)
+
+
+def test_subset_of_one_run_of_rows_is_a_view_and_of_several_a_copy():
+    from audiofx.training.data import InMemoryData
+    from audiofx.training.finetune import subset
+
+    x = torch.arange(24, dtype=torch.float16).view(6, 1, 2, 2)
+    data = InMemoryData(x=x, y=torch.arange(6), index=torch.arange(6), clips=[f"c{i}" for i in range(6)],
+                        fold_of=["1", "1", "2", "2", "3", "3"])
+    folds = np.array(data.fold_of)
+    test = subset(data, torch.from_numpy(folds == "2"))  # a test fold: no second copy of its rows
+    assert test.x.data_ptr() == x[2].data_ptr() and torch.equal(test.x, x[2:4])
+    assert test.clips == ["c2", "c3"] and test.fold_of == ["2", "2"] and test.y.tolist() == [2, 3]
+    train = subset(data, torch.from_numpy(folds != "2"))  # the folds around it: copied
+    assert train.x.data_ptr() != x.data_ptr() and torch.equal(train.x, x[[0, 1, 4, 5]])
+    assert train.index.tolist() == [0, 1, 4, 5] and train.clips == ["c0", "c1", "c4", "c5"]
+    assert len(subset(data, torch.zeros(6, dtype=torch.bool))) == 0

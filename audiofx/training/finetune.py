@@ -106,12 +106,17 @@ def predict(model: torch.nn.Module, data, mean: torch.Tensor, std: torch.Tensor,
 
 
 def subset(data, mask: torch.Tensor):
-    """The rows of an in-memory set selected by a boolean mask."""
+    """The rows of an in-memory set selected by a boolean mask. One run of rows (a test fold,
+    FSD50K's or TUT's one training split: folds are loaded one after another) is a view of
+    ``data``, not a copy; other selections (k-fold training folds around the test fold) copy."""
     keep = mask.nonzero().flatten().tolist()
-    return dataclasses.replace(
-        data, x=data.x[mask], y=data.y[mask], index=data.index[mask],
-        clips=[data.clips[i] for i in keep], fold_of=[data.fold_of[i] for i in keep],
-    )
+    if keep and keep[-1] - keep[0] + 1 == len(keep):
+        rows = slice(keep[0], keep[-1] + 1)
+        x, y, index = data.x[rows], data.y[rows], data.index[rows]
+    else:
+        x, y, index = data.x[mask], data.y[mask], data.index[mask]
+    return dataclasses.replace(data, x=x, y=y, index=index, clips=[data.clips[i] for i in keep],
+                               fold_of=[data.fold_of[i] for i in keep])
 
 
 # The options added after the first runs, at the values runs started before them behaved as

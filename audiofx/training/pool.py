@@ -1,6 +1,6 @@
 """The pretraining pool streamed from the store, for pools larger than the memory budget.
 
-The in-memory pool (pretrain.py) is every dataset's usable clips, cut into segments of the
+The in-memory pool (``load_pool``) is every dataset's usable clips, cut into segments of the
 shortest clip length and concatenated. ``PoolLoader`` gives the same samples, numbered the
 same way, without holding them: one ``StreamingLoader`` per dataset (all folds) reads whole
 clips, each batch is cut into segments on arrival, and the datasets' batches are interleaved.
@@ -27,8 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from audiofx.training.data import Batch, ChannelMoments, FoldSet, StreamingLoader, _generator
+from audiofx.training.data import (
+    Batch,
+    ChannelMoments,
+    FoldSet,
+    InMemoryData,
+    StreamingLoader,
+    _generator,
+    load_in_memory,
+)
 from audiofx.training.distributed import Ranks
+from audiofx.training.featureset import usable_clips
 
 # Tells the interleaving generator apart from the ones StreamingLoader seeds from (seed, epoch).
 _INTERLEAVE = 0x504F4F4C
@@ -41,6 +50,34 @@ def segments(x: torch.Tensor, frames: int) -> torch.Tensor:
     s = t // frames
     x = x[..., : s * frames].reshape(n, c, f, s, frames)
     return x.permute(0, 3, 1, 2, 4).reshape(n * s, c, f, frames)
+
+
+def load_pool(foldsets: list[FoldSet], frames: int, device: str | torch.device = "cpu",
+              keep: int | None = None) -> tuple[torch.Tensor, InMemoryData | None]:
+    """The in-memory pool: every dataset's usable clips cut into segments, one row per sample
+    in pool-index order (equal to ``torch.cat([segments(load_in_memory(fs).x, frames) ...])``).
+    The pool is allocated once at its final size, and each dataset is loaded, cut straight
+    into it and let go, so the peak is the pool plus one dataset, not every dataset twice.
+    The dataset at position ``keep`` (the kNN monitor's) is returned as loaded."""
+    manifests = [fs.manifest() for fs in foldsets]
+    sizes = [sum(usable_clips(m, f) for f in fs.folds) * (int(m["shape"][-1]) // frames)
+             for fs, m in zip(foldsets, manifests)]
+    x, kept, at = None, None, 0
+    for i, fs in enumerate(foldsets):
+        d = load_in_memory(fs, device=device)
+        n, c, f, t = d.x.shape
+        s = t // frames
+        assert n * s == sizes[i], (fs.dataset, n * s, sizes[i])
+        if x is None:
+            x = torch.empty((sum(sizes), c, f, frames), dtype=d.x.dtype, device=d.x.device)
+        # segments(d.x, frames) written in place: the split of the time axis and the permute are views
+        x[at:at + n * s].view(n, s, c, f, frames).copy_(
+            d.x[..., : s * frames].reshape(n, c, f, s, frames).permute(0, 3, 1, 2, 4))
+        at += n * s
+        if i == keep:
+            kept = d
+        del d
+    return x, kept
 
 
 class PoolLoader:

@@ -50,7 +50,7 @@ from audiofx.training.finetune import channel_stats
 from audiofx.training.knn import knn_scores
 from audiofx.training.loop import optimiser_states, restore_optimiser_states, train_epoch
 from audiofx.training.models import ARCHS, build_encoder
-from audiofx.training.pool import PoolLoader, pool_channel_stats, segments
+from audiofx.training.pool import PoolLoader, load_pool, pool_channel_stats
 from audiofx.training.runs import TrainingOptions, default_name, open_run, recorded_config
 from audiofx.training.tasks import Task
 from audiofx.training.ssl.methods import METHODS
@@ -141,16 +141,14 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         say(f"resuming after epoch {cfg.epochs}: the run has finished, nothing left to do")
         return {"run": str(run.path), "loss": losses[-1] if losses else math.nan, "data_mode": mode}
     if mode == MODE_MEMORY:
-        loaded = [load_in_memory(fs, device=device) for fs in foldsets]
-        x = torch.cat([segments(d.x, frames) for d in loaded])
+        monitored = [ds for ds, *_ in pool].index(choice["dataset"]) if choice else None
+        x, monitor_data = load_pool(foldsets, frames, device=device, keep=monitored)
         n = x.shape[0]
         data = InMemoryData(x=x, y=torch.zeros(n, dtype=torch.long, device=x.device),
                             index=torch.arange(n, device=x.device), clips=[""] * n, fold_of=[""] * n)
         mean, std = channel_stats(x)
         loader = InMemoryLoader(data, cfg.batch_size, shuffle=True, drop_last=n > cfg.batch_size * ranks.world,
                                 seed=cfg.seed, rank=ranks.rank, world_size=ranks.world)
-        monitor_data = loaded[[ds for ds, *_ in pool].index(choice["dataset"])] if choice else None
-        del loaded  # the pool is in x now: keep only the monitored dataset's own copy
     else:
         # Every sample once per epoch (no drop_last: the tail batches are short instead).
         loader = PoolLoader(foldsets, frames, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=ranks.rank,
