@@ -528,8 +528,10 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
 
 @cli.command("evaluate")
 @click.option("--run", "run_spec", required=True,
-              help="A pretrain run: npid, simclr, moco (the newest), METHOD:RUN, a run's name or folder, or a checkpoint PATH.")
-@click.option("--arch", default=None, help="For a bare encoder state dict: the network it is of (checkpoints record it).")
+              help="A pretrain run: npid, simclr, moco (the newest), METHOD:RUN, a run's name or folder, or a checkpoint "
+                   "PATH; random: the same network at random init (give --arch), the baseline.")
+@click.option("--arch", default=None,
+              help="For --run random or a bare encoder state dict: the network [resnet50; checkpoints record theirs].")
 @click.option("--dataset", required=True)
 @click.option("--mode", default="knn", show_default=True, help="knn or linear.")
 @click.option("--fold", default="all", show_default=True)

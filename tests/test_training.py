@@ -133,15 +133,52 @@ def test_init_finds_a_pretrain_run_every_way_and_refuses_what_is_not_one(store, 
                                   "--runs", str(npid_run)), "--run 'moco:npid-a'", "npid:npid-a")
 
 
-def test_linear_probe_leaves_the_encoder_bit_identical(store, npid_run):
-    final = npid_run / "pretrain" / "npid-a" / "checkpoints" / "final.pt"
-    before = final.read_bytes()
-    proc = run_cli("evaluate", "--run", "npid:npid-a", "--dataset", "demo", "--store", str(store), "--runs",
-                   str(npid_run), "--mode", "linear", "--epochs", "20", "--fold", "1", "--name", "lin")
-    assert proc.returncode == 0, proc.stderr
-    summary = [r for r in metrics(npid_run / "evaluate" / "lin") if r["event"] == "summary"][0]
+def test_evaluate_random_init_baseline_is_seeded_and_kept(store, tmp_path):
+    args = ["evaluate", "--run", "random", "--arch", "tiny", "--dataset", "demo", "--store", str(store), "--runs",
+            str(tmp_path), "--mode", "knn", "--fold", "1"]
+    runs = {name: run_cli(*args, "--name", name, *seed) for name, seed in (("a", []), ("b", []), ("c", ["--seed", "1"]))}
+    assert all(p.returncode == 0 for p in runs.values()), [p.stderr for p in runs.values()]
+    assert runs["a"].stdout.startswith("evaluate random init (tiny) on demo")
+
+    def encoder(name: str) -> dict:
+        ckpt = torch.load(tmp_path / "evaluate" / name / "checkpoints" / "encoder.pt", weights_only=True)
+        assert ckpt["meta"]["arch"] == "tiny"
+        return ckpt["states"]["encoder"]
+
+    a, b, c = encoder("a"), encoder("b"), encoder("c")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    fold = [[r for r in metrics(tmp_path / "evaluate" / n) if r["event"] == "fold_done"][0] for n in ("a", "b")]
+    assert fold[0]["acc"] == fold[1]["acc"]
+    table = run_cli("compare", str(tmp_path / "evaluate" / "a"))
+    assert "random-init knn" in table.stdout
+    torchrun = subprocess.run(audiofx_cmd(*args), cwd=REPO, env={**cli_env(), "WORLD_SIZE": "2"}, capture_output=True,
+                              text=True)
+    assert_one_line_error(torchrun, "evaluate runs in one process, not under torchrun")
+
+
+def test_linear_probe_leaves_the_encoder_bit_identical(store, npid_run, monkeypatch):
+    from audiofx.training import evaluate as ev
+
+    # The encoder object itself, watched from outside: its state (weights and BatchNorm
+    # buffers) when the embedding starts, and after the whole evaluation.
+    seen: dict = {}
+    embed = ev.embed
+
+    def watched(encoder, *args, **kwargs):
+        seen["encoder"] = encoder
+        seen["before"] = {k: v.clone() for k, v in encoder.state_dict().items()}
+        return embed(encoder, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "embed", watched)
+    summary = ev.evaluate(ev.EvaluateConfig(run="npid:npid-a", dataset="demo", store=str(store), mode="linear",
+                                            linear_epochs=20, fold="1", runs_root=str(npid_run), name="lin"),
+                          say=lambda *a: None)
+    after = seen["encoder"].state_dict()
+    assert all(torch.equal(after[k], seen["before"][k]) for k in after)
+    final = torch.load(npid_run / "pretrain" / "npid-a" / "checkpoints" / "final.pt", weights_only=True)
+    assert all(torch.equal(after[k].cpu(), v) for k, v in final["states"]["encoder"].items())  # the pretrained ones
     assert summary["encoder_unchanged"] is True and summary["n_folds"] == 1
-    assert final.read_bytes() == before
+    assert [r["event"] for r in metrics(npid_run / "evaluate" / "lin")] == ["fold_done", "summary"]
 
 
 def test_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_run(store, tmp_path):

@@ -20,6 +20,8 @@ def run_row(path: Path) -> tuple[str, str, str, str]:
         raise ConfigError(f"{path} has no summary yet", "let the run finish (or --resume it)")
     if cfg["stage"] == "finetune":
         what = f"{cfg['init']} fine-tune"
+    elif cfg.get("run") == "random":  # evaluate's baseline
+        what = f"random-init {cfg['mode']}"
     else:
         source = Path(cfg["source"]) / "config.json"
         method = json.loads(source.read_text()).get("method", "?") if source.is_file() else Path(cfg["source"]).name

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ MODES = ("knn", "linear")
 
 @dataclass
 class EvaluateConfig(StageOptions):
-    run: str  # a pretrain run: npid | simclr | moco (newest), METHOD:RUN, a run's name or folder, or a checkpoint
+    run: str  # a pretrain run: npid | simclr | moco (newest), METHOD:RUN, a run's name or folder, a checkpoint; random
     dataset: str
     arch: str | None = None  # only for a bare encoder state dict (checkpoints record theirs)
     mode: str = "knn"
@@ -49,6 +50,12 @@ class EvaluateConfig(StageOptions):
     linear_epochs: int = 100
     linear_lr: float = 1e-3
     batch_size: int = 256
+
+
+# --run random: a randomly initialised encoder, the baseline a representation must beat; its
+# weights are saved in the evaluate run as checkpoints/<RANDOM_ENCODER>.pt.
+RANDOM = "random"
+RANDOM_ENCODER = "encoder"
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -117,11 +124,17 @@ def linear_probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor,
 def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode {cfg.mode!r}", f"use one of {', '.join(MODES)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write one run folder
+        raise ConfigError("evaluate runs in one process, not under torchrun",
+                          "run it as audiofx evaluate ... (embedding a set once takes one device)")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    init = resolve_init(cfg.run, cfg.arch, cfg.runs_root, option="--run")
-    if init.kind not in ("pretrain", "file"):
-        raise ConfigError(f"--run {cfg.run!r} is not a pretrained representation", "pass npid, simclr, moco or METHOD:RUN")
+    random_init = cfg.run == RANDOM  # the baseline: the same network at random init (seeded by --seed)
+    init = resolve_init("scratch" if random_init else cfg.run, cfg.arch, cfg.runs_root, option="--run")
+    if init.kind not in ("pretrain", "file") and not random_init:
+        raise ConfigError(f"--run {cfg.run!r} is not a pretrained representation",
+                          f"pass npid, simclr, moco, METHOD:RUN, a run or a checkpoint (or {RANDOM} for the baseline)")
+    source = f"{RANDOM} init" if random_init else init.source
     key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key)
     task = Task.of(manifest)
     m = task.metric
@@ -130,13 +143,16 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     folds = sorted({f for t, tr in plan for f in [t, *tr]}, key=fold_order)
     foldset = FoldSet(cfg.store, cfg.dataset, key, folds)
     data_mode = choose_mode(foldset.raw_bytes(manifest), budget_bytes(cfg.memory_budget_gb), device)
-    name = cfg.name or default_name(cfg.mode, Path(init.source).name, cfg.dataset)
+    name = cfg.name or default_name(cfg.mode, f"{RANDOM}-{init.arch}" if random_init else Path(init.source).name,
+                                    cfg.dataset)
     run = Run.create(cfg.runs_root, "evaluate", name, {**cfg.to_json(), "arch": init.arch, "key": key,
-                                                       "source": init.source, "stage": "evaluate",
+                                                       "source": source, "stage": "evaluate",
                                                        "data_mode": data_mode.mode})
-    say(f"evaluate {init.source} ({init.arch}) on {cfg.dataset} ({key}) by {cfg.mode}, {len(plan)} fold(s) on "
+    say(f"evaluate {source} ({init.arch}) on {cfg.dataset} ({key}) by {cfg.mode}, {len(plan)} fold(s) on "
         f"{device}, features {data_mode.describe()} -> {run.path}")
     encoder = init.build().to(device)
+    if random_init:  # kept with the run: `audiofx report` embeds with it again
+        run.save_checkpoint(RANDOM_ENCODER, {"encoder": encoder.state_dict()}, {"arch": init.arch})
     before = state_hash(encoder)
     # Inputs standardised with the statistics the encoder was pretrained with, when recorded.
     if data_mode.streaming:  # two passes over the store: statistics (unless recorded), embeddings
@@ -188,18 +204,18 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     report = task.report(np.concatenate(y_true), np.concatenate(pooled), manifest["classes"])
     run.write_text("per_class.json", json.dumps(report, indent=1))
     run.log({"event": "summary", **{k: v for k, v in summary.items() if k not in ("folds", "run")}})
-    run.write_text("summary.md", _markdown(cfg, init, summary, report))
+    run.write_text("summary.md", _markdown(cfg, source, summary, report))
     if not unchanged:  # a bug, not a user error: the encoder must stay frozen
         raise RuntimeError("the encoder's weights changed during a frozen evaluation")
     return summary
 
 
-def _markdown(cfg: EvaluateConfig, init, s: dict[str, Any], report: dict[str, Any]) -> str:
+def _markdown(cfg: EvaluateConfig, source: str, s: dict[str, Any], report: dict[str, Any]) -> str:
     m = s["metric"]
     name = METRIC_NAMES[m]
     cv = f"{m}_kcv_mean" in s  # kNN, k also chosen by cross-validation on the training folds
     head = f"{name} (k {cfg.k})" if cfg.mode == "knn" else name
-    lines = [f"# {cfg.mode} evaluation of {init.source} on {cfg.dataset}", "",
+    lines = [f"# {cfg.mode} evaluation of {source} on {cfg.dataset}", "",
              f"| test fold | {head} |" + (f" {name}, k chosen on the training folds | k chosen |" if cv else ""),
              "|---|---|" + ("---|---|" if cv else "")]
     lines += [f"| {f} | {100 * r[m]:.2f} |" + (f" {100 * r[f'{m}_kcv']:.2f} | {r['k_cv']} |" if cv else "")
