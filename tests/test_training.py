@@ -28,6 +28,7 @@ def npid_run(store, tmp_path_factory) -> Path:
                    "--batch-size", "32", "--name", "npid-a", *TINY)
     assert proc.returncode == 0, proc.stderr
     assert "kNN" in proc.stdout and "(monitoring only)" in proc.stdout
+    assert "note: NCE's 64 noise samples are over 1/10 of the 200 in the pool" in proc.stdout  # K << N unmet
     return runs
 
 
@@ -305,6 +306,7 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
             "--epochs", "1", "--name", method, *extra, *TINY]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
+    assert "note: NCE" not in first.stdout  # the exact softmax (or another method): nothing to say
     state = torch.load(tmp_path / "pretrain" / method / "checkpoints" / "last.pt", weights_only=True)["states"]["method"]
     if method == "moco":  # 4 batches of 50 keys went into a queue of 199 (one less than the pool)
         assert state["queue.queue"].shape[0] == 199 and int(state["queue.ptr"]) == 200 % 199

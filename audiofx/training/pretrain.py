@@ -69,6 +69,10 @@ class PretrainConfig(TrainingOptions):
     temperature: float | None = None  # default: the method's (NPID 0.4, SimCLR 0.5, MoCo 0.2)
 
 
+# NCE stands in for NPID's softmax when K << N; past N / NCE_K_SHARE noise samples a run is told.
+NCE_K_SHARE = 10
+
+
 def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print) -> list[tuple[str, str, dict]]:
     """(dataset, key, manifest) of every dataset in the pool: the named ones, or by default
     every dataset with usable clips in the store whose features have the preset's channels
@@ -164,6 +168,9 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         monitor_data = _monitor_load(cfg, choice, budget, device, say) if choice else None
     say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in pool)} ({n} samples of {frames} frames), "
         f"{cfg.arch}, {cfg.epochs} epochs on {device} -> {run.path}")
+    if cfg.method == "npid" and cfg.nce_k * NCE_K_SHARE > n:  # measured on the demo: docs/architecture.md
+        say(f"note: NCE's {cfg.nce_k} noise samples are over 1/{NCE_K_SHARE} of the {n} in the pool; NCE "
+            "approximates the softmax only for K much smaller than N, and --nce-k 0 (the exact softmax) is cheap here")
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     method_cls = METHODS[cfg.method]
