@@ -186,9 +186,10 @@ def test_torchrun_two_ranks_stream_the_pool(store, pool, tmp_path):
     gathers both ranks' batches into one bank every step, which needs equal batch sizes);
     the input statistics from each rank's half of the pool, summed over the ranks."""
     torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "audiofx", "pretrain", "--method", "npid",
-                           "--epochs", "1", "--batch-size", "25", "--name", "p", "--memory-budget", "0", "--store",
-                           str(store), "--runs", str(tmp_path), *TINY],
+    # --standalone: a free port for the rendezvous, not the fixed 29500 another job may hold
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "audiofx", "pretrain",
+                           "--method", "npid", "--epochs", "1", "--batch-size", "25", "--name", "p", "--memory-budget",
+                           "0", "--store", str(store), "--runs", str(tmp_path), *TINY],
                           cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("data: streaming")

@@ -333,7 +333,7 @@ def test_torchrun_data_parallel_on_two_cpu_processes(store, tmp_path):
     from audiofx.training.featureset import resolve_featureset
 
     torchrun = Path(sys.executable).parent / "torchrun"  # installed with torch, next to the interpreter
-    common = ["--nproc-per-node", "2", "-m", "audiofx"]
+    common = ["--standalone", "--nproc-per-node", "2", "-m", "audiofx"]  # --standalone: a free rendezvous port
     for args in (["pretrain", "--method", "npid", "--epochs", "1", "--batch-size", "25", "--name", "p"],
                  ["finetune", "--dataset", "demo", "--init", "scratch", "--fold", "2", "--epochs", "1", "--name", "f",
                   "--memory-budget", "0"]):

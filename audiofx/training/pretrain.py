@@ -150,7 +150,6 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         n = x.shape[0]
         data = InMemoryData(x=x, y=torch.zeros(n, dtype=torch.long, device=x.device),
                             index=torch.arange(n, device=x.device), clips=[""] * n, fold_of=[""] * n)
-        mean, std = channel_stats(x)
         loader = InMemoryLoader(data, cfg.batch_size, shuffle=True, drop_last=n > cfg.batch_size * ranks.world,
                                 seed=cfg.seed, rank=ranks.rank, world_size=ranks.world)
     else:
@@ -158,14 +157,17 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         loader = PoolLoader(foldsets, frames, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=ranks.rank,
                             world_size=ranks.world, device=device)
         n = loader.n
-        # One sequential pass, shared by the ranks (each reads a share; the sums are added), so
-        # all ranks standardise alike. A resume takes them from the checkpoint: summed in
-        # another order (another rank count) they could differ in the last bit.
-        if ckpt and "mean" in ckpt["states"]:
-            mean, std = ckpt["states"]["mean"].to(device), ckpt["states"]["std"].to(device)
-        else:
-            mean, std = pool_channel_stats(foldsets, frames, device=device, ranks=ranks)
         monitor_data = _monitor_load(cfg, choice, budget, device, say) if choice else None
+    # The pool's statistics: a resume takes them from the checkpoint in either mode (summed
+    # again in another order, over another rank count when streaming, they could differ in the
+    # last bit); otherwise from the pool in memory, or from one streaming pass shared by the
+    # ranks (each reads a share; the sums are added), so all ranks standardise alike.
+    if ckpt and "mean" in ckpt["states"]:
+        mean, std = ckpt["states"]["mean"].to(device), ckpt["states"]["std"].to(device)
+    elif mode == MODE_MEMORY:
+        mean, std = channel_stats(x)
+    else:
+        mean, std = pool_channel_stats(foldsets, frames, device=device, ranks=ranks)
     say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in pool)} ({n} samples of {frames} frames), "
         f"{cfg.arch}, {cfg.epochs} epochs on {device} -> {run.path}")
     if cfg.method == "npid" and cfg.nce_k * NCE_K_SHARE > n:  # measured on the demo: docs/architecture.md
