@@ -486,9 +486,9 @@ Examples:
 @click.option("--weight-decay", type=float, default=1e-3, show_default=True)
 @click.option("--spec-augment", is_flag=True, help="SpecAugment time and frequency masks.")
 @click.option("--time-masks", type=click.IntRange(min=0), default=2, show_default=True,
-              help="SpecAugment: time masks per clip (0: frequency masks only).")
+              help="With --spec-augment: time masks per clip (0: frequency masks only).")
 @click.option("--freq-masks", type=click.IntRange(min=0), default=2, show_default=True,
-              help="SpecAugment: frequency masks per clip (0: time masks only).")
+              help="With --spec-augment: frequency masks per clip (0: time masks only).")
 @click.option("--time-crop", type=click.IntRange(min=1), default=None,
               help="Train on a random crop of N frames of each clip (test clips stay whole).")
 @click.option("--time-shift", type=click.IntRange(min=0), default=0, help="Random circular time shift of up to N frames.")

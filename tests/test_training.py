@@ -114,6 +114,7 @@ def test_init_finds_a_pretrain_run_every_way_and_refuses_what_is_not_one(store, 
             assert needle in e.value.one_line(), e.value.one_line()
 
     refused("moco:npid-a", "npid-a is a npid run, not moco", "npid:npid-a")
+    refused("npid:npid-b", "there is no pretrain run", "runs there: npid-a")
     refused("simclr", "no finished simclr pretrain run", "runs there: npid-a", "audiofx pretrain --method simclr")
     refused(str(tmp_path / "r18.pt"), "does not hold resnet50 encoder weights", "--arch")
     torch.save({"states": {"optimizer": {}}, "meta": {}}, tmp_path / "opt.pt")
@@ -155,6 +156,8 @@ def test_evaluate_random_init_baseline_is_seeded_and_kept(store, tmp_path):
     torchrun = subprocess.run(audiofx_cmd(*args), cwd=REPO, env={**cli_env(), "WORLD_SIZE": "2"}, capture_output=True,
                               text=True)
     assert_one_line_error(torchrun, "evaluate runs in one process, not under torchrun")
+    assert_one_line_error(run_cli(*args[:4], "nope", *args[5:], "--name", "d"), "unknown architecture 'nope'")
+    assert sorted(p.name for p in (tmp_path / "evaluate").iterdir()) == ["a", "b", "c"]  # refused before a run folder
 
 
 def test_linear_probe_leaves_the_encoder_bit_identical(store, npid_run, monkeypatch):
@@ -260,7 +263,7 @@ def test_the_default_pool_leaves_out_features_of_another_size(store, tmp_path):
               "--batch-size", "50", *TINY]
     pooled = run_cli(*common, "--name", "default")
     assert pooled.returncode == 0, pooled.stderr
-    assert "left out of the pool (features not 3 x 128 bins as shin2021): folder (3 x 64)" in pooled.stdout
+    assert "left out of the pool (features not 3 x 128 bins like the rest): folder (3 x 64)" in pooled.stdout
     assert json.loads((tmp_path / "runs" / "pretrain" / "default" / "config.json").read_text())["pool"].keys() == {"demo"}
     named = run_cli(*common, "--datasets", "demo,folder", "--name", "named")
     assert_one_line_error(named, "different sizes: demo 3 x 128 bins, folder 3 x 64 bins", "--datasets")
@@ -323,6 +326,24 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
     assert (final.read_bytes(), final.stat().st_mtime_ns) == kept  # which run is newest is left as it was
     changed = run_cli(*args, "--lr", "0.01", "--resume")
     assert_one_line_error(changed, "was started with other settings (lr)")
+
+
+def test_resume_redoes_an_epoch_logged_before_its_checkpoint(store, tmp_path):
+    # A kill after an epoch's line and before its checkpoint: here the first epoch's, so there
+    # is no checkpoint at all. The resume starts over and the line is not there twice.
+    args = ["pretrain", "--method", "simclr", "--store", str(store), "--runs", str(tmp_path), "--batch-size", "50",
+            "--epochs", "1", "--name", "s", *TINY]
+    assert run_cli(*args).returncode == 0
+    run = tmp_path / "pretrain" / "s"
+    line = metrics(run)[0]
+    for tag in ("last", "final"):
+        (run / "checkpoints" / f"{tag}.pt").unlink()
+    (run / "summary.md").unlink()
+    again = run_cli(*args, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "resuming" not in again.stdout and [r["epoch"] for r in metrics(run)] == [1]
+    assert metrics(run)[0]["loss"] == line["loss"]  # the same epoch again (seeded)
+    assert (run / "checkpoints" / "final.pt").is_file() and (run / "summary.md").is_file()
 
 
 def test_torchrun_data_parallel_on_two_cpu_processes(store, tmp_path):

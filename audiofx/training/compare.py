@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from audiofx.errors import ConfigError
+from audiofx.training.init import RANDOM
 from audiofx.training.runs import Run, headline
 
 
@@ -20,7 +21,7 @@ def run_row(path: Path) -> tuple[str, str, str, str]:
         raise ConfigError(f"{path} has no summary yet", "let the run finish (or --resume it)")
     if cfg["stage"] == "finetune":
         what = f"{cfg['init']} fine-tune"
-    elif cfg.get("run") == "random":  # evaluate's baseline
+    elif cfg.get("run") == RANDOM:  # evaluate's baseline
         what = f"random-init {cfg['mode']}"
     else:
         source = Path(cfg["source"]) / "config.json"

@@ -30,8 +30,13 @@ class Ranks:
         return self.world > 1
 
 
+def launched_ranks() -> int:
+    """How many ranks torchrun started (WORLD_SIZE); 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device_name: str | None) -> tuple[Ranks, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_ranks()
     if world <= 1:
         return Ranks(), pick_device(device_name)
     use_cuda = torch.cuda.is_available() and device_name not in ("cpu",)

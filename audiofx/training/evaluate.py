@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,10 @@ import torch
 from audiofx.errors import ConfigError, StoreError
 from audiofx.training.data import FoldSet, StreamingLoader, budget_bytes, choose_mode, load_in_memory, streaming_channel_stats
 from audiofx.training.device import autocast, pick_device, seed_everything
+from audiofx.training.distributed import launched_ranks
 from audiofx.training.featureset import SKIPPED_HINT, check_usable, fold_order, resolve_featureset, split_folds
 from audiofx.training.finetune import channel_stats
-from audiofx.training.init import resolve_init
+from audiofx.training.init import RANDOM, RANDOM_ENCODER, resolve_init
 from audiofx.training.knn import choose_k, knn_scores
 from audiofx.training.metrics import mean_std, per_class_markdown
 from audiofx.training.runs import Run, StageOptions, default_name
@@ -50,12 +50,6 @@ class EvaluateConfig(StageOptions):
     linear_epochs: int = 100
     linear_lr: float = 1e-3
     batch_size: int = 256
-
-
-# --run random: a randomly initialised encoder, the baseline a representation must beat; its
-# weights are saved in the evaluate run as checkpoints/<RANDOM_ENCODER>.pt.
-RANDOM = "random"
-RANDOM_ENCODER = "encoder"
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -124,7 +118,7 @@ def linear_probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor,
 def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode {cfg.mode!r}", f"use one of {', '.join(MODES)}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write one run folder
+    if launched_ranks() > 1:  # every rank would write one run folder
         raise ConfigError("evaluate runs in one process, not under torchrun",
                           "run it as audiofx evaluate ... (embedding a set once takes one device)")
     seed_everything(cfg.seed)
@@ -143,6 +137,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     folds = sorted({f for t, tr in plan for f in [t, *tr]}, key=fold_order)
     foldset = FoldSet(cfg.store, cfg.dataset, key, folds)
     data_mode = choose_mode(foldset.raw_bytes(manifest), budget_bytes(cfg.memory_budget_gb), device)
+    encoder = init.build().to(device)  # before the run folder: an --arch that does not exist is refused first
     name = cfg.name or default_name(cfg.mode, f"{RANDOM}-{init.arch}" if random_init else Path(init.source).name,
                                     cfg.dataset)
     run = Run.create(cfg.runs_root, "evaluate", name, {**cfg.to_json(), "arch": init.arch, "key": key,
@@ -150,7 +145,6 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                                                        "data_mode": data_mode.mode})
     say(f"evaluate {source} ({init.arch}) on {cfg.dataset} ({key}) by {cfg.mode}, {len(plan)} fold(s) on "
         f"{device}, features {data_mode.describe()} -> {run.path}")
-    encoder = init.build().to(device)
     if random_init:  # kept with the run: `audiofx report` embeds with it again
         run.save_checkpoint(RANDOM_ENCODER, {"encoder": encoder.state_dict()}, {"arch": init.arch})
     before = state_hash(encoder)

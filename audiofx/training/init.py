@@ -26,6 +26,14 @@ from audiofx.training.runs import list_runs
 
 SSL_METHODS = ("npid", "simclr", "moco")
 FINAL = Path("checkpoints") / "final.pt"
+# evaluate --run random: the same network at random init, the baseline a representation must
+# beat; the evaluate run keeps its weights as checkpoints/<RANDOM_ENCODER>.pt.
+RANDOM = "random"
+RANDOM_ENCODER = "encoder"
+
+
+def random_encoder_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{RANDOM_ENCODER}.pt"
 
 
 @dataclass
@@ -59,6 +67,8 @@ def pretrain_run_dir(spec: str, runs_root: str | Path, option: str = "--init") -
     if ":" in spec and spec.split(":", 1)[0] in SSL_METHODS:
         method, name = spec.split(":", 1)
         path = base / name
+        if not path.is_dir():
+            raise ConfigError(f"{option} {spec!r}: there is no pretrain run {path}", _listing(runs_root, method))
     elif Path(spec).is_dir():
         path = Path(spec)
     elif "/" not in spec and (base / spec).is_dir():

@@ -74,9 +74,10 @@ NCE_K_SHARE = 10
 
 
 def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print) -> list[tuple[str, str, dict]]:
-    """(dataset, key, manifest) of every dataset in the pool: the named ones, or by default
-    every dataset with usable clips in the store whose features have the preset's channels
-    and mel bins (one network takes them all; the number of frames may differ)."""
+    """(dataset, key, manifest) of every dataset in the pool: the named ones (of one size), or
+    by default every dataset with usable clips in the store whose features have the preset's
+    channels and mel bins, or the most common ones when none has (one network takes them all
+    in one batch; the number of frames may differ)."""
     names = list(wanted) or sorted({ds for ds, _, _ in FeatureStore(store).groups()})
     out = []
     for ds in names:
@@ -98,16 +99,16 @@ def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print) -
         raise StoreError("the datasets to pretrain on have features of different sizes: "
                          + ", ".join(f"{ds} {c} x {b} bins" for ds, (c, b) in shapes.items()),
                          "name sets extracted with the same channels and mel bins in --datasets")
-    if not wanted:
+    if not wanted and len(set(shapes.values())) > 1:
+        # The preset's size when a set has it (sets extracted with --set overrides are found too,
+        # as resolve_featureset finds them), else the most common (the first on ties).
         c, b, _ = resolve_feature_config(get_adapter(out[0][0]).defaults, preset).shape
-        other = [ds for ds, shape in shapes.items() if shape != (c, b)]
-        if other:
-            say(f"left out of the pool (features not {c} x {b} bins as {preset}): "
-                + ", ".join(f"{ds} ({shapes[ds][0]} x {shapes[ds][1]})" for ds in other))
-            out = [entry for entry in out if entry[0] not in other]
-        if not out:
-            raise StoreError(f"no dataset in store {store} has {preset}'s {c} x {b} bin features to pretrain on",
-                             "name the sets to pretrain on with --datasets (of one size)")
+        sizes = list(shapes.values())
+        keep = (c, b) if (c, b) in sizes else max(sizes, key=sizes.count)
+        other = [ds for ds, shape in shapes.items() if shape != keep]
+        say(f"left out of the pool (features not {keep[0]} x {keep[1]} bins like the rest): "
+            + ", ".join(f"{ds} ({shapes[ds][0]} x {shapes[ds][1]})" for ds in other))
+        out = [entry for entry in out if entry[0] not in other]
     return out
 
 
@@ -139,11 +140,13 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     run = open_run(ranks, cfg.runs_root, "pretrain", name, settings, cfg.resume, later={"data_mode": MODE_MEMORY})
     choice = _monitor_choice(pool)
     ckpt = run.load_checkpoint("last") if cfg.resume else None
-    if ckpt and ckpt["meta"]["epoch"] + 1 >= cfg.epochs and run.checkpoint_path("final").is_file():
+    # The loss of the last epoch done: what a resume with no epoch left to train reports.
+    done = ckpt["meta"]["epoch"] + 1 if ckpt else 0
+    last_loss = next((r["loss"] for r in run.metrics() if r.get("event") == "epoch" and r["epoch"] == done), math.nan)
+    if done >= cfg.epochs and run.checkpoint_path("final").is_file() and (run.path / "summary.md").is_file():
         # Finished: its final.pt stays as it is (the newest run of a method is found by it).
-        losses = [r["loss"] for r in run.metrics() if r.get("event") == "epoch"]
         say(f"resuming after epoch {cfg.epochs}: the run has finished, nothing left to do")
-        return {"run": str(run.path), "loss": losses[-1] if losses else math.nan, "data_mode": mode}
+        return {"run": str(run.path), "loss": last_loss, "data_mode": mode}
     if mode == MODE_MEMORY:
         monitored = [ds for ds, *_ in pool].index(choice["dataset"]) if choice else None
         x, monitor_data = load_pool(foldsets, frames, device=device, keep=monitored)
@@ -207,7 +210,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         with autocast(device):
             return trained(xb, batch.index.to(device), view, gen), xb.shape[0]
 
-    loss_value = math.nan
+    loss_value = last_loss
     for epoch in range(start, cfg.epochs):
         method.train()
         trained_pass = train_epoch(loader, epoch, cfg.seed, gen, opt, loss_of, after_step=method.after_step,

@@ -30,7 +30,7 @@ import numpy as np
 
 from audiofx.errors import AudiofxError, ConfigError
 from audiofx.training import plots
-from audiofx.training.init import SSL_METHODS
+from audiofx.training.init import RANDOM, SSL_METHODS, random_encoder_file
 from audiofx.training.featureset import fold_order
 from audiofx.training.metrics import per_class_markdown
 from audiofx.training.runs import STAGES, Headline, Run, headline
@@ -110,8 +110,8 @@ def load_run(path: Path) -> RunData:
 def pretrain_dir(run: RunData) -> Path | None:
     """The pretrain run (or checkpoint file) an evaluate run used: its recorded source, or a
     run of that name beside it when the runs root was moved or given as a relative path."""
-    if run.config.get("run") == "random":  # evaluate's baseline keeps its random encoder
-        own = run.path / "checkpoints" / "encoder.pt"
+    if run.config.get("run") == RANDOM:  # evaluate's baseline keeps its random encoder
+        own = random_encoder_file(run.path)
         return own if own.is_file() else None
     source = Path(run.config.get("source", ""))
     if source.exists() and str(source) not in ("", "."):
@@ -121,7 +121,7 @@ def pretrain_dir(run: RunData) -> Path | None:
 
 
 def _method_of(run: RunData) -> str:
-    if run.config.get("run") == "random":
+    if run.config.get("run") == RANDOM:
         return "random init"
     source = pretrain_dir(run)
     if source is not None and (source / "config.json").is_file():
@@ -203,7 +203,7 @@ def runs_table(runs: list[RunData]) -> list[str]:
             source = pretrain_dir(r) or Path(str(cfg.get("source", "?")))
             method = _method_of(r)
             what = f"{MODE_NAMES.get(cfg.get('mode'), cfg.get('mode'))} of {method}"
-            what += f" ({source.name})" if source.name != method and cfg.get("run") != "random" else ""
+            what += f" ({source.name})" if source.name != method and cfg.get("run") != RANDOM else ""
             key = cfg.get("key", "")
             epochs = cfg.get("linear_epochs", "") if cfg.get("mode") == "linear" else "–"
         lines.append(f"| {r.name} | {r.stage} | {r.dataset} | {what} | {cfg.get('arch', '?')} | {epochs} | {key} | "
