@@ -144,7 +144,8 @@ def _encoder_state(states: dict[str, Any], path: Path) -> dict[str, Any]:
         inner = {k[len("encoder."):]: v for k, v in states.get(whole, {}).items() if k.startswith("encoder.")}
         if inner:
             return inner
-    raise ConfigError(f"{path} holds no encoder weights", "pass a pretrain run's checkpoints/final.pt or an encoder state dict")
+    raise ConfigError(f"{path} holds no encoder weights",
+                      "pass a pretrain run's checkpoints/final.pt or an encoder state dict")
 
 
 def _stats(states: dict[str, Any]):

@@ -12,15 +12,16 @@ import torch
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """The augmentation generator's seed for one epoch: a function of (seed, epoch) only, so
-    a resumed run draws the masks, shifts, mixup partners and NPID noise an uninterrupted one
-    would; and of the DDP rank, so that ranks do not draw the same ones for their shares."""
+    """The augmentation generator's seed for one epoch. Of (seed, epoch), so that a resumed run
+    draws the masks, shifts, mixup partners and NPID noise an uninterrupted one would; and of
+    the DDP rank, so that ranks do not draw the same ones for their shares (rank 0 draws what
+    one process draws)."""
     return seed * 100003 + epoch + rank * 1_000_003
 
 
 @dataclass
 class EpochPass:
-    loss: float  # mean per sample over the pass (NaN-free: 0 samples give 0)
+    loss: float  # mean per sample over the pass (0 for a pass of no samples)
     samples: int
     started: float  # time.perf_counter() at the start of the pass
 
@@ -33,9 +34,9 @@ def train_epoch(loader: Any, epoch: int, seed: int, generator: torch.Generator, 
                 loss_of: Callable[[Any], tuple[torch.Tensor, int]], *, desc: str, progress: bool, rank: int = 0,
                 after_step: Callable[[], None] | None = None) -> EpochPass:
     """One pass over ``loader`` (an InMemoryLoader, StreamingLoader or PoolLoader): set its
-    order and ``generator`` for ``epoch`` (and ``rank``); for each batch, ``loss_of(batch)`` gives (loss,
-    samples), then one optimiser step and ``after_step`` (NPID's bank, MoCo's queue, which
-    must change only after the step). A bar shows samples/s and the running loss."""
+    order and ``generator`` for ``epoch`` and ``rank``; for each batch, ``loss_of(batch)``
+    gives (loss, samples), then one optimiser step and ``after_step`` (NPID's bank, MoCo's
+    queue, which must change only after the step). A bar shows samples/s and the loss."""
     from tqdm import tqdm
 
     loader.set_epoch(epoch)
