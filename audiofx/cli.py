@@ -442,17 +442,31 @@ Examples:
 @click.option("--lr", type=float, default=None, help="SGD learning rate [the method's default].")
 @click.option("--nce-k", type=click.IntRange(min=0), default=64, show_default=True, help="NPID noise samples (0: full softmax).")
 @click.option("--temperature", type=float, default=None, help="[NPID 0.4, SimCLR 0.5, MoCo 0.2]")
+@click.option("--time-crop", type=click.IntRange(min=1), default=None,
+              help="Each view a random crop of N frames [the whole clip].")
+@click.option("--time-shift", type=click.IntRange(min=0), default=None,
+              help="Random circular time shift of up to N frames; 0 is off [a quarter of the frames].")
+@click.option("--spec-augment/--no-spec-augment", default=True, show_default=True,
+              help="SpecAugment time and frequency masks (up to a tenth of the frames, an eighth of the bins).")
+@click.option("--time-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Time masks per view.")
+@click.option("--freq-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Frequency masks per view.")
+@click.option("--bn-splits", type=click.IntRange(min=1), default=None,
+              help="MoCo: BatchNorm groups per device, keys shuffled across them; 1 is plain BatchNorm "
+                   "[groups of 16 or more clips, 2 to 8].")
 @run_options(resume_help="Continue an interrupted run (give its --name).")
-def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, nce_k, temperature, seed, device, runs_root,
-             name, resume, memory_budget, no_progress):
+def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, nce_k, temperature, time_crop, time_shift,
+             spec_augment, time_masks, freq_masks, bn_splits, seed, device, runs_root, name, resume, memory_budget,
+             no_progress):
     """Learn a representation without labels from the cached features (NPID, SimCLR, MoCo v2)."""
     from audiofx.training.pretrain import PretrainConfig
     from audiofx.training.pretrain import pretrain as run_pretrain
 
     result = run_pretrain(PretrainConfig(
         method=method, datasets=tuple(d for d in datasets.split(",") if d), store=store, preset=preset, arch=arch,
-        epochs=epochs, batch_size=batch_size, lr=lr, nce_k=nce_k, temperature=temperature, seed=seed, device=device,
-        runs_root=runs_root, name=name, resume=resume, progress=not no_progress, memory_budget_gb=memory_budget),
+        epochs=epochs, batch_size=batch_size, lr=lr, nce_k=nce_k, temperature=temperature, time_crop=time_crop,
+        time_shift=time_shift, spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks,
+        bn_splits=bn_splits, seed=seed, device=device, runs_root=runs_root, name=name, resume=resume,
+        progress=not no_progress, memory_budget_gb=memory_budget),
         say=click.echo)
     if _main_rank():
         click.echo(f"pretrained {method}: {result['run']} (final loss {result['loss']:.4f})")

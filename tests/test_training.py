@@ -245,6 +245,15 @@ def test_training_errors_are_one_line(store, tmp_path):
                           "unknown method 'byol'", "npid, simclr, moco")
     assert_one_line_error(run_cli("finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path),
                                   "--fold", "9", *TINY), "fold 9 does not exist")
+    # pretraining's views and MoCo's BatchNorm groups: refused before a run folder is made
+    pretrain = ["pretrain", "--store", str(store), "--runs", str(tmp_path), "--name", "never", *TINY]
+    assert_one_line_error(run_cli(*pretrain, "--method", "simclr", "--no-spec-augment", "--time-shift", "0"),
+                          "simclr contrasts two random views", "every augmentation is off", "--time-shift")
+    assert_one_line_error(run_cli(*pretrain, "--method", "npid", "--bn-splits", "4"),
+                          "--bn-splits is MoCo's", "--method moco")
+    assert_one_line_error(run_cli(*pretrain, "--method", "npid", "--time-crop", "101"),
+                          "--time-crop 101 is longer than the pool's samples (100 frames)", "--time-crop 100 or less")
+    assert not (tmp_path / "pretrain" / "never").exists()
 
 
 def test_the_default_pool_leaves_out_features_of_another_size(store, tmp_path):
@@ -301,6 +310,35 @@ def test_monitoring_holds_out_a_fold_with_usable_clips():
     assert _monitor_choice([("c", "k3", named)]) is None
 
 
+def test_pretraining_views_are_switchable_and_the_default_is_what_runs_did_before():
+    from audiofx.training.augment import random_time_shift, spec_augment
+    from audiofx.training.pretrain import PretrainConfig, _views
+
+    x = torch.randn(6, 3, 40, 100)
+    draw = torch.Generator().manual_seed(3)
+    view = _views(PretrainConfig(), frames=100, bins=40)(x, None, draw)[0]
+    # The views every run had before they were options: shift of a quarter, masks of 1/10 and 1/8.
+    before = torch.Generator().manual_seed(3)
+    shifted = random_time_shift(x, max_shift=25, generator=before)
+    assert torch.equal(view, spec_augment(shifted, time_width=10, freq_width=5, generator=before))
+    assert torch.equal(draw.get_state(), before.get_state())
+    off = _views(PretrainConfig(spec_augment=False, time_shift=0), frames=100, bins=40)
+    assert torch.equal(off(x, None, draw)[0], x)
+    cropped = _views(PretrainConfig(time_crop=30, time_shift=0, spec_augment=False), frames=100, bins=40)
+    out = cropped(x, None, draw)[0]
+    assert out.shape == (6, 3, 40, 30)
+    assert all(any(torch.equal(out[i], x[i, ..., s:s + 30]) for s in range(71)) for i in range(6))  # a window of the clip
+
+
+def test_pretraining_on_crops_records_its_views(store, tmp_path):
+    proc = run_cli("pretrain", "--method", "simclr", "--store", str(store), "--runs", str(tmp_path), "--epochs", "1",
+                   "--batch-size", "50", "--name", "crops", "--time-crop", "40", "--no-spec-augment", "--time-shift", "0",
+                   *TINY)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "pretrain" / "crops" / "config.json").read_text())
+    assert (config["time_crop"], config["time_shift"], config["spec_augment"]) == (40, 0, False)
+
+
 @pytest.mark.parametrize("method,extra", [("simclr", []), ("moco", []), ("npid", ["--nce-k", "0"])])
 def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra):
     """One epoch of each method (NPID with the full softmax too); the checkpoint carries the
@@ -326,6 +364,18 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
     assert (final.read_bytes(), final.stat().st_mtime_ns) == kept  # which run is newest is left as it was
     changed = run_cli(*args, "--lr", "0.01", "--resume")
     assert_one_line_error(changed, "was started with other settings (lr)")
+    config_file = tmp_path / "pretrain" / method / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config["bn_splits"] == (3 if method == "moco" else None)  # batch 50: 3 groups of 16 or more clips
+    # A run recorded before the views and MoCo's BatchNorm groups were options resumes as it
+    # ran: with the default views, and MoCo with one group only.
+    for option in ("time_crop", "time_shift", "spec_augment", "time_masks", "freq_masks", "bn_splits"):
+        del config[option]
+    config_file.write_text(json.dumps(config))
+    if method == "moco":
+        assert_one_line_error(run_cli(*args, "--resume"), "was started with other settings (bn_splits)")
+        args += ["--bn-splits", "1"]
+    assert "nothing left to do" in run_cli(*args, "--resume").stdout
 
 
 def test_resume_redoes_an_epoch_logged_before_its_checkpoint(store, tmp_path):

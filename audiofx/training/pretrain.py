@@ -15,7 +15,7 @@ records it and a resumed run keeps it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from audiofx.config import resolve_feature_config
 from audiofx.errors import ConfigError, StoreError
 from audiofx.pipeline.datasets import get_adapter
 from audiofx.pipeline.store import FeatureStore
-from audiofx.training.augment import random_time_shift, spec_augment
+from audiofx.training.augment import Augment
 from audiofx.training.data import (
     MODE_MEMORY,
     FoldSet,
@@ -67,10 +67,20 @@ class PretrainConfig(TrainingOptions):
     weight_decay: float | None = None
     nce_k: int = 64  # NPID noise samples (0: full softmax)
     temperature: float | None = None  # default: the method's (NPID 0.4, SimCLR 0.5, MoCo 0.2)
+    # The views: each augmentation switchable (the defaults are what every run did before
+    # they were options; mixup is not offered, as it needs labels or a loss that mixes them).
+    time_crop: int | None = None  # frames of a random crop per view (None: the whole clip)
+    time_shift: int | None = None  # circular shift of up to N frames (None: a quarter of the frames)
+    spec_augment: bool = True
+    time_masks: int = 2
+    freq_masks: int = 2
+    bn_splits: int | None = None  # MoCo: BatchNorm groups, keys shuffled across them (None: MOCO_BN_SPLITS)
 
 
 # NCE stands in for NPID's softmax when K << N; past N / NCE_K_SHARE noise samples a run is told.
 NCE_K_SHARE = 10
+# MoCo's default BatchNorm groups per device, as in the MoCo authors' one-GPU notebook.
+MOCO_BN_SPLITS = 8
 
 
 def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print) -> list[tuple[str, str, dict]]:
@@ -113,10 +123,9 @@ def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print) -
 
 
 def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method {cfg.method!r}", f"use one of {', '.join(METHODS)}")
-    if cfg.arch not in ARCHS:
-        raise ConfigError(f"unknown architecture {cfg.arch!r}", f"use one of {', '.join(ARCHS)}")
+    check_options(cfg)
+    if cfg.method == "moco":  # the groups used are recorded, not "the default"
+        cfg = replace(cfg, bn_splits=moco_bn_splits(cfg))
     return run_on_ranks(_pretrain, cfg, say)
 
 
@@ -126,6 +135,9 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     foldsets = [FoldSet(cfg.store, ds, key, list(m["folds"])) for ds, key, m in pool]
     frames = min(int(m["shape"][-1]) for *_, m in pool)
     bins = int(pool[0][2]["shape"][-2])
+    if cfg.time_crop is not None and cfg.time_crop > frames:
+        raise ConfigError(f"--time-crop {cfg.time_crop} is longer than the pool's samples ({frames} frames)",
+                          f"use --time-crop {frames} or less")
     name = cfg.name or default_name(cfg.method, cfg.arch)
     recorded = recorded_config(cfg.runs_root, "pretrain", name, cfg.resume)
     _refuse_extension(cfg, recorded, name)
@@ -136,8 +148,11 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     # The run folder is made (or checked, on --resume) before the pool is read: a resume with
     # other settings fails at once, not after minutes of loading.
     settings = {**cfg.to_json(), "stage": "pretrain", "data_mode": mode, "pool": {ds: key for ds, key, _ in pool}}
-    # runs from before streaming have no data_mode: they were in memory
-    run = open_run(ranks, cfg.runs_root, "pretrain", name, settings, cfg.resume, later={"data_mode": MODE_MEMORY})
+    # runs from before streaming have no data_mode: they were in memory; nor the views' options
+    # and MoCo's BatchNorm groups: they had the default views, and MoCo one group
+    before = {"time_crop": None, "time_shift": None, "spec_augment": True, "time_masks": 2, "freq_masks": 2,
+              "bn_splits": 1 if cfg.method == "moco" else None}
+    run = open_run(ranks, cfg.runs_root, "pretrain", name, settings, cfg.resume, later={"data_mode": MODE_MEMORY, **before})
     choice = _monitor_choice(pool)
     ckpt = run.load_checkpoint("last") if cfg.resume else None
     # The loss of the last epoch done: what a resume with no epoch left to train reports.
@@ -182,6 +197,8 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     kwargs: dict[str, Any] = {"temperature": cfg.temperature} if cfg.temperature else {}
     if cfg.method == "npid":
         kwargs["k"] = cfg.nce_k
+    if cfg.method == "moco":
+        kwargs["bn_splits"] = cfg.bn_splits
     method = prepare_model(method_cls(build_encoder(cfg.arch), n, torch.Generator().manual_seed(cfg.seed), **kwargs), device)
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr or method_cls.default_lr, momentum=0.9,
@@ -200,10 +217,10 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     # and the queue in step themselves, and BatchNorm statistics are averaged once an epoch.
     trained = wrap(method, ranks, device, broadcast_buffers=False)
 
+    views = _views(cfg, frames, bins)
+
     def view(batch: torch.Tensor) -> torch.Tensor:
-        # Augmentations on whole batches on the device: circular time shift and SpecAugment masks.
-        out = random_time_shift(batch, max_shift=frames // 4, generator=gen)
-        return spec_augment(out, time_width=max(1, frames // 10), freq_width=max(1, bins // 8), generator=gen)
+        return views(batch, None, gen)[0]  # on whole batches on the device
 
     def loss_of(batch) -> tuple[torch.Tensor, int]:
         xb = (batch.x.to(device).float() - mean) / std
@@ -237,6 +254,40 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     run.write_text("summary.md", f"# pretrain {cfg.method}\n\n{cfg.arch}, {cfg.epochs} epochs on "
                                  f"{', '.join(ds for ds, *_ in pool)} ({n} samples); final loss {loss_value:.4f}\n")
     return {"run": str(run.path), "loss": loss_value, "samples": n, "data_mode": mode}
+
+
+def _views(cfg: PretrainConfig, frames: int, bins: int) -> Augment:
+    """The random view of a batch every method trains on: a time crop, a circular time shift
+    (a quarter of the frames by default) and SpecAugment masks of up to a tenth of the frames
+    and an eighth of the mel bins, each switchable."""
+    return Augment(spec_augment=cfg.spec_augment, time_masks=cfg.time_masks, time_width=max(1, frames // 10),
+                   freq_masks=cfg.freq_masks, freq_width=max(1, bins // 8), time_crop=cfg.time_crop,
+                   time_shift=frames // 4 if cfg.time_shift is None else cfg.time_shift)
+
+
+def moco_bn_splits(cfg: PretrainConfig) -> int:
+    """MoCo's BatchNorm groups per device: --bn-splits, or groups of at least 16 clips, 2 to 8
+    of them (8 as the MoCo paper's GPUs and the authors' one-GPU notebook; BatchNorm grows
+    noisy below ~16 samples, Wu & He 2018; the key shuffle needs two groups at least)."""
+    if cfg.bn_splits is not None:
+        return cfg.bn_splits
+    return min(MOCO_BN_SPLITS, max(2, cfg.batch_size // 16))
+
+
+def check_options(cfg: PretrainConfig) -> None:
+    """Refuse options that cannot work, before anything is read."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}", f"use one of {', '.join(METHODS)}")
+    if cfg.arch not in ARCHS:
+        raise ConfigError(f"unknown architecture {cfg.arch!r}", f"use one of {', '.join(ARCHS)}")
+    if cfg.bn_splits is not None and cfg.method != "moco":
+        raise ConfigError(f"--bn-splits is MoCo's (its key encoder's BatchNorm groups), not {cfg.method}'s",
+                          "drop --bn-splits, or use --method moco")
+    augmented = (cfg.spec_augment and (cfg.time_masks or cfg.freq_masks)) or cfg.time_shift != 0 or cfg.time_crop
+    if cfg.method in ("simclr", "moco") and not augmented:
+        # Two identical views make the positive pair trivially the closest: nothing is learned.
+        raise ConfigError(f"{cfg.method} contrasts two random views of each clip, but every augmentation is off",
+                          "leave --spec-augment on, or give --time-shift or --time-crop")
 
 
 def _refuse_extension(cfg: PretrainConfig, recorded: dict[str, Any] | None, name: str) -> None:

@@ -104,24 +104,44 @@ class SimCLR(Method):
 class MoCo(Method):
     """MoCo v2 (He et al. 2020, Chen et al. 2020): momentum key encoder (0.999), a queue of
     negatives, temperature 0.2, MLP head. Works on one GPU or CPU; the queue length need not
-    divide the dataset."""
+    divide the dataset.
+
+    Shuffling BatchNorm without DDP: the paper's shuffle BN gives the query and its key
+    BatchNorm statistics of different clips (each GPU normalises its own share; keys are
+    shuffled across GPUs), since with shared statistics the model can find the positive key
+    by its batch's statistics instead of by its content, and the loss falls without learning
+    (He et al. 2020, section 3.3). Here each device's batch is cut into ``bn_splits`` groups
+    normalised separately (as with the authors' SplitBatchNorm on one GPU), and the keys'
+    clips are shuffled across the groups first, then put back in order. Under torchrun every
+    rank does the same with its own batch. ``bn_splits`` 1 is plain BatchNorm."""
 
     name = "moco"
 
     def __init__(self, encoder: Encoder, n_data: int, generator: torch.Generator, dim: int = 128,
-                 queue: int = 4096, temperature: float = 0.2, momentum: float = 0.999):
+                 queue: int = 4096, temperature: float = 0.2, momentum: float = 0.999, bn_splits: int = 1):
         super().__init__(encoder, n_data, generator)
         self.head = ProjectionHead(encoder.out_dim, dim)
         self.key_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.key_head = copy.deepcopy(self.head).requires_grad_(False)
         # A queue longer than the dataset would hold stale copies of the same clips.
         self.queue = MoCoQueue(min(queue, max(n_data - 1, 1)), dim, generator=generator)
-        self.temperature, self.momentum = temperature, momentum
+        self.temperature, self.momentum, self.bn_splits = temperature, momentum, bn_splits
+
+    def groups(self, batch: int) -> int:
+        """BatchNorm groups for a batch: ``bn_splits``, fewer for a short batch (2 clips each at least)."""
+        return max(1, min(self.bn_splits, batch // 2))
 
     def loss(self, x, index, view, generator):
-        q = self.head(self.encoder(view(x)))
+        groups = self.groups(x.shape[0])
+        q = in_groups(lambda v: self.head(self.encoder(v)), view(x), groups)
         with torch.no_grad():
-            k = self.key_head(self.key_encoder(view(x)))
+            xk = view(x)
+            if groups > 1:
+                order = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
+                shuffled = in_groups(lambda v: self.key_head(self.key_encoder(v)), xk[order], groups)
+                k = shuffled[order.argsort()]  # back in the batch's order, each key beside its query
+            else:
+                k = self.key_head(self.key_encoder(xk))
         loss = moco_loss(q, k, self.queue, self.temperature)
         self._pending = k  # enqueued after the backward pass, which still needs this queue
         return loss
@@ -130,6 +150,14 @@ class MoCo(Method):
         self.queue.enqueue(self._pending)
         momentum_update(self.encoder, self.key_encoder, self.momentum)
         momentum_update(self.head, self.key_head, self.momentum)
+
+
+def in_groups(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``net`` on ``groups`` consecutive slices of the batch, one call each (so BatchNorm in
+    training mode normalises each slice by its own statistics), outputs in batch order."""
+    if groups <= 1:
+        return net(x)
+    return torch.cat([net(part) for part in x.tensor_split(groups)])
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
