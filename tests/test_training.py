@@ -182,7 +182,12 @@ def test_linear_probe_leaves_the_encoder_bit_identical(store, npid_run, monkeypa
     final = torch.load(npid_run / "pretrain" / "npid-a" / "checkpoints" / "final.pt", weights_only=True)
     assert all(torch.equal(after[k].cpu(), v) for k, v in final["states"]["encoder"].items())  # the pretrained ones
     assert summary["encoder_unchanged"] is True and summary["n_folds"] == 1
-    assert [r["event"] for r in metrics(npid_run / "evaluate" / "lin")] == ["fold_done", "summary"]
+    records = metrics(npid_run / "evaluate" / "lin")
+    assert [r["event"] for r in records] == ["epoch"] * 20 + ["fold_done", "summary"]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [(r["fold"], r["epoch"]) for r in epochs] == [("1", e) for e in range(1, 21)]  # one line per epoch
+    assert epochs[-1]["test_acc"] == records[-2]["acc"]  # the result is the last epoch's
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
 
 
 def test_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_run(store, tmp_path):

@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -96,21 +96,28 @@ def embed_streaming(encoder: torch.nn.Module, foldset: FoldSet, mean: torch.Tens
 
 
 def linear_probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor, n_classes: int, epochs: int,
-                 lr: float, batch_size: int, seed: int, task: Task = Task()) -> torch.Tensor:
-    """Train only a linear classifier on frozen embeddings; return test logits."""
+                 lr: float, batch_size: int, seed: int, task: Task = Task(),
+                 on_epoch: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Train only a linear classifier on frozen embeddings; return test logits. After each
+    epoch ``on_epoch(epoch, mean training loss, test logits)`` (to log; nothing is selected)."""
     g = torch.Generator(device=train.device).manual_seed(seed)
     head = torch.nn.Linear(train.shape[1], n_classes).to(train.device)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(train.shape[0], generator=g, device=train.device)
+        total = torch.zeros((), device=train.device)  # summed on the device: no sync per batch
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
             loss = task.loss(head(train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            total += loss.detach() * len(idx)
         sched.step()
+        if on_epoch:
+            with torch.no_grad():
+                on_epoch(epoch + 1, float(total) / len(perm), head(test))
     with torch.no_grad():
         return head(test)
 
@@ -177,8 +184,14 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                     knn_scores(z[tr], y[tr], z[te], n_classes, best_k, cfg.temperature)
                 result.update({f"{m}_kcv": task.headline(cv_scores, y[te]), "k_cv": best_k, f"cv_{m}": cv})
         else:
+            def log_epoch(epoch: int, loss: float, test_logits: torch.Tensor, fold: str = test_fold) -> None:
+                # One line per epoch per fold, as the training stages write (the curve of the
+                # probe; its result is the last epoch's, nothing is selected on the test fold).
+                run.log({"event": "epoch", "fold": fold, "epoch": epoch, "train_loss": loss,
+                         f"test_{m}": task.headline(task.outputs(test_logits), y[te])})
+
             logits = linear_probe(z[tr], y[tr], z[te], n_classes, cfg.linear_epochs, cfg.linear_lr, cfg.batch_size,
-                                  cfg.seed, task)
+                                  cfg.seed, task, on_epoch=log_epoch)
             scores = task.outputs(logits)
             result = task.score(scores, y[te])
         per_fold[test_fold] = result
