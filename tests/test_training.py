@@ -403,7 +403,8 @@ def test_resume_redoes_an_epoch_logged_before_its_checkpoint(store, tmp_path):
 
 def test_torchrun_data_parallel_on_two_cpu_processes(store, tmp_path):
     """`torchrun --nproc-per-node 2 -m audiofx ...` with gloo: one run folder written by rank 0,
-    NPID pretraining in memory (bank updates gathered from both ranks) finishes, and a
+    NPID pretraining in memory (bank updates gathered from both ranks) and MoCo's (BatchNorm
+    groups in each rank's batch, keys from both ranks queued) finish, and a
     streaming finetune takes its statistics from both ranks' halves of the training folds."""
     from audiofx.training.data import FoldSet, streaming_channel_stats
     from audiofx.training.featureset import resolve_featureset
@@ -411,6 +412,7 @@ def test_torchrun_data_parallel_on_two_cpu_processes(store, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"  # installed with torch, next to the interpreter
     common = ["--standalone", "--nproc-per-node", "2", "-m", "audiofx"]  # --standalone: a free rendezvous port
     for args in (["pretrain", "--method", "npid", "--epochs", "1", "--batch-size", "25", "--name", "p"],
+                 ["pretrain", "--method", "moco", "--epochs", "1", "--batch-size", "32", "--name", "m"],  # 2 BN groups
                  ["finetune", "--dataset", "demo", "--init", "scratch", "--fold", "2", "--epochs", "1", "--name", "f",
                   "--memory-budget", "0"]):
         proc = subprocess.run([str(torchrun), *common, *args, "--store", str(store), "--runs", str(tmp_path), *TINY],
@@ -419,6 +421,8 @@ def test_torchrun_data_parallel_on_two_cpu_processes(store, tmp_path):
         if args[0] == "finetune":
             assert "on cpu x 2 ranks" in proc.stdout
     assert (tmp_path / "pretrain" / "p" / "checkpoints" / "final.pt").is_file()
+    moco = torch.load(tmp_path / "pretrain" / "m" / "checkpoints" / "last.pt", weights_only=True)["states"]["method"]
+    assert int(moco["queue.ptr"]) == 192  # 3 steps of 2 ranks x 32 keys, all enqueued on rank 0
     records = metrics(tmp_path / "finetune" / "f")
     assert [r["event"] for r in records] == ["epoch", "fold_done", "summary"]  # written once, by rank 0
     saved = torch.load(tmp_path / "finetune" / "f" / "checkpoints" / "fold-2.pt", weights_only=True)["states"]
