@@ -445,14 +445,14 @@ Examples:
 @click.option("--time-crop", type=click.IntRange(min=1), default=None,
               help="Each view a random crop of N frames [the whole clip].")
 @click.option("--time-shift", type=click.IntRange(min=0), default=None,
-              help="Random circular time shift of up to N frames; 0 is off [a quarter of the frames].")
+              help="Random circular time shift of up to N frames; 0 is off [a quarter of the view's frames].")
 @click.option("--spec-augment/--no-spec-augment", default=True, show_default=True,
-              help="SpecAugment time and frequency masks (up to a tenth of the frames, an eighth of the bins).")
+              help="SpecAugment time and frequency masks (up to a tenth of the view's frames, an eighth of the bins).")
 @click.option("--time-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Time masks per view.")
 @click.option("--freq-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Frequency masks per view.")
 @click.option("--bn-splits", type=click.IntRange(min=1), default=None,
               help="MoCo: BatchNorm groups per device, keys shuffled across them; 1 is plain BatchNorm "
-                   "[groups of 16 or more clips, 2 to 8].")
+                   "[one per 16 clips of the batch, 2 to 8; a resume keeps the run's].")
 @run_options(resume_help="Continue an interrupted run (give its --name).")
 def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, nce_k, temperature, time_crop, time_shift,
              spec_augment, time_masks, freq_masks, bn_splits, seed, device, runs_root, name, resume, memory_budget,

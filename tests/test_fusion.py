@@ -199,5 +199,5 @@ def test_a_run_from_before_these_options_resumes_only_with_them_at_their_default
     same = FinetuneConfig(dataset="demo", runs_root=str(tmp_path), name="old", resume=True)
     Run.create(tmp_path, "finetune", "old", {**same.to_json(), "arch": "tiny"}, resume=True, later=_LATER_OPTIONS)
     other = FinetuneConfig(dataset="demo", runs_root=str(tmp_path), name="old", resume=True, fragments=6)
-    with pytest.raises(ConfigError, match=r"other settings \(fragments\)"):
+    with pytest.raises(ConfigError, match=r"other settings \(fragments 1, now 6\)"):
         Run.create(tmp_path, "finetune", "old", {**other.to_json(), "arch": "tiny"}, resume=True, later=_LATER_OPTIONS)

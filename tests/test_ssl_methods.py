@@ -79,3 +79,24 @@ def test_moco_groups_train_end_to_end():
     assert torch.isfinite(loss) and method.encoder[1].weight.grad.abs().sum() > 0
     method.after_step()
     torch.testing.assert_close(method.queue.queue[:7], F.normalize(method._pending, dim=1))
+
+
+def test_moco_groups_update_batchnorm_running_statistics_once_per_step():
+    """As SplitBatchNorm does: one update with the mean of the groups' statistics (not one per
+    group, which would move them 4 times a step, towards the last group most)."""
+    x = torch.randn(8, 1, 2, 3)
+    x[6:] += 10  # the last group far from the rest
+    method = moco(bn_splits=4).train()
+    method.loss(x, torch.arange(8), identity_view, torch.Generator().manual_seed(5))
+    norm = method.encoder[1]
+    groups = x.flatten(1).tensor_split(4)
+    mean = torch.stack([g.mean(0) for g in groups]).mean(0)
+    var = torch.stack([g.var(0, unbiased=True) for g in groups]).mean(0)
+    torch.testing.assert_close(norm.running_mean, 0.1 * mean)
+    torch.testing.assert_close(norm.running_var, 0.9 * torch.ones(6) + 0.1 * var)
+    assert int(norm.num_batches_tracked) == 1 and norm.momentum == 0.1
+    # The key encoder's groups are the shuffled ones.
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(5))
+    key_groups = x.flatten(1)[order].tensor_split(4)
+    torch.testing.assert_close(method.key_encoder[1].running_mean, 0.1 * torch.stack([g.mean(0) for g in key_groups]).mean(0))
+    assert int(method.key_encoder[1].num_batches_tracked) == 1

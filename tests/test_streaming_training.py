@@ -119,7 +119,7 @@ def test_streaming_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_ru
     assert len(done_before) == 1
     # another budget would read in another order: the run keeps the mode it started with
     assert_one_line_error(run_cli(*args[:-5], "--memory-budget", "100", *TINY, "--name", "cut", "--resume"),
-                          "was started with other settings (data_mode)")
+                          "was started with other settings (data_mode streaming, now memory)")
     # without --memory-budget the resume keeps the recorded mode, and says so
     resumed = run_cli(*args[:-5], *TINY, "--name", "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr

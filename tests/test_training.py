@@ -258,6 +258,11 @@ def test_training_errors_are_one_line(store, tmp_path):
                           "--bn-splits is MoCo's", "--method moco")
     assert_one_line_error(run_cli(*pretrain, "--method", "npid", "--time-crop", "101"),
                           "--time-crop 101 is longer than the pool's samples (100 frames)", "--time-crop 100 or less")
+    assert_one_line_error(run_cli(*pretrain, "--method", "npid", "--time-crop", "8"),
+                          "input of 128 bins x 8 frames is too small for tiny", "--time-crop of 16 frames or more")
+    assert_one_line_error(run_cli(*pretrain, "--method", "moco", "--time-crop", "100", "--time-masks", "0",
+                                  "--freq-masks", "0", "--time-shift", "0"),  # a crop of the whole clip is no view
+                          "moco contrasts two random views", "a --time-crop shorter than the clips")
     assert not (tmp_path / "pretrain" / "never").exists()
 
 
@@ -329,6 +334,9 @@ def test_pretraining_views_are_switchable_and_the_default_is_what_runs_did_befor
     assert torch.equal(draw.get_state(), before.get_state())
     off = _views(PretrainConfig(spec_augment=False, time_shift=0), frames=100, bins=40)
     assert torch.equal(off(x, None, draw)[0], x)
+    # With a crop, the default shift and mask width are of the crop's frames, not the clip's.
+    assert (_views(PretrainConfig(time_crop=40), frames=100, bins=40).time_shift,
+            _views(PretrainConfig(time_crop=40), frames=100, bins=40).time_width) == (10, 4)
     cropped = _views(PretrainConfig(time_crop=30, time_shift=0, spec_augment=False), frames=100, bins=40)
     out = cropped(x, None, draw)[0]
     assert out.shape == (6, 3, 40, 30)
@@ -368,18 +376,18 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
     assert f"(final loss {loss:.4f})" in again.stdout  # the run's, not NaN
     assert (final.read_bytes(), final.stat().st_mtime_ns) == kept  # which run is newest is left as it was
     changed = run_cli(*args, "--lr", "0.01", "--resume")
-    assert_one_line_error(changed, "was started with other settings (lr)")
+    assert_one_line_error(changed, "was started with other settings (lr default, now 0.01)")
     config_file = tmp_path / "pretrain" / method / "config.json"
     config = json.loads(config_file.read_text())
     assert config["bn_splits"] == (3 if method == "moco" else None)  # batch 50: 3 groups of 16 or more clips
     # A run recorded before the views and MoCo's BatchNorm groups were options resumes as it
-    # ran: with the default views, and MoCo with one group only.
+    # ran: with the default views, and MoCo with one group (a resume keeps the recorded groups).
     for option in ("time_crop", "time_shift", "spec_augment", "time_masks", "freq_masks", "bn_splits"):
         del config[option]
     config_file.write_text(json.dumps(config))
     if method == "moco":
-        assert_one_line_error(run_cli(*args, "--resume"), "was started with other settings (bn_splits)")
-        args += ["--bn-splits", "1"]
+        assert_one_line_error(run_cli(*args, "--resume", "--bn-splits", "3"),
+                              "was started with other settings (bn_splits 1, now 3)")
     assert "nothing left to do" in run_cli(*args, "--resume").stdout
 
 
@@ -422,7 +430,7 @@ def test_torchrun_data_parallel_on_two_cpu_processes(store, tmp_path):
             assert "on cpu x 2 ranks" in proc.stdout
     assert (tmp_path / "pretrain" / "p" / "checkpoints" / "final.pt").is_file()
     moco = torch.load(tmp_path / "pretrain" / "m" / "checkpoints" / "last.pt", weights_only=True)["states"]["method"]
-    assert int(moco["queue.ptr"]) == 192  # 3 steps of 2 ranks x 32 keys, all enqueued on rank 0
+    assert int(moco["queue.ptr"]) == 192  # 3 steps of 2 ranks x 32 keys: every rank queues both ranks' keys
     records = metrics(tmp_path / "finetune" / "f")
     assert [r["event"] for r in records] == ["epoch", "fold_done", "summary"]  # written once, by rank 0
     saved = torch.load(tmp_path / "finetune" / "f" / "checkpoints" / "fold-2.pt", weights_only=True)["states"]

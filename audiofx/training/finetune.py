@@ -190,7 +190,7 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
         if not 1 <= crop <= frames // cfg.fragments:
             raise ConfigError(f"--time-crop {crop} is not within the {frames // cfg.fragments} frames of a training "
                               "sample", f"use --time-crop 1 to {frames // cfg.fragments}")
-        check_input_size(init.arch, bins, crop)
+        check_input_size(init.arch, bins, crop, crop=True)
     plan = split_folds(list(manifest["folds"]), cfg.fold)
     val_fold = validation_fold(list(manifest["folds"]), plan)
     check_usable(manifest, cfg.dataset, plan, val_fold)

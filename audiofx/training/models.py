@@ -116,17 +116,19 @@ def min_input_size(arch: str) -> int:
     return hi
 
 
-def _too_small(arch: str, need: int, bins: int, frames: int) -> ConfigError:
+def _too_small(arch: str, need: int, bins: int, frames: int, hint: str | None = None) -> ConfigError:
     return ConfigError(
         f"input of {bins} bins x {frames} frames is too small for {arch} (its strides need at least {need} x {need})",
-        "use fewer --fragments, more frames per clip (extract with --set frames=N), or another --arch")
+        hint or "use fewer --fragments, more frames per clip (extract with --set frames=N), or another --arch")
 
 
-def check_input_size(arch: str, bins: int, frames: int) -> None:
-    """Raise a ConfigError before any training when (bins, frames) inputs are too small for arch."""
+def check_input_size(arch: str, bins: int, frames: int, crop: bool = False) -> None:
+    """Raise a ConfigError before any training when (bins, frames) inputs are too small for
+    arch; ``crop``: the frames are a --time-crop's, and the hint says so."""
     need = min_input_size(arch)
     if bins < need or frames < need:
-        raise _too_small(arch, need, bins, frames)
+        hint = f"use a --time-crop of {need} frames or more, or another --arch" if crop and bins >= need else None
+        raise _too_small(arch, need, bins, frames, hint)
 
 
 def build_encoder(arch: str = "resnet50") -> Encoder:

@@ -49,7 +49,7 @@ from audiofx.training.featureset import (
 from audiofx.training.finetune import channel_stats
 from audiofx.training.knn import knn_scores
 from audiofx.training.loop import optimiser_states, restore_optimiser_states, train_epoch
-from audiofx.training.models import ARCHS, build_encoder
+from audiofx.training.models import ARCHS, build_encoder, check_input_size
 from audiofx.training.pool import PoolLoader, load_pool, pool_channel_stats
 from audiofx.training.runs import TrainingOptions, default_name, open_run, recorded_config
 from audiofx.training.tasks import Task
@@ -74,12 +74,12 @@ class PretrainConfig(TrainingOptions):
     spec_augment: bool = True
     time_masks: int = 2
     freq_masks: int = 2
-    bn_splits: int | None = None  # MoCo: BatchNorm groups, keys shuffled across them (None: MOCO_BN_SPLITS)
+    bn_splits: int | None = None  # MoCo: BatchNorm groups, keys shuffled across them (None: moco_bn_splits)
 
 
 # NCE stands in for NPID's softmax when K << N; past N / NCE_K_SHARE noise samples a run is told.
 NCE_K_SHARE = 10
-# MoCo's default BatchNorm groups per device, as in the MoCo authors' one-GPU notebook.
+# The most BatchNorm groups MoCo makes by default (the MoCo paper's 8 GPUs; the authors' one-GPU notebook).
 MOCO_BN_SPLITS = 8
 
 
@@ -124,8 +124,6 @@ def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print) -
 
 def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
     check_options(cfg)
-    if cfg.method == "moco":  # the groups used are recorded, not "the default"
-        cfg = replace(cfg, bn_splits=moco_bn_splits(cfg))
     return run_on_ranks(_pretrain, cfg, say)
 
 
@@ -135,11 +133,13 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     foldsets = [FoldSet(cfg.store, ds, key, list(m["folds"])) for ds, key, m in pool]
     frames = min(int(m["shape"][-1]) for *_, m in pool)
     bins = int(pool[0][2]["shape"][-2])
-    if cfg.time_crop is not None and cfg.time_crop > frames:
-        raise ConfigError(f"--time-crop {cfg.time_crop} is longer than the pool's samples ({frames} frames)",
-                          f"use --time-crop {frames} or less")
+    _check_views(cfg, frames, bins)
     name = cfg.name or default_name(cfg.method, cfg.arch)
     recorded = recorded_config(cfg.runs_root, "pretrain", name, cfg.resume)
+    if cfg.method == "moco" and cfg.bn_splits is None:
+        # The groups used are recorded, not "the default"; a resume keeps the recorded ones
+        # (one, for runs recorded before the option existed).
+        cfg = replace(cfg, bn_splits=recorded.get("bn_splits", 1) if recorded else moco_bn_splits(cfg))
     _refuse_extension(cfg, recorded, name)
     data_mode = choose_mode(sum(fs.raw_bytes(m) for fs, (*_, m) in zip(foldsets, pool)),
                             budget_bytes(cfg.memory_budget_gb), device, recorded=recorded, ranks=ranks)
@@ -258,19 +258,37 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
 
 def _views(cfg: PretrainConfig, frames: int, bins: int) -> Augment:
     """The random view of a batch every method trains on: a time crop, a circular time shift
-    (a quarter of the frames by default) and SpecAugment masks of up to a tenth of the frames
-    and an eighth of the mel bins, each switchable."""
-    return Augment(spec_augment=cfg.spec_augment, time_masks=cfg.time_masks, time_width=max(1, frames // 10),
+    (by default up to a quarter of the view's frames: the crop's, or the sample's) and
+    SpecAugment masks of up to a tenth of the view's frames and an eighth of the mel bins,
+    each switchable."""
+    length = cfg.time_crop or frames
+    return Augment(spec_augment=cfg.spec_augment, time_masks=cfg.time_masks, time_width=max(1, length // 10),
                    freq_masks=cfg.freq_masks, freq_width=max(1, bins // 8), time_crop=cfg.time_crop,
-                   time_shift=frames // 4 if cfg.time_shift is None else cfg.time_shift)
+                   time_shift=length // 4 if cfg.time_shift is None else cfg.time_shift)
+
+
+def _check_views(cfg: PretrainConfig, frames: int, bins: int) -> None:
+    """Refuse, before a run folder is made, a crop that does not fit the pool's samples or the
+    network, and two identical views for the contrastive methods (the positive would be
+    trivially the closest: nothing is learned)."""
+    if cfg.time_crop is not None:
+        if cfg.time_crop > frames:
+            raise ConfigError(f"--time-crop {cfg.time_crop} is longer than the pool's samples ({frames} frames)",
+                              f"use --time-crop {frames} or less")
+        check_input_size(cfg.arch, bins, cfg.time_crop, crop=True)
+    views = _views(cfg, frames, bins)
+    masked = views.spec_augment and (views.time_masks or views.freq_masks)
+    if cfg.method in ("simclr", "moco") and not (masked or views.time_shift or (views.time_crop or frames) < frames):
+        raise ConfigError(f"{cfg.method} contrasts two random views of each clip, but every augmentation is off",
+                          "give --time-masks or --freq-masks above 0 (with --spec-augment), --time-shift above 0, "
+                          "or a --time-crop shorter than the clips")
 
 
 def moco_bn_splits(cfg: PretrainConfig) -> int:
-    """MoCo's BatchNorm groups per device: --bn-splits, or groups of at least 16 clips, 2 to 8
-    of them (8 as the MoCo paper's GPUs and the authors' one-GPU notebook; BatchNorm grows
-    noisy below ~16 samples, Wu & He 2018; the key shuffle needs two groups at least)."""
-    if cfg.bn_splits is not None:
-        return cfg.bn_splits
+    """MoCo's default BatchNorm groups per device: one per 16 clips of the batch, at least 2
+    (the key shuffle needs two) and at most 8 (the MoCo paper's GPUs and the authors' one-GPU
+    notebook); BatchNorm grows noisy below ~16 samples (Wu & He 2018), so batches under 32
+    get two smaller groups."""
     return min(MOCO_BN_SPLITS, max(2, cfg.batch_size // 16))
 
 
@@ -281,13 +299,8 @@ def check_options(cfg: PretrainConfig) -> None:
     if cfg.arch not in ARCHS:
         raise ConfigError(f"unknown architecture {cfg.arch!r}", f"use one of {', '.join(ARCHS)}")
     if cfg.bn_splits is not None and cfg.method != "moco":
-        raise ConfigError(f"--bn-splits is MoCo's (its key encoder's BatchNorm groups), not {cfg.method}'s",
+        raise ConfigError(f"--bn-splits is MoCo's (its BatchNorm groups), not {cfg.method}'s",
                           "drop --bn-splits, or use --method moco")
-    augmented = (cfg.spec_augment and (cfg.time_masks or cfg.freq_masks)) or cfg.time_shift != 0 or cfg.time_crop
-    if cfg.method in ("simclr", "moco") and not augmented:
-        # Two identical views make the positive pair trivially the closest: nothing is learned.
-        raise ConfigError(f"{cfg.method} contrasts two random views of each clip, but every augmentation is off",
-                          "leave --spec-augment on, or give --time-shift or --time-crop")
 
 
 def _refuse_extension(cfg: PretrainConfig, recorded: dict[str, Any] | None, name: str) -> None:

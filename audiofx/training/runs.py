@@ -22,6 +22,14 @@ STAGES = ("pretrain", "finetune", "evaluate")
 UNCHECKED = ("memory_budget_gb",)
 
 
+def _shown(value: Any) -> str:
+    """A setting as the message about a changed one shows it (None: the option was left to its default)."""
+    if value is None:
+        return "default"
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 @dataclass
 class Run:
     path: Path
@@ -60,7 +68,8 @@ class Run:
                                   f"resume with --{k} {old[k]} or more, or start a new run with --name")
             changed = [k for k in changed if k not in grown]
             if changed:
-                raise ConfigError(f"run {path} was started with other settings ({', '.join(changed)})",
+                was = "; ".join(f"{k} {_shown(old.get(k))}, now {_shown(config[k])}" for k in changed)
+                raise ConfigError(f"run {path} was started with other settings ({was})",
                                   "resume with the same options, or start a new run with --name")
             if grown:
                 _atomic_write(path / "config.json", json.dumps({**recorded, **{k: config[k] for k in grown}}, indent=1))

@@ -133,12 +133,13 @@ class MoCo(Method):
 
     def loss(self, x, index, view, generator):
         groups = self.groups(x.shape[0])
-        q = in_groups(lambda v: self.head(self.encoder(v)), view(x), groups)
+        q = in_groups(lambda v: self.head(self.encoder(v)), view(x), groups, (self.encoder, self.head))
         with torch.no_grad():
             xk = view(x)
             if groups > 1:
                 order = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
-                shuffled = in_groups(lambda v: self.key_head(self.key_encoder(v)), xk[order], groups)
+                shuffled = in_groups(lambda v: self.key_head(self.key_encoder(v)), xk[order], groups,
+                                     (self.key_encoder, self.key_head))
                 k = shuffled[order.argsort()]  # back in the batch's order, each key beside its query
             else:
                 k = self.key_head(self.key_encoder(xk))
@@ -152,12 +153,43 @@ class MoCo(Method):
         momentum_update(self.head, self.key_head, self.momentum)
 
 
-def in_groups(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: int) -> torch.Tensor:
+def in_groups(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: int,
+              modules: tuple[nn.Module, ...] = ()) -> torch.Tensor:
     """``net`` on ``groups`` consecutive slices of the batch, one call each (so BatchNorm in
-    training mode normalises each slice by its own statistics), outputs in batch order."""
+    training mode normalises each slice by its own statistics), outputs in batch order.
+
+    The running statistics of the BatchNorm layers in ``modules`` (what ``net`` runs) take one
+    update per batch, with the mean of the groups' statistics, as the authors' SplitBatchNorm
+    does: one update per group call would move them ``groups`` times a step, towards the last
+    group most (and they are what the encoder normalises with in eval mode: the kNN monitor,
+    evaluate, fine-tuning's start)."""
     if groups <= 1:
         return net(x)
-    return torch.cat([net(part) for part in x.tensor_split(groups)])
+    norms = [m for module in modules for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    before = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in norms]
+    for m in norms:
+        m.momentum = 1.0  # each call leaves exactly its group's statistics in the buffers
+    try:
+        out = []
+        for part in x.tensor_split(groups):
+            out.append(net(part))
+            for stats, m in zip(seen, norms):
+                stats.append((m.running_mean.clone(), m.running_var.clone()))
+    finally:
+        with torch.no_grad():
+            for stats, m, (momentum, mean, var, count) in zip(seen, norms, before):
+                m.momentum = momentum
+                rate = momentum if momentum is not None else 1.0 / float(count + 1)  # None: a cumulative average
+                if stats:
+                    mean = (1 - rate) * mean + rate * torch.stack([s[0] for s in stats]).mean(0)
+                    var = (1 - rate) * var + rate * torch.stack([s[1] for s in stats]).mean(0)
+                # New tensors, not copies into the old: the backward pass still needs the
+                # buffers as the group calls left them (autograd checks their versions).
+                m.running_mean, m.running_var = mean, var
+                m.num_batches_tracked = count + 1 if stats else count
+    return torch.cat(out)
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
