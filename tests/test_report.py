@@ -16,7 +16,7 @@ from audiofx.pipeline.extract import ExtractRequest, extract
 from audiofx.training.evaluate import EvaluateConfig, evaluate
 from audiofx.training.finetune import FinetuneConfig, finetune
 from audiofx.training.pretrain import PretrainConfig, pretrain
-from audiofx.training.report import load_run, per_epoch, tsne_inputs
+from audiofx.training.report import build_report, load_run, per_epoch, tsne_inputs
 from audiofx.training.runs import Run
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -147,6 +147,21 @@ def test_accuracy_curve_is_the_mean_and_std_over_folds_per_epoch(runs):
         assert curve.mean[i] == pytest.approx(np.mean(accs)) and curve.std[i] == pytest.approx(np.std(accs, ddof=1))
     one = per_epoch(records(runs["npid-ft"]), "test_acc", "npid")
     assert one.label == "npid (1 fold)" and one.std is None  # no band from a single fold
+
+
+def test_a_linear_probe_is_plotted_per_epoch_and_knn_is_not(runs, tmp_path):
+    """A linear probe logs a test score per epoch, so its curve joins fine-tuning's; kNN has no
+    epochs. Here the report has no fine-tuning run at all: the figure comes from the probe."""
+    evaluate(EvaluateConfig(run="npid", dataset="demo", mode="linear", linear_epochs=4, store=str(runs["store"]),
+                            runs_root=str(runs["base"] / "runs"), name="npid-linear"), **quiet)
+    probe = runs["base"] / "runs" / "evaluate" / "npid-linear"
+    curve = per_epoch(records(probe), "test_acc", "npid linear")
+    assert curve.label == "npid linear (5 folds)" and list(curve.epochs) == [1, 2, 3, 4]
+    assert curve.mean[-1] == pytest.approx(summary(probe)["acc_mean"])  # the result is the last epoch's
+    text = build_report([probe, runs["knn"]], tmp_path / "out", tsne=False).read_text()
+    assert "![accuracy vs epoch on demo](figures/accuracy-vs-epoch-demo.png)" in text and "Linear rows" in text
+    alone = build_report([runs["knn"]], tmp_path / "knn-only", tsne=False).read_text()
+    assert "## Accuracy vs epoch" not in alone
 
 
 def test_tsne_embeds_the_fold_with_the_fold_model_and_its_saved_predictions(runs):

@@ -406,6 +406,10 @@ def build_report(runs: list[Path], out: Path, store: str | None = None, tsne: bo
     scored = [r for r in data if r.stage in ("finetune", "evaluate")]
     finetunes = [r for r in data if r.stage == "finetune"]
     pretrains = [r for r in data if r.stage == "pretrain"]
+    # Runs with a test score per epoch: fine-tuning, and linear probes (kNN has no epochs;
+    # probes evaluated before they logged epochs have none either).
+    probes = [r for r in data if r.stage == "evaluate" and any(x.get("event") == "epoch" for x in r.records)]
+    curved = finetunes + probes
     md = ["# audiofx report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {len(data)} run(s).", "",
           "## Runs", "", *runs_table(data), ""]
     multilabel = any(r.multilabel for r in scored)
@@ -418,10 +422,10 @@ def build_report(runs: list[Path], out: Path, store: str | None = None, tsne: bo
                "linear rows evaluate a frozen pretrained encoder."
                + (" Multi-label sets are scored by mAP (macro mean average precision), named in their cells."
                   if multilabel else ""), ""]
-    if finetunes:
+    if curved:
         md += ["## Accuracy vs epoch" if not multilabel else "## Test score vs epoch", ""]
-        for dataset in _ordered(r.dataset for r in finetunes):
-            runs_of = [r for r in finetunes if r.dataset == dataset]
+        for dataset in _ordered(r.dataset for r in curved):
+            runs_of = [r for r in curved if r.dataset == dataset]
             h = runs_of[0].headline()
             curves = [c for r in runs_of if (c := per_epoch(r.records, f"test_{h.metric}", r.label))]
             if curves:
@@ -429,7 +433,9 @@ def build_report(runs: list[Path], out: Path, store: str | None = None, tsne: bo
                                            f"test {h.metric_name} (%)", figures / f"accuracy-vs-epoch-{_safe(dataset)}.png",
                                            percent=True)
                 md += [img(path, f"{h.metric_name} vs epoch on {dataset}"), ""]
-        md += [f"Mean test {what} over folds after each epoch; the band is ±1 standard deviation across folds.", ""]
+        md += [f"Mean test {what} over folds after each epoch; the band is ±1 standard deviation across folds."
+               + (" Linear rows: the linear probe on the frozen encoder, after each of its epochs." if probes else ""),
+               ""]
     if finetunes or pretrains:
         md += ["## Training loss", ""]
         if finetunes:
