@@ -70,7 +70,7 @@ class PretrainConfig(TrainingOptions):
     # The views: each augmentation switchable (the defaults are what every run did before
     # they were options; mixup is not offered, as it needs labels or a loss that mixes them).
     time_crop: int | None = None  # frames of a random crop per view (None: the whole clip)
-    time_shift: int | None = None  # circular shift of up to N frames (None: a quarter of the frames)
+    time_shift: int | None = None  # circular shift of up to N frames (None: a quarter of the view's frames)
     spec_augment: bool = True
     time_masks: int = 2
     freq_masks: int = 2
