@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -250,19 +251,28 @@ def test_training_errors_are_one_line(store, tmp_path):
                           "unknown method 'byol'", "npid, simclr, moco")
     assert_one_line_error(run_cli("finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path),
                                   "--fold", "9", *TINY), "fold 9 does not exist")
-    # pretraining's views and MoCo's BatchNorm groups: refused before a run folder is made
-    pretrain = ["pretrain", "--store", str(store), "--runs", str(tmp_path), "--name", "never", *TINY]
-    assert_one_line_error(run_cli(*pretrain, "--method", "simclr", "--no-spec-augment", "--time-shift", "0"),
+    # pretraining's views and MoCo's BatchNorm groups: refused before a run folder is made (one
+    # through the CLI; the rest in-process, as the CLI prints every ConfigError the same way)
+    assert_one_line_error(run_cli("pretrain", "--store", str(store), "--runs", str(tmp_path), "--name", "never",
+                                  "--method", "simclr", "--no-spec-augment", "--time-shift", "0", *TINY),
                           "simclr contrasts two random views", "every augmentation is off", "--time-shift")
-    assert_one_line_error(run_cli(*pretrain, "--method", "npid", "--bn-splits", "4"),
-                          "--bn-splits is MoCo's", "--method moco")
-    assert_one_line_error(run_cli(*pretrain, "--method", "npid", "--time-crop", "101"),
-                          "--time-crop 101 is longer than the pool's samples (100 frames)", "--time-crop 100 or less")
-    assert_one_line_error(run_cli(*pretrain, "--method", "npid", "--time-crop", "8"),
-                          "input of 128 bins x 8 frames is too small for tiny", "--time-crop of 16 frames or more")
-    assert_one_line_error(run_cli(*pretrain, "--method", "moco", "--time-crop", "100", "--time-masks", "0",
-                                  "--freq-masks", "0", "--time-shift", "0"),  # a crop of the whole clip is no view
-                          "moco contrasts two random views", "a --time-crop shorter than the clips")
+    from audiofx.errors import ConfigError
+    from audiofx.training.pretrain import PretrainConfig, pretrain
+
+    def refused(match: str, **options) -> ConfigError:
+        with pytest.raises(ConfigError, match=match) as refusal:
+            pretrain(PretrainConfig(store=str(store), runs_root=str(tmp_path), name="never", arch="tiny",
+                                    progress=False, **options), say=lambda *a: None)
+        return refusal.value
+
+    assert "--method moco" in refused("--bn-splits is MoCo's", method="npid", bn_splits=4).hint
+    assert "--time-crop 100 or less" in refused(r"--time-crop 101 is longer than the pool's samples \(100 frames\)",
+                                                method="npid", time_crop=101).hint
+    assert "--time-crop of 16 frames or more" in refused("input of 128 bins x 8 frames is too small for tiny",
+                                                         method="npid", time_crop=8).hint
+    whole = refused("moco contrasts two random views", method="moco", time_crop=100, time_masks=0, freq_masks=0,
+                    time_shift=0)  # a crop of the whole clip is no view
+    assert "a --time-crop shorter than the clips" in whole.hint
     assert not (tmp_path / "pretrain" / "never").exists()
 
 
@@ -385,10 +395,17 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
     for option in ("time_crop", "time_shift", "spec_augment", "time_masks", "freq_masks", "bn_splits"):
         del config[option]
     config_file.write_text(json.dumps(config))
+    from audiofx.errors import ConfigError
+    from audiofx.training.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(method=method, store=str(store), runs_root=str(tmp_path), batch_size=50, epochs=1, name=method,
+                         arch="tiny", progress=False, resume=True, nce_k=0 if extra else 64)
     if method == "moco":
-        assert_one_line_error(run_cli(*args, "--resume", "--bn-splits", "3"),
-                              "was started with other settings (bn_splits 1, now 3)")
-    assert "nothing left to do" in run_cli(*args, "--resume").stdout
+        with pytest.raises(ConfigError, match=r"was started with other settings \(bn_splits 1, now 3\)"):
+            pretrain(replace(cfg, bn_splits=3), say=lambda *a: None)
+    said: list[str] = []
+    pretrain(cfg, say=said.append)
+    assert "the run has finished, nothing left to do" in said[-1]
 
 
 def test_resume_redoes_an_epoch_logged_before_its_checkpoint(store, tmp_path):
