@@ -50,7 +50,7 @@ def test_moco_groups_normalise_queries_in_order_and_keys_shuffled():
     whole = key_of(x)
     assert not torch.allclose(keys, whole, atol=1e-3)
     # Queries: consecutive groups of the batch, one forward each; the loss is theirs.
-    q = in_groups(lambda v: method.head(method.encoder(v)), x, 4)
+    q = in_groups((method.encoder, method.head), x, 4)
     torch.testing.assert_close(q[:2], method.head(method.encoder(x[:2])))
     torch.testing.assert_close(loss, moco_loss(q, keys, method.queue, method.temperature))
     assert not torch.isclose(loss, moco_loss(method.head(method.encoder(x)), keys, method.queue, method.temperature))

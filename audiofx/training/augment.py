@@ -148,7 +148,15 @@ class Augment:
 
     @property
     def active(self) -> bool:
-        return bool(self.spec_augment or self.time_crop or self.time_shift > 0 or self.mixup > 0)
+        return self.changes()
+
+    def changes(self, frames: int | None = None) -> bool:
+        """Whether a batch comes out different from how it went in: some step is on and does
+        something (masks of width 0, or a crop of all ``frames`` frames, do not)."""
+        masked = self.spec_augment and ((self.time_masks > 0 and self.time_width > 0)
+                                        or (self.freq_masks > 0 and self.freq_width > 0))
+        cropped = self.time_crop is not None and (frames is None or self.time_crop < frames)
+        return bool(masked or cropped or self.time_shift > 0 or self.mixup > 0)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

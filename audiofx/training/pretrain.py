@@ -276,9 +276,7 @@ def _check_views(cfg: PretrainConfig, frames: int, bins: int) -> None:
             raise ConfigError(f"--time-crop {cfg.time_crop} is longer than the pool's samples ({frames} frames)",
                               f"use --time-crop {frames} or less")
         check_input_size(cfg.arch, bins, cfg.time_crop, crop=True)
-    views = _views(cfg, frames, bins)
-    masked = views.spec_augment and (views.time_masks or views.freq_masks)
-    if cfg.method in ("simclr", "moco") and not (masked or views.time_shift or (views.time_crop or frames) < frames):
+    if cfg.method in ("simclr", "moco") and not _views(cfg, frames, bins).changes(frames):
         raise ConfigError(f"{cfg.method} contrasts two random views of each clip, but every augmentation is off",
                           "give --time-masks or --freq-masks above 0 (with --spec-augment), --time-shift above 0, "
                           "or a --time-crop shorter than the clips")

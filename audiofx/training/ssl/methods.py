@@ -133,13 +133,12 @@ class MoCo(Method):
 
     def loss(self, x, index, view, generator):
         groups = self.groups(x.shape[0])
-        q = in_groups(lambda v: self.head(self.encoder(v)), view(x), groups, (self.encoder, self.head))
+        q = in_groups((self.encoder, self.head), view(x), groups)
         with torch.no_grad():
             xk = view(x)
             if groups > 1:
                 order = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
-                shuffled = in_groups(lambda v: self.key_head(self.key_encoder(v)), xk[order], groups,
-                                     (self.key_encoder, self.key_head))
+                shuffled = in_groups((self.key_encoder, self.key_head), xk[order], groups)
                 k = shuffled[order.argsort()]  # back in the batch's order, each key beside its query
             else:
                 k = self.key_head(self.key_encoder(xk))
@@ -153,19 +152,24 @@ class MoCo(Method):
         momentum_update(self.head, self.key_head, self.momentum)
 
 
-def in_groups(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: int,
-              modules: tuple[nn.Module, ...] = ()) -> torch.Tensor:
-    """``net`` on ``groups`` consecutive slices of the batch, one call each (so BatchNorm in
-    training mode normalises each slice by its own statistics), outputs in batch order.
+def in_groups(stages: tuple[nn.Module, ...], x: torch.Tensor, groups: int) -> torch.Tensor:
+    """The ``stages`` in turn (an encoder, then its head) on ``groups`` consecutive slices of
+    the batch, one pass each (so BatchNorm in training mode normalises each slice by its own
+    statistics), outputs in batch order.
 
-    The running statistics of the BatchNorm layers in ``modules`` (what ``net`` runs) take one
-    update per batch, with the mean of the groups' statistics, as the authors' SplitBatchNorm
-    does: one update per group call would move them ``groups`` times a step, towards the last
-    group most (and they are what the encoder normalises with in eval mode: the kNN monitor,
-    evaluate, fine-tuning's start)."""
+    Their BatchNorm layers' running statistics take one update per batch, with the mean of the
+    groups' statistics, as the authors' SplitBatchNorm does: one update per group would move
+    them ``groups`` times a step, towards the last group most (and they are what the encoder
+    normalises with in eval mode: the kNN monitor, evaluate, fine-tuning's start)."""
+
+    def net(part: torch.Tensor) -> torch.Tensor:
+        for stage in stages:
+            part = stage(part)
+        return part
+
     if groups <= 1:
         return net(x)
-    norms = [m for module in modules for m in module.modules()
+    norms = [m for module in stages for m in module.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
     before = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
     seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in norms]
