@@ -390,7 +390,7 @@ def cache_gc(store, runs_root, min_age, yes):
     extraction in progress is left alone), sets of an older feature code version that no
     run in --runs uses, and, in the read-through cache, the least recently used sets over
     its size limit."""
-    from audiofx.pipeline.gc import collect_garbage
+    from audiofx.pipeline.garbage import collect_garbage
 
     plan = collect_garbage(store, runs_root, min_age_hours=min_age)
     if not plan.items:
@@ -430,7 +430,33 @@ Examples:
 """
 
 
-@cli.command(epilog=TRAIN_EXAMPLE)
+class MethodOptionsCommand(click.Command):
+    """A command with each SSL method's own options (--nce-k, --bn-splits, ...), as the methods
+    declare them (audiofx/training/models/ssl/), after its ``freq_masks`` option. They are added
+    when the command parses or shows its help, not at every start of audiofx: the methods
+    import torch."""
+
+    _methods_added = False
+
+    def get_params(self, ctx):
+        if not self._methods_added:
+            from audiofx.training.models.ssl import method_options
+
+            at = next(i for i, p in enumerate(self.params) if p.name == "freq_masks") + 1
+            self.params[at:at] = [_method_option(method, option) for method, option in method_options()]
+            self._methods_added = True
+        return super().get_params(ctx)
+
+
+def _method_option(method, option) -> click.Option:
+    kind = option.type
+    if option.minimum is not None:
+        kind = (click.IntRange if option.type is int else click.FloatRange)(min=option.minimum)
+    return click.Option([option.flag, option.name], type=kind, default=option.default,
+                        show_default=option.default is not None, help=f"{method.title}: {option.help}.")
+
+
+@cli.command(cls=MethodOptionsCommand, epilog=TRAIN_EXAMPLE)
 @click.option("--method", required=True, help="npid, simclr or moco.")
 @click.option("--datasets", default="", help="Comma-separated datasets for the unlabeled pool [every dataset in the store of the preset's size].")
 @store_option
@@ -440,7 +466,6 @@ Examples:
 @click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=float, default=None, help="SGD learning rate [the method's default].")
-@click.option("--nce-k", type=click.IntRange(min=0), default=64, show_default=True, help="NPID noise samples (0: full softmax).")
 @click.option("--temperature", type=float, default=None, help="[NPID 0.4, SimCLR 0.5, MoCo 0.2]")
 @click.option("--time-crop", type=click.IntRange(min=1), default=None,
               help="Each view a random crop of N frames [the whole clip].")
@@ -450,22 +475,19 @@ Examples:
               help="SpecAugment time and frequency masks (up to a tenth of the view's frames, an eighth of the bins).")
 @click.option("--time-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Time masks per view.")
 @click.option("--freq-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Frequency masks per view.")
-@click.option("--bn-splits", type=click.IntRange(min=1), default=None,
-              help="MoCo: BatchNorm groups per device, keys shuffled across them; 1 is plain BatchNorm "
-                   "[one per 16 clips of the batch, 2 to 8; a resume keeps the run's].")
 @run_options(resume_help="Continue an interrupted run (give its --name).")
-def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, nce_k, temperature, time_crop, time_shift,
-             spec_augment, time_masks, freq_masks, bn_splits, seed, device, runs_root, name, resume, memory_budget,
-             no_progress):
+def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, temperature, time_crop, time_shift,
+             spec_augment, time_masks, freq_masks, seed, device, runs_root, name, resume, memory_budget, no_progress,
+             **options):
     """Learn a representation without labels from the cached features (NPID, SimCLR, MoCo v2)."""
-    from audiofx.training.pretrain import PretrainConfig
-    from audiofx.training.pretrain import pretrain as run_pretrain
+    from audiofx.training.stages.pretrain import PretrainConfig
+    from audiofx.training.stages.pretrain import pretrain as run_pretrain
 
     result = run_pretrain(PretrainConfig(
         method=method, datasets=tuple(d for d in datasets.split(",") if d), store=store, preset=preset, arch=arch,
-        epochs=epochs, batch_size=batch_size, lr=lr, nce_k=nce_k, temperature=temperature, time_crop=time_crop,
+        epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature, time_crop=time_crop,
         time_shift=time_shift, spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks,
-        bn_splits=bn_splits, seed=seed, device=device, runs_root=runs_root, name=name, resume=resume,
+        options=options, seed=seed, device=device, runs_root=runs_root, name=name, resume=resume,
         progress=not no_progress, memory_budget_gb=memory_budget),
         say=click.echo)
     if _main_rank():
@@ -518,10 +540,10 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
              time_masks, freq_masks, time_crop, time_shift, mixup, fragments, channel_fusion, head, memory_budget, seed, device, runs_root, name, resume,
              no_progress):
     """Fine-tune a classifier with k-fold cross-validation on the official folds."""
-    from audiofx.training.augment import Augment
-    from audiofx.training.finetune import FinetuneConfig
-    from audiofx.training.finetune import finetune as run_finetune
-    from audiofx.training.tasks import METRIC_NAMES
+    from audiofx.training.models.augment import Augment
+    from audiofx.training.stages.finetune import FinetuneConfig
+    from audiofx.training.stages.finetune import finetune as run_finetune
+    from audiofx.training.stages.tasks import METRIC_NAMES
 
     s = run_finetune(FinetuneConfig(
         dataset=dataset, init=init, weights=weights, store=store, preset=preset, key=key, arch=arch, fold=fold,
@@ -559,8 +581,8 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
 def evaluate_cmd(run_spec, arch, dataset, mode, fold, store, preset, key, k, linear_epochs, memory_budget, seed, device,
                  runs_root, name):
     """Frozen-encoder evaluation: linear probe or weighted kNN, per fold."""
-    from audiofx.training.evaluate import EvaluateConfig, evaluate
-    from audiofx.training.tasks import METRIC_NAMES
+    from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
+    from audiofx.training.stages.tasks import METRIC_NAMES
 
     s = evaluate(EvaluateConfig(run=run_spec, arch=arch, dataset=dataset, mode=mode, fold=fold, store=store, preset=preset, key=key,
                                 k=k, linear_epochs=linear_epochs, memory_budget_gb=memory_budget, seed=seed,
@@ -577,7 +599,7 @@ def evaluate_cmd(run_spec, arch, dataset, mode, fold, store, preset, key, k, lin
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 def compare(runs):
     """A table of finetune and evaluate runs: mean ± std accuracy over folds."""
-    from audiofx.training.compare import compare_table
+    from audiofx.training.report.compare import compare_table
 
     click.echo(compare_table(list(runs)))
 
@@ -594,7 +616,7 @@ def report(runs, out, store, no_tsne):
     table, accuracy and loss curves, confusion matrices, per-class scores, t-SNE."""
     import time
 
-    from audiofx.training.report import build_report
+    from audiofx.training.report.build import build_report
 
     out = out or Path("data/reports") / time.strftime("%Y%m%d-%H%M%S")
     path = build_report(list(runs), out, store=store, tsne=not no_tsne, say=click.echo)
@@ -628,13 +650,13 @@ def reproduce(recipe, dry_run, epochs_scale, store, runs_root, arch, device, wei
     """Run a paper's stages (extract, pretrain, finetune, evaluate) with its settings and end
     with its table next to the paper's numbers. Finished runs are skipped, unfinished ones
     resumed."""
-    from audiofx.training.reproduce import ReproduceOptions, parse_roots
-    from audiofx.training.reproduce import reproduce as run_reproduce
+    from audiofx.reproduce import ReproduceOptions, parse_roots
+    from audiofx.reproduce import reproduce as run_reproduce
 
     result = run_reproduce(ReproduceOptions(
         recipe=recipe, dry_run=dry_run, epochs_scale=epochs_scale, store=store, runs=runs_root, arch=arch,
         device=device, weights=weights, roots=parse_roots(roots), datasets=tuple(d for d in datasets.split(",") if d),
-        progress=not no_progress), say=click.echo)
+        progress=not no_progress), cli, say=click.echo)
     if dry_run:
         return
     click.echo("")

@@ -248,9 +248,10 @@ def run_floor(paths: list[Path], config, workers: int, scratch: Path) -> float:
 
 def parity(store: Path, summary, baseline_dir: Path) -> float:
     """Max |audiofx - librosa| over fold 1, in log-mel units: both paths computed the same thing."""
+    from audiofx.pipeline.reading import load_fold
     from audiofx.pipeline.store import FeatureStore
 
-    x, _, clips = FeatureStore(store).load_fold(summary.dataset, summary.key, "1")
+    x, _, clips = load_fold(FeatureStore(store), summary.dataset, summary.key, "1")
     diffs = [np.abs(x[i].astype(np.float32) - np.load(baseline_dir / Path(str(c)).with_suffix(".npy")).astype(np.float32)).max()
              for i, c in enumerate(clips)]
     return float(max(diffs))
@@ -260,7 +261,7 @@ def parity(store: Path, summary, baseline_dir: Path) -> float:
 
 def bench_set(spec: SetSpec, clips: int, workers: int, device: str, work: Path, say) -> dict:
     from audiofx.config import FEATURE_FIELDS, resolve_feature_config
-    from audiofx.pipeline.datasets.base import get_adapter
+    from audiofx.pipeline.datasets import get_adapter
 
     feature_overrides = {k: v for k, v in spec.overrides.items() if k in FEATURE_FIELDS}
     config = resolve_feature_config(get_adapter("folder").defaults, "shin2021", feature_overrides)

@@ -64,12 +64,9 @@ from audiofx.pipeline.store import (
     fold_group,
     plan_units,
 )
-from audiofx.training.data import (
-    InMemoryLoader,
-    StreamingLoader,
-    load_in_memory,
-    open_foldset,
-)
+from audiofx.training.data.featuresets import open_foldset
+from audiofx.training.data.memory import InMemoryLoader, load_in_memory
+from audiofx.training.data.streaming import StreamingLoader
 
 SEED = 20240611
 RATE = 44100

@@ -40,7 +40,9 @@ import torch  # noqa: E402
 from audiofx.pipeline import readcache  # noqa: E402
 from audiofx.pipeline.store import FeatureStore  # noqa: E402
 from audiofx.pipeline.transfer import copy_group  # noqa: E402
-from audiofx.training.data import FoldSet, StreamingLoader, load_in_memory  # noqa: E402
+from audiofx.training.data.featuresets import FoldSet  # noqa: E402
+from audiofx.training.data.memory import load_in_memory  # noqa: E402
+from audiofx.training.data.streaming import StreamingLoader  # noqa: E402
 from benchmarks.loader import DATASET, build  # noqa: E402
 from tests.s3server import moto_server  # noqa: E402
 

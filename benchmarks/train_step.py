@@ -35,10 +35,11 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from audiofx.training.data import InMemoryData, InMemoryLoader, StreamingLoader  # noqa: E402
-from audiofx.training.device import autocast, pick_device, prepare_model  # noqa: E402
-from audiofx.training.models import Classifier, build_encoder  # noqa: E402
-from audiofx.training.ssl.methods import NPID  # noqa: E402
+from audiofx.training.data.memory import InMemoryData, InMemoryLoader  # noqa: E402
+from audiofx.training.data.streaming import StreamingLoader  # noqa: E402
+from audiofx.training.models.encoders import Classifier, build_encoder  # noqa: E402
+from audiofx.training.models.ssl import NPID  # noqa: E402
+from audiofx.training.runtime.device import autocast, pick_device, prepare_model  # noqa: E402
 from benchmarks.loader import build  # noqa: E402
 
 

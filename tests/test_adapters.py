@@ -13,6 +13,7 @@ import pytest
 from audiofx.errors import DatasetError
 from audiofx.pipeline.datasets import get_adapter
 from audiofx.pipeline.extract import ExtractRequest, extract
+from audiofx.pipeline.reading import load_fold, open_fold
 from audiofx.pipeline.store import FeatureStore
 from tests import layouts as L
 
@@ -33,7 +34,7 @@ def assert_store_matches_index(dataset: str, root: Path, store: Path, manifest: 
     assert manifest["classes"] == index.classes
     for fold in index.folds:
         expected = [c for c in index.clips if c.fold == fold]
-        g = FeatureStore(store).open_fold(dataset, manifest["feature_key"], fold)
+        g = open_fold(FeatureStore(store), dataset, manifest["feature_key"], fold)
         assert [str(p) for p in g["clip"][:]] == [c.path for c in expected]
         if not manifest["multilabel"]:
             assert g["y"][:].tolist() == [c.label for c in expected]
@@ -47,7 +48,7 @@ def test_esc50_and_esc10(tmp_path):
     assert_store_matches_index("esc50", root, tmp_path / "store", manifest)
     summary, m10 = run("esc10", root, tmp_path / "store")
     assert m10["classes"] == ["dog", "rooster", "rain", "chainsaw"] and m10["clips"] == 20
-    _, y, clips = FeatureStore(tmp_path / "store").load_fold("esc10", summary.key, "1")
+    _, y, clips = load_fold(FeatureStore(tmp_path / "store"), "esc10", summary.key, "1")
     assert sorted(y.tolist()) == [0, 1, 2, 3] and not any(c.endswith("-2.wav") for c in clips)  # pig is not ESC-10
 
 
@@ -57,7 +58,7 @@ def test_urbansound8k_mixed_rates_depths_and_channels(tmp_path):
     assert manifest["clips"] == 20 and len(manifest["folds"]) == 10 and not manifest["skipped"]
     assert_store_matches_index("urbansound8k", root, tmp_path / "store", manifest)
     for fold in manifest["folds"]:
-        x, _, _ = FeatureStore(tmp_path / "store").load_fold("urbansound8k", summary.key, fold)
+        x, _, _ = load_fold(FeatureStore(tmp_path / "store"), "urbansound8k", summary.key, fold)
         assert np.isfinite(x.astype(np.float32)).all() and (x.astype(np.float32) > np.log(1e-6) + 1).any()
 
 
@@ -109,7 +110,7 @@ def test_tut_tau_train_evaluate(tmp_path, name):
 def test_tut_stereo_kept_for_zhou2019(tmp_path):
     root = L.make_tut(tmp_path / "tut")
     summary, manifest = run("tut2018", root, tmp_path / "store", preset="zhou2019", clip_seconds=0.3, frames=0)
-    x, _, _ = FeatureStore(tmp_path / "store").load_fold("tut2018", summary.key, "train")
+    x, _, _ = load_fold(FeatureStore(tmp_path / "store"), "tut2018", summary.key, "train")
     assert x.shape[1:3] == (3, 128) and manifest["feature_config"]["sources"] == ["left", "right", "mid"]
     assert not np.array_equal(x[:, 0], x[:, 1])  # left and right differ: the stereo channels were kept
 
@@ -119,7 +120,7 @@ def test_fsd50k_multilabel_matrix(tmp_path):
     summary, manifest = run("fsd50k", root, tmp_path / "store")
     assert manifest["multilabel"] and manifest["classes"] == [name for name, _ in L.FSD50K_VOCABULARY]
     assert {f: v["ok"] for f, v in manifest["folds"].items()} == {"train": 3, "val": 2, "eval": 2}
-    x, y, clips = FeatureStore(tmp_path / "store").load_fold("fsd50k", summary.key, "train")
+    x, y, clips = load_fold(FeatureStore(tmp_path / "store"), "fsd50k", summary.key, "train")
     assert y.dtype == bool and y.shape == (3, 6)
     row = list(clips).index("FSD50K.dev_audio/64760.wav")  # Electric_guitar, Guitar, Music
     assert y[row].tolist() == [True, True, True, False, False, False]

@@ -154,7 +154,7 @@ def test_folds_of_skipped_clips_only_are_refused_before_training(tmp_path, small
     # modes, instead of training on nothing (NaN statistics, an empty torch.cat).
     import torch
 
-    from audiofx.training.models import build_encoder
+    from audiofx.training.models.encoders import build_encoder
 
     (small_folder / "bad").mkdir()
     rows = [f"class{c}/class{c}-{i:03d}.wav,c{c},{1 + i % 2}" for c in range(3) for i in range(10)]

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from audiofx.errors import ConfigError
+from audiofx.pipeline.reading import load_fold
 from audiofx.pipeline.store import FeatureStore
-from audiofx.training.fusion import expand_channels, fuse_posteriors, split_fragments
-from audiofx.training.models import Classifier, MLPAttentionHead, build_encoder
-from audiofx.training.runs import Run
+from audiofx.training.models.encoders import Classifier, MLPAttentionHead, build_encoder
+from audiofx.training.stages.fusion import expand_channels, fuse_posteriors, split_fragments
+from audiofx.training.stages.runs import Run
 from tests.conftest import make_class_folder, run_cli
 
 
@@ -160,7 +161,7 @@ def test_finetune_with_fragments_channel_fusion_and_mlp_attention_predicts_per_c
 
     # Predictions are saved per clip (6 clips in fold 1), not per sample (6 x 2 fragments x 3 channels).
     fs = FeatureStore(stereo_store)
-    x, y, clips = fs.load_fold("folder", config["key"], "1")
+    x, y, clips = load_fold(fs, "folder", config["key"], "1")
     assert x.shape == (6, 3, 128, 44)
     assert not np.array_equal(x[:, 0], x[:, 1])  # left and right differ: the clips really are stereo
     pred = run.predictions()["1"]
@@ -190,7 +191,7 @@ def test_finetune_with_fragments_channel_fusion_and_mlp_attention_predicts_per_c
 
 
 def test_a_run_from_before_these_options_resumes_only_with_them_at_their_defaults(tmp_path):
-    from audiofx.training.finetune import _LATER_OPTIONS, FinetuneConfig
+    from audiofx.training.stages.finetune import _LATER_OPTIONS, FinetuneConfig
 
     recorded = {**FinetuneConfig(dataset="demo", runs_root=str(tmp_path)).to_json(), "arch": "tiny"}
     for later in ("fragments", "channel_fusion", "head"):

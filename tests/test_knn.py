@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from audiofx.training.knn import choose_k, knn_scores
+from audiofx.training.stages.knn import choose_k, knn_scores
 
 
 def test_weighted_votes_by_hand():

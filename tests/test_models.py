@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from audiofx.errors import ConfigError
-from audiofx.training.models import (
+from audiofx.training.models.encoders import (
     Classifier,
     build_encoder,
     check_input_size,

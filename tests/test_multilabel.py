@@ -13,14 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audiofx.training.fusion import fuse_posteriors
-from audiofx.training.knn import choose_k, knn_scores
-from audiofx.training.metrics import multilabel_scores, per_class_report
-from audiofx.training.runs import Run
-from audiofx.training.tasks import Task
+from audiofx.training.stages.fusion import fuse_posteriors
+from audiofx.training.stages.knn import choose_k, knn_scores
+from audiofx.training.stages.metrics import multilabel_scores, per_class_report
+from audiofx.training.stages.runs import Run
+from audiofx.training.stages.tasks import Task
 from tests.conftest import TINY, run_cli
 from tests.layouts import make_fsd50k_learnable
-
 
 
 def test_map_auc_and_dprime_against_hand_computation():

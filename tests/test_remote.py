@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from audiofx.errors import StoreError
+from audiofx.pipeline.reading import load_fold, open_fold
 from audiofx.pipeline.store import FeatureStore
 from tests.conftest import assert_one_line_error, kill_9, make_class_folder, run_cli, start_cli, wait_while_running
 from tests.s3server import s3_filesystem
@@ -120,7 +121,7 @@ def test_push_killed_midway_resumes_and_pull_of_some_folds_is_partial(s3, local_
     remote = FeatureStore(url)
     assert not remote.has_manifest("demo", key)
     with pytest.raises(StoreError, match="no manifest"):
-        remote.open_fold("demo", key, "1")
+        open_fold(remote, "demo", key, "1")
     assert "incomplete" in run_cli("cache", "ls", "--store", url).stdout
 
     resumed = run_cli("cache", "push", key[:8], "--to", url, "--store", str(store), "--no-progress")
@@ -137,11 +138,11 @@ def test_push_killed_midway_resumes_and_pull_of_some_folds_is_partial(s3, local_
     assert one.returncode == 0, one.stderr
     assert "partial (folds 2)" in run_cli("cache", "ls", "--store", str(pulled)).stdout
     local = FeatureStore(pulled)
-    x, y, clips = local.load_fold("demo", key, "2")
-    x0, y0, clips0 = FeatureStore(store).load_fold("demo", key, "2")
+    x, y, clips = load_fold(local, "demo", key, "2")
+    x0, y0, clips0 = load_fold(FeatureStore(store), "demo", key, "2")
     assert np.array_equal(x, x0) and np.array_equal(y, y0) and list(clips) == list(clips0)
     with pytest.raises(StoreError, match="fold 1 .* was not pulled"):
-        local.load_fold("demo", key, "1")
+        load_fold(local, "demo", key, "1")
     rest = run_cli("cache", "pull", key[:8], "--from", url, "--store", str(pulled), "--no-progress")
     assert rest.returncode == 0, rest.stderr
     assert local.read_manifest("demo", key) == FeatureStore(store).read_manifest("demo", key)
@@ -171,8 +172,8 @@ def test_a_corrupted_object_is_named_by_verify_and_never_served(s3, local_demo, 
     # A reader with an empty cache fetches fold 3, checks it and refuses it.
     read_cache()
     with pytest.raises(StoreError, match="fold-3/x chunk 1"):
-        FeatureStore(url).open_fold("demo", key, "3")
-    x, _, _ = FeatureStore(url).load_fold("demo", key, "1")  # the intact folds stay usable
+        open_fold(FeatureStore(url), "demo", key, "3")
+    x, _, _ = load_fold(FeatureStore(url), "demo", key, "1")  # the intact folds stay usable
     assert x.shape[0] == 40
 
 
@@ -224,14 +225,14 @@ def test_read_cache_evicts_least_recently_used(s3, local_demo, tmp_path, read_ca
     fold_bytes = FeatureStore(store).group_bytes("demo", key) / 5
     cache = read_cache(limit=int(1.5 * fold_bytes))
     remote = FeatureStore(url)
-    remote.open_fold("demo", key, "1")
+    open_fold(remote, "demo", key, "1")
     [(_, first_size, group)] = cache.entries()
     assert first_size < cache.limit
     # A second remote store in the same cache: the first set is least recently used and goes.
     url2 = f"s3://{BUCKET}/evict2/features"
     assert run_cli("cache", "push", key[:8], "--to", url2, "--store", str(store), "--no-progress").returncode == 0
-    FeatureStore(url2).open_fold("demo", key, "1")
-    FeatureStore(url2).open_fold("demo", key, "2")
+    open_fold(FeatureStore(url2), "demo", key, "1")
+    open_fold(FeatureStore(url2), "demo", key, "2")
     assert not group.exists()
     [(_, size, kept)] = cache.entries()
     assert kept != group and json.loads((kept / "manifest.json").read_text())["partial_folds"] == ["1", "2"]

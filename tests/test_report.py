@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from audiofx.pipeline.extract import ExtractRequest, extract
-from audiofx.training.evaluate import EvaluateConfig, evaluate
-from audiofx.training.finetune import FinetuneConfig, finetune
-from audiofx.training.pretrain import PretrainConfig, pretrain
-from audiofx.training.report import build_report, load_run, per_epoch, tsne_inputs
-from audiofx.training.runs import Run
+from audiofx.training.report.build import build_report, load_run, per_epoch, tsne_inputs
+from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
+from audiofx.training.stages.finetune import FinetuneConfig, finetune
+from audiofx.training.stages.pretrain import PretrainConfig, pretrain
+from audiofx.training.stages.runs import Run
 from tests.conftest import assert_one_line_error, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from audiofx.cli import cli
 from audiofx.recipes import RECIPES
-from audiofx.training.reproduce import scale_epochs
-from audiofx.training.runs import Run
+from audiofx.reproduce import scale_epochs
+from audiofx.training.stages.runs import Run
 from tests.conftest import assert_one_line_error, run_cli
 
 EXPECTED_RUNS = {  # (pretrain, finetune, evaluate) runs per recipe
@@ -162,12 +162,12 @@ def test_esc10_is_extracted_from_the_esc50_files(tmp_path, monkeypatch):
 
 
 def test_table_shows_the_papers_numbers_and_na_where_they_are_not_given(tmp_path, monkeypatch):
-    from audiofx.training.reproduce import ReproduceOptions, make_plan, results_table
+    from audiofx.reproduce import ReproduceOptions, make_plan, results_table
 
     monkeypatch.chdir(tmp_path)
 
     def rows(recipe: str) -> dict[str, list[str]]:
-        return table(results_table(make_plan(ReproduceOptions(recipe, store="s", runs="r"))))
+        return table(results_table(make_plan(ReproduceOptions(recipe, store="s", runs="r"), cli)))
 
     lin = rows("lin2022")
     assert lin[""] == ["esc50", "urbansound8k", "dcase2013", "gtzan"]

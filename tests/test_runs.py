@@ -5,7 +5,7 @@ import json
 import pytest
 
 from audiofx.errors import ConfigError
-from audiofx.training.runs import Run, recorded_config
+from audiofx.training.stages.runs import Run, recorded_config
 
 
 def test_resume_compares_the_data_mode_not_the_budget_that_chose_it(tmp_path):

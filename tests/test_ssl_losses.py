@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from audiofx.training.ssl import (
+from audiofx.training.models.ssl.losses import (
     MemoryBank,
     MoCoQueue,
     moco_loss,
@@ -24,7 +24,7 @@ from audiofx.training.ssl import (
     npid_softmax_loss,
     nt_xent,
 )
-from audiofx.training.distributed import Ranks, average_batchnorm_statistics
+from audiofx.training.runtime.distributed import Ranks, average_batchnorm_statistics
 from tests.s3server import free_port
 
 T = 0.5

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audiofx.training.ssl.losses import moco_loss
-from audiofx.training.ssl.methods import MoCo, in_groups
+from audiofx.training.models.ssl.losses import moco_loss
+from audiofx.training.models.ssl.moco import MoCo, in_groups
 
 
 class BatchNormEncoder(nn.Sequential):

@@ -15,6 +15,7 @@ from audiofx.errors import StoreError
 from audiofx.features.melspec import compute_features
 from audiofx.pipeline.decode import decode_clip
 from audiofx.pipeline.extract import ExtractRequest, extract
+from audiofx.pipeline.reading import load_fold
 from audiofx.pipeline.store import FeatureStore, chunk_clips
 from tests.conftest import make_class_folder, real_signal
 
@@ -44,7 +45,7 @@ def test_round_trip_values_labels_and_paths(small_folder, store_url):
     cfg = FeatureConfig.from_dict(manifest["feature_config"])
     seen = 0
     for fold in manifest["folds"]:
-        x, y, clips = fs.load_fold("folder", summary.key, fold)
+        x, y, clips = load_fold(fs, "folder", summary.key, fold)
         assert x.dtype == np.float16 and x.shape[1:] == (3, 128, 50)
         for xi, yi, path in zip(x, y, clips):
             assert path.startswith(f"class{yi}/")
@@ -55,7 +56,7 @@ def test_round_trip_values_labels_and_paths(small_folder, store_url):
     assert seen == 30
     # stratified: every fold has every class
     for fold in manifest["folds"]:
-        assert sorted(set(fs.load_fold("folder", summary.key, fold)[1].tolist())) == [0, 1, 2]
+        assert sorted(set(load_fold(fs, "folder", summary.key, fold)[1].tolist())) == [0, 1, 2]
 
 
 def test_layout_chunks_are_write_units(tmp_path):
@@ -127,7 +128,7 @@ def test_reader_refuses_a_store_without_manifest(small_folder, store_url):
     fs = FeatureStore(store_url)
     fs.loc.remove(fs.rel("folder", summary.key, "manifest.json"))
     with pytest.raises(StoreError, match="no manifest"):
-        FeatureStore(store_url).load_fold("folder", summary.key, "1")
+        load_fold(FeatureStore(store_url), "folder", summary.key, "1")
 
 
 def test_new_arrays_use_the_store_codec_and_old_codec_arrays_are_still_served(small_folder, tmp_path):
@@ -144,7 +145,7 @@ def test_new_arrays_use_the_store_codec_and_old_codec_arrays_are_still_served(sm
     assert isinstance(blosc, BloscCodec) and blosc.typesize == 2  # zarr sets the item size from the dtype
     assert (blosc.cname, blosc.clevel, blosc.shuffle, blosc.blocksize) == (
         X_CODEC.cname, X_CODEC.clevel, X_CODEC.shuffle, X_CODEC.blocksize)
-    before = fs.load_fold("folder", summary.key, "1")
+    before = load_fold(fs, "folder", summary.key, "1")
     values, chunks = fold["x"][:], fold["x"].chunks
     del fold["x"]
     old = fold.create_array("x", shape=values.shape, chunks=chunks, dtype=values.dtype, fill_value=0,
@@ -152,7 +153,7 @@ def test_new_arrays_use_the_store_codec_and_old_codec_arrays_are_still_served(sm
     old[:] = values
     reopened = zarr.open_array(str(summary.path / "fold-1" / "x"), mode="r")
     assert reopened.metadata.codecs[1].shuffle.name == "bitshuffle"  # really the old codec on disk
-    after = fs.load_fold("folder", summary.key, "1")
+    after = load_fold(fs, "folder", summary.key, "1")
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     assert fs.verify("folder", summary.key) == []  # checksums are of values, whatever the codec
     assert run(small_folder, tmp_path / "store").status == "complete"  # same key, nothing redone

@@ -18,12 +18,22 @@ import pytest
 import torch
 
 from audiofx.pipeline.extract import ExtractRequest, extract
-from audiofx.training.data import FoldSet, load_in_memory
-from audiofx.training.featureset import resolve_featureset
-from audiofx.training.finetune import channel_stats
-from audiofx.training.pool import PoolLoader, load_pool, pool_channel_stats, segments
-from audiofx.training.runs import Run
-from tests.conftest import REPO, TINY, cli_env, extract_demo, kill_9, make_class_folder, run_cli, start_cli, wait_while_running
+from audiofx.training.data.featuresets import FoldSet, resolve_featureset
+from audiofx.training.data.memory import load_in_memory
+from audiofx.training.data.pretrain_pool import PoolLoader, load_pool, pool_channel_stats, segments
+from audiofx.training.data.statistics import channel_stats
+from audiofx.training.stages.runs import Run
+from tests.conftest import (
+    REPO,
+    TINY,
+    cli_env,
+    extract_demo,
+    kill_9,
+    make_class_folder,
+    run_cli,
+    start_cli,
+    wait_while_running,
+)
 
 FRAMES = 100
 POOL = 200 + 15 * 2

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from audiofx.pipeline.extract import ExtractRequest, extract
-from audiofx.training.runs import Run
+from audiofx.training.stages.runs import Run
 from tests.conftest import TINY, assert_one_line_error, extract_demo, kill_9, run_cli, start_cli, wait_while_running
 
 
@@ -53,9 +53,9 @@ def test_streaming_finetune_learns_and_records_its_mode(store, tmp_path):
 
 
 def test_streaming_statistics_equal_channel_stats(store):
-    from audiofx.training.data import FoldSet, load_in_memory, streaming_channel_stats
-    from audiofx.training.featureset import resolve_featureset
-    from audiofx.training.finetune import channel_stats
+    from audiofx.training.data.featuresets import FoldSet, resolve_featureset
+    from audiofx.training.data.memory import load_in_memory
+    from audiofx.training.data.statistics import channel_stats, streaming_channel_stats
 
     key, _ = resolve_featureset(str(store), "demo")
     for folds, batch in ((["2", "3", "4", "5"], 256), (["1", "3", "5"], 48), (["4"], 7)):
@@ -72,7 +72,7 @@ def test_streaming_statistics_equal_channel_stats(store):
 
 
 def test_evaluate_knn_streaming_equals_in_memory(store, tmp_path):
-    from audiofx.training.models import build_encoder
+    from audiofx.training.models.encoders import build_encoder
 
     torch.manual_seed(0)  # a random tiny encoder without recorded statistics: both modes compute them
     encoder = tmp_path / "encoder.pt"
@@ -136,7 +136,7 @@ def test_streaming_finetune_resumes_after_kill_9_and_matches_an_uninterrupted_ru
 
 
 def test_streaming_finetune_on_a_multilabel_set_with_a_validation_split(tmp_path):
-    from audiofx.training.metrics import multilabel_scores
+    from audiofx.training.stages.metrics import multilabel_scores
     from tests.layouts import make_fsd50k_learnable
 
     make_fsd50k_learnable(tmp_path / "raw")

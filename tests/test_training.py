@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import replace
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,20 @@ import pytest
 import torch
 
 from audiofx.pipeline.extract import ExtractRequest, extract
-from audiofx.training.runs import Run
-from tests.conftest import REPO, TINY, assert_one_line_error, audiofx_cmd, cli_env, extract_demo, kill_9, run_cli, start_cli, wait_while_running
+from audiofx.training.stages.runs import Run
+from tests.conftest import (
+    REPO,
+    TINY,
+    assert_one_line_error,
+    audiofx_cmd,
+    cli_env,
+    extract_demo,
+    kill_9,
+    run_cli,
+    start_cli,
+    wait_while_running,
+)
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
@@ -86,8 +98,8 @@ def test_pretrain_then_finetune_and_knn_from_it(store, npid_run, tmp_path):
 
 def test_init_finds_a_pretrain_run_every_way_and_refuses_what_is_not_one(store, npid_run, tmp_path):
     from audiofx.errors import ConfigError
-    from audiofx.training.init import resolve_init
-    from audiofx.training.models import Classifier, build_encoder
+    from audiofx.training.models.encoders import Classifier, build_encoder
+    from audiofx.training.stages.weights import resolve_init
 
     def same(a: dict, b: dict) -> bool:
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -162,19 +174,19 @@ def test_evaluate_random_init_baseline_is_seeded_and_kept(store, tmp_path):
 
 
 def test_linear_probe_leaves_the_encoder_bit_identical(store, npid_run, monkeypatch):
-    from audiofx.training import evaluate as ev
+    from audiofx.training.stages import evaluate as ev
 
     # The encoder object itself, watched from outside: its state (weights and BatchNorm
     # buffers) when the embedding starts, and after the whole evaluation.
     seen: dict = {}
-    embed = ev.embed
+    embed = ev.embed_rows
 
     def watched(encoder, *args, **kwargs):
         seen["encoder"] = encoder
         seen["before"] = {k: v.clone() for k, v in encoder.state_dict().items()}
         return embed(encoder, *args, **kwargs)
 
-    monkeypatch.setattr(ev, "embed", watched)
+    monkeypatch.setattr(ev, "embed_rows", watched)
     summary = ev.evaluate(ev.EvaluateConfig(run="npid:npid-a", dataset="demo", store=str(store), mode="linear",
                                             linear_epochs=20, fold="1", runs_root=str(npid_run), name="lin"),
                           say=lambda *a: None)
@@ -257,7 +269,7 @@ def test_training_errors_are_one_line(store, tmp_path):
                                   "--method", "simclr", "--no-spec-augment", "--time-shift", "0", *TINY),
                           "simclr contrasts two random views", "every augmentation is off", "--time-shift")
     from audiofx.errors import ConfigError
-    from audiofx.training.pretrain import PretrainConfig, pretrain
+    from audiofx.training.stages.pretrain import PretrainConfig, pretrain
 
     def refused(match: str, **options) -> ConfigError:
         with pytest.raises(ConfigError, match=match) as refusal:
@@ -265,7 +277,7 @@ def test_training_errors_are_one_line(store, tmp_path):
                                     progress=False, **options), say=lambda *a: None)
         return refusal.value
 
-    assert "--method moco" in refused("--bn-splits is MoCo's", method="npid", bn_splits=4).hint
+    assert "--method moco" in refused("--bn-splits is MoCo's", method="npid", options={"bn_splits": 4}).hint
     assert "--time-crop 100 or less" in refused(r"--time-crop 101 is longer than the pool's samples \(100 frames\)",
                                                 method="npid", time_crop=101).hint
     assert "--time-crop of 16 frames or more" in refused("input of 128 bins x 8 frames is too small for tiny",
@@ -312,7 +324,7 @@ def test_finetune_augmentations_are_switched_one_by_one(store, tmp_path):
 
 
 def test_monitoring_holds_out_a_fold_with_usable_clips():
-    from audiofx.training.pretrain import _monitor_choice
+    from audiofx.training.stages.pretrain import _monitor_choice
 
     def manifest(usable: dict[str, int]) -> dict:
         return {"folds": {f: {"clips": 4, "ok": n} for f, n in usable.items()}}
@@ -331,8 +343,8 @@ def test_monitoring_holds_out_a_fold_with_usable_clips():
 
 
 def test_pretraining_views_are_switchable_and_the_default_is_what_runs_did_before():
-    from audiofx.training.augment import random_time_shift, spec_augment
-    from audiofx.training.pretrain import PretrainConfig, _views
+    from audiofx.training.models.augment import random_time_shift, spec_augment
+    from audiofx.training.stages.pretrain import PretrainConfig, _views
 
     x = torch.randn(6, 3, 40, 100)
     draw = torch.Generator().manual_seed(3)
@@ -396,13 +408,13 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
         del config[option]
     config_file.write_text(json.dumps(config))
     from audiofx.errors import ConfigError
-    from audiofx.training.pretrain import PretrainConfig, pretrain
+    from audiofx.training.stages.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(method=method, store=str(store), runs_root=str(tmp_path), batch_size=50, epochs=1, name=method,
-                         arch="tiny", progress=False, resume=True, nce_k=0 if extra else 64)
+                         arch="tiny", progress=False, resume=True, options={"nce_k": 0 if extra else 64})
     if method == "moco":
         with pytest.raises(ConfigError, match=r"was started with other settings \(bn_splits 1, now 3\)"):
-            pretrain(replace(cfg, bn_splits=3), say=lambda *a: None)
+            pretrain(replace(cfg, options={"bn_splits": 3}), say=lambda *a: None)
     said: list[str] = []
     pretrain(cfg, say=said.append)
     assert "the run has finished, nothing left to do" in said[-1]
@@ -431,8 +443,8 @@ def test_torchrun_data_parallel_on_two_cpu_processes(store, tmp_path):
     NPID pretraining in memory (bank updates gathered from both ranks) and MoCo's (BatchNorm
     groups in each rank's batch, keys from both ranks queued) finish, and a
     streaming finetune takes its statistics from both ranks' halves of the training folds."""
-    from audiofx.training.data import FoldSet, streaming_channel_stats
-    from audiofx.training.featureset import resolve_featureset
+    from audiofx.training.data.featuresets import FoldSet, resolve_featureset
+    from audiofx.training.data.statistics import streaming_channel_stats
 
     torchrun = Path(sys.executable).parent / "torchrun"  # installed with torch, next to the interpreter
     common = ["--standalone", "--nproc-per-node", "2", "-m", "audiofx"]  # --standalone: a free rendezvous port
@@ -464,13 +476,13 @@ def test_short_pretraining_beats_the_same_network_at_random_init(store, tmp_path
     66.5-73%, so it needs > 78%); SimCLR 81-82% over pretraining seeds 0-2 (5 epochs, ~45 s;
     10 epochs gave no more). A tiny CNN does not
     do: at random init it already scores 82-87% here, and SimCLR does not lift it."""
-    from audiofx.training.data import FoldSet, load_in_memory
-    from audiofx.training.evaluate import embed
-    from audiofx.training.featureset import resolve_featureset
-    from audiofx.training.finetune import channel_stats
-    from audiofx.training.knn import knn_scores
-    from audiofx.training.models import build_encoder
-    from audiofx.training.pretrain import PretrainConfig, pretrain
+    from audiofx.training.data.featuresets import FoldSet, resolve_featureset
+    from audiofx.training.data.memory import load_in_memory
+    from audiofx.training.data.statistics import channel_stats
+    from audiofx.training.models.encoders import build_encoder
+    from audiofx.training.stages.embedding import embed
+    from audiofx.training.stages.knn import knn_scores
+    from audiofx.training.stages.pretrain import PretrainConfig, pretrain
 
     key, manifest = resolve_featureset(str(store), "demo")
     data = load_in_memory(FoldSet(str(store), "demo", key, list(manifest["folds"])))

@@ -13,22 +13,20 @@ import zarr
 from zarr.codecs import BloscCodec, GzipCodec
 
 from audiofx.errors import StoreError
+from audiofx.pipeline.chunks import ChunkReader
 from audiofx.pipeline.extract import ExtractRequest, extract
+from audiofx.pipeline.reading import load_fold
 from audiofx.pipeline.store import FeatureStore
-from audiofx.training.augment import (
+from audiofx.training.data.featuresets import open_foldset
+from audiofx.training.data.inputs import open_inputs
+from audiofx.training.data.memory import InMemoryData, InMemoryLoader, load_in_memory, subset
+from audiofx.training.data.streaming import StreamingLoader
+from audiofx.training.models.augment import (
     Augment,
     mixup,
     random_time_crop,
     random_time_shift,
     spec_augment,
-)
-from audiofx.training.data import (
-    InMemoryLoader,
-    StreamingLoader,
-    _ChunkReader,
-    load_in_memory,
-    make_loader,
-    open_foldset,
 )
 from tests import layouts as L
 from tests.conftest import make_class_folder
@@ -57,10 +55,10 @@ def built(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(built):
-    """Fold-by-fold values from FeatureStore.load_fold, in global index order."""
+    """Fold-by-fold values from load_fold, in global index order."""
     store, key = built
     fs = FeatureStore(store)
-    parts = [fs.load_fold("folder", key, f) for f in ("1", "2")]
+    parts = [load_fold(fs, "folder", key, f) for f in ("1", "2")]
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
             [str(c) for p in parts for c in p[2]])
 
@@ -248,7 +246,7 @@ def test_streaming_serves_the_same_values_from_every_layout(built, expected, tmp
 def test_chunk_reader_matches_zarr_and_refuses_damaged_chunks(built, tmp_path):
     store = _recode(built, tmp_path / "store", compressors=OLD_CODEC)
     xdir = store / "folder" / built[1] / "fold-2" / "x"
-    reader = _ChunkReader(zarr.open_group(str(xdir.parent), mode="r").store, "x")
+    reader = ChunkReader(zarr.open_group(str(xdir.parent), mode="r").store, "x")
     arr = reader.array
     n = arr.shape[0]
     assert n % CHUNK and reader.directory == xdir  # the fold ends in a short chunk
@@ -266,21 +264,23 @@ def test_chunk_reader_matches_zarr_and_refuses_damaged_chunks(built, tmp_path):
     raw = _recode(built, tmp_path / "raw", compressors=None) / "folder" / built[1] / "fold-2" / "x"
     (raw / "c" / "0" / "0" / "0" / "0").write_bytes(b"\0" * 10)
     with pytest.raises(StoreError, match="damaged chunk .* 10 bytes, expected"):
-        _ChunkReader(zarr.open_group(str(raw.parent), mode="r").store, "x").read(0, 2)
+        ChunkReader(zarr.open_group(str(raw.parent), mode="r").store, "x").read(0, 2)
 
 
-def test_make_loader_chooses_by_budget(built, expected):
+def test_the_door_chooses_the_loader_by_budget(built, expected):
     store, key = built
     fset = open_foldset(str(store), "folder", key, ["1", "2"])
     raw = fset.raw_bytes()
     assert raw == 31 * 3 * 128 * 20 * 2
-    loader, mode = make_loader(fset, 8, memory_budget_bytes=1000, run_chunks=1, threads=1)
+    inputs = open_inputs([fset], memory_budget_gb=1000 / 1e9)
+    loader, mode = inputs.folds(fset.folds).loader(8), inputs.mode.mode
     assert mode == "streaming" and isinstance(loader, StreamingLoader)
     assert sorted(_indices(loader)) == list(range(30))
-    loader, mode = make_loader(fset, 8, memory_budget_bytes=raw, run_chunks=1, seed=9)
+    inputs = open_inputs([fset], memory_budget_gb=raw / 1e9)
+    loader, mode = inputs.folds(fset.folds).loader(8, seed=9), inputs.mode.mode
     assert mode == "memory" and isinstance(loader, InMemoryLoader) and loader.seed == 9
     assert sorted(_indices(loader)) == list(range(30))
-    assert make_loader(fset, 8)[1] == "memory"  # default budget: half of MemAvailable
+    assert open_inputs([fset]).mode.mode == "memory"  # default budget: half of MemAvailable
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -410,9 +410,6 @@ def test_augment_config():
 
 
 def test_subset_of_one_run_of_rows_is_a_view_and_of_several_a_copy():
-    from audiofx.training.data import InMemoryData
-    from audiofx.training.finetune import subset
-
     x = torch.arange(24, dtype=torch.float16).view(6, 1, 2, 2)
     data = InMemoryData(x=x, y=torch.arange(6), index=torch.arange(6), clips=[f"c{i}" for i in range(6)],
                         fold_of=["1", "1", "2", "2", "3", "3"])

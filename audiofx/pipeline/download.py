@@ -44,7 +44,8 @@ from typing import Any, Callable, Iterator
 
 from audiofx import __version__
 from audiofx.errors import ConfigError, DatasetError
-from audiofx.pipeline.datasets.base import default_root, file_digest, get_adapter, safe_relpath
+from audiofx.pipeline.datasets import get_adapter
+from audiofx.pipeline.datasets.base import default_root, file_digest, safe_relpath
 
 MIRROR_ENV = "AUDIOFX_DOWNLOAD_MIRROR"
 CHUNK = 1 << 20

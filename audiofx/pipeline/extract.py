@@ -26,7 +26,8 @@ from audiofx.config import (
     resolve_feature_config,
 )
 from audiofx.errors import AudioSkip, ConfigError, DatasetError
-from audiofx.pipeline.datasets.base import DatasetIndex, default_root, get_adapter
+from audiofx.pipeline.datasets import get_adapter
+from audiofx.pipeline.datasets.base import DatasetIndex, default_root
 from audiofx.pipeline.decode import decode_clip
 from audiofx.pipeline.executors import Scheduler, open_executor, parse_scheduler
 from audiofx.pipeline.fingerprint import file_sizes, fingerprint

@@ -29,6 +29,7 @@ import zarr
 from audiofx.errors import ConfigError
 from audiofx.pipeline.location import redact
 from audiofx.pipeline.store import FeatureStore, fold_group, present_folds
+from audiofx.pipeline.transfer import copy_group, same_content
 
 DEFAULT_LIMIT = 50 * 10**9
 LAST_USED = ".last-used"
@@ -74,8 +75,6 @@ class ReadCache:
 
     def open_fold(self, remote: FeatureStore, dataset: str, key: str, fold: str, manifest: dict[str, Any]):
         """The zarr group of one fold, from the local mirror; fetched first if needed."""
-        from audiofx.pipeline.transfer import copy_group, same_content
-
         local = self.mirror(remote)
         if local.has_manifest(dataset, key):
             cached = local.read_manifest(dataset, key)

@@ -87,6 +87,14 @@ def chunk_clips(config: FeatureConfig) -> int:
     return max(1, min(MAX_CHUNK_CLIPS, -(-CHUNK_BYTES // clip_bytes)))
 
 
+def manifest_chunk_clips(manifest: dict[str, Any]) -> int:
+    """Clips per chunk of a written set (stores written before the manifest recorded it:
+    from its feature config)."""
+    if manifest.get("chunk_clips"):
+        return int(manifest["chunk_clips"])
+    return chunk_clips(FeatureConfig.from_dict(manifest["feature_config"]))
+
+
 def plan_units(fold_sizes: dict[str, int], chunk_clips: int) -> list[Unit]:
     units = []
     for fold, n in fold_sizes.items():
@@ -143,7 +151,7 @@ class FeatureStore:
     creating a group writes the same metadata objects whatever run does it, never deletes
     anything (but for --rebuild), and writes only whole objects, so two runs on two machines
     interleave harmlessly. Training reads of a remote store go through the local read-through
-    cache (readcache.py); `verify` and the cache commands read the store itself.
+    cache (reading.py, readcache.py); `verify` and the cache commands read the store itself.
     """
 
     def __init__(self, root: str | Path):
@@ -379,25 +387,6 @@ class FeatureStore:
         self.loc.remove(self.rel(dataset, key))
         if not self.remote:
             self.loc.remove(f"{dataset}/.{key}.lock")
-
-    def open_fold(self, dataset: str, key: str, fold: str, manifest: dict[str, Any] | None = None):
-        """The zarr group of one fold of a complete feature set. A remote store's fold is
-        served from the local read-through cache, fetched and checked on first use.
-        `manifest`: this store's manifest when the caller has just read it (saves a GET)."""
-        if manifest is None:
-            manifest = self.read_manifest(dataset, key)  # only a store with a manifest is trusted
-        check_fold_present(self, dataset, key, fold, manifest)
-        if self.remote:
-            from audiofx.pipeline.readcache import default_cache
-
-            return default_cache().open_fold(self, dataset, key, fold, manifest)
-        return zarr.open_group(self.zarr_store(dataset, key, fold_group(fold), read_only=True), mode="r")
-
-    def load_fold(self, dataset: str, key: str, fold: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(x, y, clip) of the usable clips of one fold, read in one sequential pass."""
-        g = self.open_fold(dataset, key, fold)
-        ok = g["ok"][:]
-        return g["x"][:][ok], g["y"][:][ok], g["clip"][:][ok]
 
     # -- verification ----------------------------------------------------------------------
     def verify(self, dataset: str, key: str, manifest: dict[str, Any] | None = None,

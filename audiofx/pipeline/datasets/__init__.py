@@ -1,7 +1,10 @@
-"""Dataset adapters, one module per dataset; importing this package registers them all."""
+"""Dataset adapters, one module per dataset; importing this package registers them all, and
+``get_adapter`` looks one up by name."""
+
+from audiofx.errors import ConfigError
 
 # Imported for their register() side effect.
-from audiofx.pipeline.datasets import (  # noqa: E402,F401
+from audiofx.pipeline.datasets import (  # noqa: F401
     dcase2013,
     demo,
     esc50,
@@ -17,7 +20,12 @@ from audiofx.pipeline.datasets.base import (
     Clip,
     DatasetAdapter,
     DatasetIndex,
-    get_adapter,
 )
 
 __all__ = ["AUDIO_EXTENSIONS", "REGISTRY", "Clip", "DatasetAdapter", "DatasetIndex", "get_adapter"]
+
+
+def get_adapter(name: str) -> DatasetAdapter:
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown dataset {name!r}", f"known datasets: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]

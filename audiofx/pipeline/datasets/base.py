@@ -60,14 +60,6 @@ def register(adapter: DatasetAdapter) -> DatasetAdapter:
     return adapter
 
 
-def get_adapter(name: str) -> DatasetAdapter:
-    from audiofx.pipeline import datasets  # noqa: F401  (imports every adapter module)
-
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown dataset {name!r}", f"known datasets: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
-
-
 def require_root(adapter: DatasetAdapter, root: Path, must_exist: Sequence[str]) -> None:
     """Fail with the expected layout and the download source when the root looks wrong."""
     missing = [p for p in must_exist if not (root / p).exists()]

@@ -27,13 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from audiofx.errors import AudiofxError, ConfigError
-from audiofx.training import plots
-from audiofx.training.init import RANDOM, SSL_METHODS, random_encoder_file
-from audiofx.training.featureset import fold_order
-from audiofx.training.metrics import per_class_markdown
-from audiofx.training.runs import STAGES, Headline, Run, headline
+from audiofx.pipeline.location import Location, is_remote
+from audiofx.training.data.featuresets import FoldSet, fold_order
+from audiofx.training.data.memory import load_in_memory
+from audiofx.training.data.statistics import channel_stats
+from audiofx.training.models.encoders import Classifier, build_encoder
+from audiofx.training.report import plots
+from audiofx.training.runtime.device import autocast, pick_device
+from audiofx.training.stages.embedding import embed
+from audiofx.training.stages.fusion import fuse_posteriors, mean_per_clip, zhou_samples
+from audiofx.training.stages.metrics import per_class_markdown
+from audiofx.training.stages.runs import STAGES, Headline, Run, headline
+from audiofx.training.stages.weights import RANDOM, SSL_METHODS, random_encoder_file, resolve_init
 
 TSNE_MAX_CLIPS = 2000  # t-SNE is O(n log n) but slow in absolute terms; larger folds are subsampled
 MODE_NAMES = {"knn": "kNN", "linear": "linear"}
@@ -239,10 +247,6 @@ class Skip(Exception):
 
 
 def _load_fold(run: RunData, fold: str, store: str | None, device):
-    from audiofx.training.data import FoldSet, load_in_memory
-
-    from audiofx.pipeline.location import Location, is_remote
-
     store = store or run.config.get("store", "data/features")
     if not is_remote(store) and not Location(store).path.exists():
         raise Skip(f"its feature store {store} does not exist (pass --store to read the features from another copy)")
@@ -259,11 +263,6 @@ def tsne_inputs(run: RunData, store: str | None) -> tuple[np.ndarray, np.ndarray
     per clip: the fine-tuned encoder of that fold, or the evaluated pretrained encoder.
     Predictions are the saved ones; a fine-tune run that saved none for the fold's clips gets
     its model's own."""
-    from audiofx.training.device import pick_device
-    from audiofx.training.evaluate import embed
-    from audiofx.training.finetune import channel_stats
-    from audiofx.training.init import resolve_init
-
     if run.multilabel:
         raise Skip("a t-SNE is coloured by one class per clip, and clips of a multi-label set have several")
     handle = Run(run.path)
@@ -313,12 +312,6 @@ def _finetuned_embeddings(run: RunData, ckpt: dict[str, Any], data, device):
     fine-tuning fed it, and the model's own predicted classes, from one pass. Runs with Zhou
     et al.'s fragments or channel fusion embed every sample and average the embeddings of
     each clip, as their predictions average the samples' posteriors."""
-    import torch
-
-    from audiofx.training.device import autocast
-    from audiofx.training.fusion import fuse_posteriors, mean_per_clip
-    from audiofx.training.models import Classifier, build_encoder
-
     cfg, states = run.config, ckpt["states"]
     model = Classifier(build_encoder(ckpt["meta"].get("arch") or cfg["arch"]), len(data.classes),
                        head=cfg.get("head", "linear"))
@@ -328,8 +321,6 @@ def _finetuned_embeddings(run: RunData, ckpt: dict[str, Any], data, device):
     fragments, fusion = int(cfg.get("fragments", 1)), bool(cfg.get("channel_fusion", False))
     samples, clip_index = data, None
     if fragments > 1 or fusion:
-        from audiofx.training.finetune import zhou_samples
-
         samples, clip_index, (mean, std), _ = zhou_samples(data, fragments, fusion, stats=(mean, std))
         mean, std = mean.to(device), std.to(device)
     zs, logits = [], []

@@ -27,17 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from audiofx.training.data import (
-    Batch,
-    ChannelMoments,
-    FoldSet,
-    InMemoryData,
-    StreamingLoader,
-    _generator,
-    load_in_memory,
-)
-from audiofx.training.distributed import Ranks
-from audiofx.training.featureset import usable_clips
+from audiofx.training.data.batches import Batch, seeded_generator
+from audiofx.training.data.featuresets import FoldSet, usable_clips
+from audiofx.training.data.memory import InMemoryData, InMemoryLoader, load_in_memory
+from audiofx.training.data.statistics import ChannelMoments, channel_stats
+from audiofx.training.data.streaming import StreamingLoader
+from audiofx.training.runtime.distributed import Ranks
 
 # Tells the interleaving generator apart from the ones StreamingLoader seeds from (seed, epoch).
 _INTERLEAVE = 0x504F4F4C
@@ -52,6 +47,13 @@ def segments(x: torch.Tensor, frames: int) -> torch.Tensor:
     return x.permute(0, 3, 1, 2, 4).reshape(n * s, c, f, frames)
 
 
+def pool_sizes(foldsets: list[FoldSet], frames: int) -> list[int]:
+    """Samples of each dataset in the pool (usable clips x segments of ``frames``), from the manifests."""
+    manifests = [fs.manifest() for fs in foldsets]
+    return [sum(usable_clips(m, f) for f in fs.folds) * (int(m["shape"][-1]) // frames)
+            for fs, m in zip(foldsets, manifests)]
+
+
 def load_pool(foldsets: list[FoldSet], frames: int, device: str | torch.device = "cpu",
               keep: int | None = None) -> tuple[torch.Tensor, InMemoryData | None]:
     """The in-memory pool: every dataset's usable clips cut into segments, one row per sample
@@ -59,9 +61,7 @@ def load_pool(foldsets: list[FoldSet], frames: int, device: str | torch.device =
     The pool is allocated once at its final size, and each dataset is loaded, cut straight
     into it and let go, so the peak is the pool plus one dataset, not every dataset twice.
     The dataset at position ``keep`` (the kNN monitor's) is returned as loaded."""
-    manifests = [fs.manifest() for fs in foldsets]
-    sizes = [sum(usable_clips(m, f) for f in fs.folds) * (int(m["shape"][-1]) // frames)
-             for fs, m in zip(foldsets, manifests)]
+    sizes = pool_sizes(foldsets, frames)
     x, kept, at = None, None, 0
     for i, fs in enumerate(foldsets):
         d = load_in_memory(fs, device=device)
@@ -117,7 +117,7 @@ class PoolLoader:
         """Which dataset gives each batch of an epoch (positions in ``loaders``)."""
         which = np.repeat(np.arange(len(self.loaders)), [len(ld) for ld in self.loaders])
         if self.shuffle and len(which):
-            which = which[torch.randperm(len(which), generator=_generator(self.seed, epoch, _INTERLEAVE)).numpy()]
+            which = which[torch.randperm(len(which), generator=seeded_generator(self.seed, epoch, _INTERLEAVE)).numpy()]
         return which
 
     def cut(self, d: int, batch: Batch) -> Batch:
@@ -148,8 +148,7 @@ class PoolLoader:
 def pool_channel_stats(foldsets: list[FoldSet], frames: int, device: str | torch.device = "cpu",
                        batch_size: int = 64, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the pool's samples in one sequential pass over the store,
-    accumulated in float64 (``ChannelMoments``, as ``finetune.channel_stats`` on the in-memory
-    pool): the same values, without the pool in memory. Segments are a reshaping of the
+    accumulated in float64 (``ChannelMoments``, as ``channel_stats`` on the in-memory pool): the same values, without the pool in memory. Segments are a reshaping of the
     frames, so summing the cut clips' frames (the frames past the last whole segment dropped,
     as the in-memory pool drops them) gives the pool's sums. Under torchrun each rank reads
     an exact share of every dataset and the sums are added over the ranks
@@ -161,3 +160,53 @@ def pool_channel_stats(foldsets: list[FoldSet], frames: int, device: str | torch
         moments.add(batch.x)
     moments.all_reduce(ranks)
     return moments.result()
+
+
+class ResidentPool:
+    """The pool in memory (``load_pool``); ``kept``: the dataset at position ``keep`` as loaded
+    (all its folds), for the kNN monitor."""
+
+    not_kept: str | None = None  # in memory, what is kept is never over the budget
+
+    def __init__(self, foldsets: list[FoldSet], frames: int, device: str | torch.device, keep: int | None = None):
+        self.x, self.kept = load_pool(foldsets, frames, device=device, keep=keep)
+        n = self.x.shape[0]
+        self.data = InMemoryData(x=self.x, y=torch.zeros(n, dtype=torch.long, device=self.x.device),
+                                 index=torch.arange(n, device=self.x.device), clips=[""] * n, fold_of=[""] * n)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def loader(self, batch_size: int, seed: int = 0, ranks: Ranks = Ranks()) -> InMemoryLoader:
+        """Shuffled batches; the short last batch is dropped when the pool holds more than one
+        batch per rank (a contrastive batch of a few samples has few negatives, and BatchNorm
+        few samples to normalise by)."""
+        return InMemoryLoader(self.data, batch_size, shuffle=True, drop_last=len(self) > batch_size * ranks.world,
+                              seed=seed, rank=ranks.rank, world_size=ranks.world)
+
+    def statistics(self, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
+        return channel_stats(self.x)
+
+
+class StreamedPool:
+    """The pool streamed from the store (``PoolLoader``: the same samples, numbered the same
+    way); ``kept``: folds held in memory beside it (the kNN monitor's), or None, and then
+    ``not_kept`` says why when they were asked for."""
+
+    def __init__(self, foldsets: list[FoldSet], frames: int, device: str | torch.device,
+                 kept: InMemoryData | None = None, not_kept: str | None = None):
+        self.foldsets, self.frames, self.device = foldsets, frames, device
+        self.kept, self.not_kept = kept, not_kept
+        self.n = sum(pool_sizes(foldsets, frames))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def loader(self, batch_size: int, seed: int = 0, ranks: Ranks = Ranks()) -> PoolLoader:
+        """Shuffled batches, every sample once per epoch (no drop_last: the tail batches are
+        short instead)."""
+        return PoolLoader(self.foldsets, self.frames, batch_size, shuffle=True, seed=seed, rank=ranks.rank,
+                          world_size=ranks.world, device=self.device)
+
+    def statistics(self, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
+        return pool_channel_stats(self.foldsets, self.frames, device=self.device, ranks=ranks)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from audiofx.errors import ConfigError
-from audiofx.training.init import RANDOM
-from audiofx.training.runs import Run, headline
+from audiofx.training.stages.runs import Run, headline
+from audiofx.training.stages.weights import RANDOM
 
 
 def run_row(path: Path) -> tuple[str, str, str, str]:

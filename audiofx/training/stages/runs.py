@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from audiofx.errors import ConfigError
+from audiofx.training.runtime.distributed import Ranks, barrier
+from audiofx.training.stages.tasks import METRIC_NAMES
 
 STAGES = ("pretrain", "finetune", "evaluate")
 # Recorded, not compared on --resume: the memory budget only picks the data mode, and the
@@ -160,12 +162,10 @@ class Run:
         _atomic_write(self.path / name, text)
 
 
-def open_run(ranks, root: str | Path, stage: str, name: str, config: dict[str, Any], resume: bool,
+def open_run(ranks: Ranks, root: str | Path, stage: str, name: str, config: dict[str, Any], resume: bool,
              extendable: tuple[str, ...] = (), later: dict[str, Any] | None = None) -> Run:
     """Rank 0 creates (or checks, on --resume) the run folder; the other ranks wait for it and
     get a read-only handle on the same folder."""
-    from audiofx.training.distributed import barrier
-
     run = Run.create(root, stage, name, config, resume, extendable, later) if ranks.main else None
     barrier(ranks)
     return run or Run(Path(root) / stage / name, readonly=True)
@@ -248,8 +248,6 @@ class Headline:
 
     @property
     def metric_name(self) -> str:
-        from audiofx.training.tasks import METRIC_NAMES
-
         return METRIC_NAMES.get(self.metric, self.metric)
 
     def text(self) -> str:

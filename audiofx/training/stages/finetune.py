@@ -13,15 +13,16 @@ Zhou et al. 2019's options (any dataset): ``fragments`` cuts every clip into N t
 fragments and ``channel_fusion`` makes every channel its own sample; both train on the
 samples as independent examples with the clip's label and, at test, average the posteriors
 (softmax, or sigmoid for multi-label sets) of a clip's samples, so scores and saved
-predictions are per clip. ``head`` picks the linear or the MLP-attention head (models.py).
+predictions are per clip. ``head`` picks the linear or the MLP-attention head
+(models/encoders.py).
 
-Data: the folds are loaded into memory (``load_in_memory``) when their features fit the
-memory budget (``memory_budget_gb``; by default half the free memory where the data would
-live), else the training folds of each test fold are streamed from the store
-(``StreamingLoader``, shuffled by (seed, epoch) like the in-memory loader), with their
+Data come through the one door from the store (``data.inputs``): the folds are held in
+memory when their features fit the memory budget (``memory_budget_gb``; by default half the
+free memory where the data would live), else the training folds of each test fold are
+streamed from the store (shuffled by (seed, epoch) like the in-memory loader), with their
 per-channel statistics from one sequential pass; the test fold and the validation split,
-each a fraction of the set, are still loaded into memory. The mode is recorded in
-config.json: it changes the batch order, so two runs compare only within one mode.
+each a fraction of the set, are always in memory. The mode is recorded in config.json: it
+changes the batch order, so two runs compare only within one mode.
 
 ``--resume --epochs N`` may extend a run to more epochs than it was started with: the step
 decay does not depend on the total, so the result is the run N epochs would have given.
@@ -39,31 +40,27 @@ import numpy as np
 import torch
 
 from audiofx.errors import ConfigError
-from audiofx.training.augment import Augment
-from audiofx.training.data import (
-    MODE_MEMORY,
-    STATS_BATCH,
-    ChannelMoments,
-    DataMode,
+from audiofx.training.data.featuresets import (
     FoldSet,
-    InMemoryLoader,
-    StreamingLoader,
-    budget_bytes,
-    choose_mode,
-    gigabytes,
-    load_in_memory,
-    streaming_channel_stats,
+    check_usable,
+    fold_order,
+    resolve_featureset,
+    split_folds,
+    validation_fold,
 )
-from audiofx.training.device import autocast, prepare_model, seed_everything
-from audiofx.training.distributed import Ranks, run_on_ranks, wrap
-from audiofx.training.featureset import check_usable, fold_order, resolve_featureset, split_folds, validation_fold
-from audiofx.training.fusion import expand_channels, fuse_posteriors, split_fragments
-from audiofx.training.init import resolve_init
-from audiofx.training.loop import optimiser_states, restore_optimiser_states, train_epoch
-from audiofx.training.metrics import mean_std
-from audiofx.training.models import HEADS, Classifier, check_input_size
-from audiofx.training.runs import Run, TrainingOptions, default_name, open_run, recorded_config
-from audiofx.training.tasks import METRIC_NAMES, Task
+from audiofx.training.data.inputs import open_inputs
+from audiofx.training.data.mode import MODE_MEMORY
+from audiofx.training.models.augment import Augment
+from audiofx.training.models.encoders import HEADS, Classifier, check_input_size
+from audiofx.training.runtime.device import autocast, prepare_model, seed_everything
+from audiofx.training.runtime.distributed import Ranks, run_on_ranks, wrap
+from audiofx.training.stages.embedding import embed
+from audiofx.training.stages.epochs import optimiser_states, restore_optimiser_states, train_epoch
+from audiofx.training.stages.fusion import fuse_posteriors, zhou_samples
+from audiofx.training.stages.metrics import mean_std
+from audiofx.training.stages.runs import Run, TrainingOptions, default_name, open_run, recorded_config
+from audiofx.training.stages.tasks import METRIC_NAMES, Task
+from audiofx.training.stages.weights import resolve_init
 
 
 @dataclass
@@ -86,79 +83,16 @@ class FinetuneConfig(TrainingOptions):
     head: str = "linear"  # linear (GAP + linear) or mlp-attn
 
 
-def channel_stats(x: torch.Tensor, chunk: int = STATS_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of (N, C, F, T) float16 features, accumulated in float64 in
-    chunks. Inputs are standardised with the training folds' statistics only. A streaming
-    run computes the same numbers in one pass over the store (``streaming_channel_stats``)."""
-    moments = ChannelMoments(x.shape[1], x.device)
-    for i in range(0, x.shape[0], chunk):
-        moments.add(x[i:i + chunk])
-    return moments.result()
-
-
 @torch.no_grad()
 def predict(model: torch.nn.Module, data, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
             batch_size: int = 64) -> torch.Tensor:
     """Logits of every sample of an in-memory set, in order."""
-    from audiofx.training.evaluate import embed
-
     return embed(model, data.x, mean, std, device, batch_size).cpu()
-
-
-def subset(data, mask: torch.Tensor):
-    """The rows of an in-memory set selected by a boolean mask. One run of rows (a test fold,
-    FSD50K's or TUT's one training split: folds are loaded one after another) is a view of
-    ``data``, not a copy; other selections (k-fold training folds around the test fold) copy."""
-    keep = mask.nonzero().flatten().tolist()
-    if keep and keep[-1] - keep[0] + 1 == len(keep):
-        rows = slice(keep[0], keep[-1] + 1)
-        x, y, index = data.x[rows], data.y[rows], data.index[rows]
-    else:
-        x, y, index = data.x[mask], data.y[mask], data.index[mask]
-    return dataclasses.replace(data, x=x, y=y, index=index, clips=[data.clips[i] for i in keep],
-                               fold_of=[data.fold_of[i] for i in keep])
 
 
 # The options added after the first runs, at the values runs started before them behaved as
 # (no such key in their config.json): such a run may resume with them at these values.
 _LATER_OPTIONS = {"fragments": 1, "channel_fusion": False, "head": "linear", "data_mode": MODE_MEMORY}
-
-
-def standardise_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """(x - mean) / std in place, in chunks (computed in float32, stored in x's dtype)."""
-    for i in range(0, x.shape[0], chunk):
-        x[i:i + chunk] = ((x[i:i + chunk].float() - mean) / std).to(x.dtype)
-    return x
-
-
-def zhou_samples(data, fragments: int, channel_fusion: bool, stats=None):
-    """A set's clips as Zhou et al.'s samples: ``(samples, clip_index, loop_stats, stats)``.
-
-    Fragments first (``split_fragments``), then channels (``expand_channels``); every sample
-    carries its clip's label and ``clip_index[k]`` is the clip (row of ``data``) of sample k.
-    ``stats`` are the training set's per-channel (mean, std), computed here when None (the
-    training set itself, over its fragments). With channel fusion a sample's 3 channels are
-    copies of one source channel, so inputs are standardised here, before the expansion, with
-    that source channel's statistics, and the returned (mean, std) for the training loop are
-    (0, 1); otherwise they are the per-channel statistics, applied per batch as usual.
-    ``stats`` (the per-channel statistics) are returned too, for the test set and the checkpoint.
-    """
-    x, clip_index = split_fragments(data.x, fragments)
-    mean, std = stats if stats is not None else channel_stats(x)
-    loop_stats = (mean, std)
-    if channel_fusion:
-        # The subset is this fold's own copy, and split_fragments copies when fragments > 1:
-        # clone only when x is still the caller's tensor, then standardise in place (float16).
-        x = standardise_(x.clone() if x is data.x else x, mean, std)
-        x, channel_index = expand_channels(x)
-        clip_index = clip_index[channel_index]
-        loop_stats = (torch.zeros(1, 1, 1, 1, device=x.device), torch.ones(1, 1, 1, 1, device=x.device))
-    rows = clip_index.tolist()
-    samples = dataclasses.replace(
-        data, x=x, y=data.y[clip_index.to(data.y.device)], index=torch.arange(len(rows), device=data.index.device),
-        clips=[data.clips[i] for i in rows], fold_of=[data.fold_of[i] for i in rows],
-    )
-    return samples, clip_index, loop_stats, (mean, std)
 
 
 def summarize(per_fold: dict[str, dict[str, float]], metric: str = "acc") -> dict[str, Any]:
@@ -197,25 +131,25 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
     all_folds = sorted({f for t, train in plan for f in [t, *train]} | ({val_fold} if val_fold else set()), key=fold_order)
     name = cfg.name or default_name(cfg.init.replace(":", "-").replace("/", "_")[:40], cfg.dataset)
     recorded = recorded_config(cfg.runs_root, "finetune", name, cfg.resume)
-    mode = _data_mode(cfg, FoldSet(cfg.store, cfg.dataset, key, all_folds).raw_bytes(manifest), recorded, ranks, device)
+    # Zhou et al.'s options cut and copy the training set in memory, so they refuse to stream.
+    zhou = (f"--fragments {cfg.fragments}" if cfg.fragments > 1 else "--channel-fusion") \
+        if cfg.fragments > 1 or cfg.channel_fusion else None
+    inputs = open_inputs([FoldSet(cfg.store, cfg.dataset, key, all_folds)], cfg.memory_budget_gb, device, ranks=ranks,
+                         recorded=recorded, manifests=[manifest], needs_memory=zhou)
     # The mode is recorded: it changes the batch order, so a resume must keep it.
     config = {**cfg.to_json(), "arch": init.arch, "key": key, "init_source": init.source, "stage": "finetune",
-              "data_mode": mode.mode}
+              "data_mode": inputs.mode.mode}
     # --resume --epochs N with N larger than the run's: the step schedule does not depend on
     # the total, so the extended run is the run that N epochs would have been from the start.
     run = open_run(ranks, cfg.runs_root, "finetune", name, config, cfg.resume, extendable=("epochs",),
                    later=_LATER_OPTIONS)
     say(f"finetune {cfg.dataset} ({key}) from {init.kind} ({init.source}), {init.arch}{_zhou_note(cfg)}, "
         f"{len(plan)} fold(s), {cfg.epochs} epochs on {device}{f' x {ranks.world} ranks' if ranks.active else ''}"
-        f"{f', epochs selected on {val_fold}' if val_fold else ''}, features {mode.describe()} -> {run.path}")
+        f"{f', epochs selected on {val_fold}' if val_fold else ''}, features {inputs.describe()} -> {run.path}")
 
-    if mode.streaming:  # training folds streamed per test fold; the test fold and val split in memory
-        data = fold_of = None
-        val = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, [val_fold]), device=device) if val_fold else None
-    else:
-        data = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, all_folds), device=device)
-        fold_of = np.array(data.fold_of)
-        val = subset(data, torch.from_numpy(fold_of == val_fold)) if val_fold else None
+    # The training folds of each test fold come through the door (streamed, or rows of the set
+    # in memory); the test fold and the validation split, each a fraction of the set, are in memory.
+    val = inputs.resident([val_fold]) if val_fold else None
     n_classes = len(manifest["classes"])
     done = {r["fold"]: r for r in run.metrics() if r.get("event") == "fold_done"}
     extended = [f for f, r in done.items() if _fold_epochs(run, f, r) < cfg.epochs]
@@ -229,12 +163,8 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
             say(f"fold {test_fold}: already done (last {task.metric_name} "
                 f"{100 * per_fold[test_fold][f'last_{task.metric}']:.2f}%)")
             continue
-        if data is None:  # streaming: the training folds in load_in_memory's order, for the statistics
-            train = FoldSet(cfg.store, cfg.dataset, key, sorted(train_folds, key=fold_order))
-            test = load_in_memory(FoldSet(cfg.store, cfg.dataset, key, [test_fold]), device=device)
-        else:
-            train = subset(data, torch.from_numpy(np.isin(fold_of, train_folds)))
-            test = subset(data, torch.from_numpy(fold_of == test_fold))
+        train = inputs.folds(sorted(train_folds, key=fold_order))
+        test = inputs.resident([test_fold])
         per_fold[test_fold] = _train_fold(cfg, init, run, task, train, test, val, n_classes, test_fold, device, ranks,
                                           say)
     summary = summarize(per_fold, task.metric)
@@ -247,21 +177,6 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
     run.write_text("summary.md", summary_markdown(cfg, init.arch, key, summary, val_fold))
     summary["run"] = str(run.path)
     return summary
-
-
-def _data_mode(cfg: FinetuneConfig, size: int, recorded: dict[str, Any] | None, ranks: Ranks,
-               device: torch.device) -> DataMode:
-    """In memory or streaming, by ``choose_mode``'s rule (which pretraining and evaluation
-    share). Zhou et al.'s options cut and copy the training set in memory, so they refuse to
-    stream."""
-    mode = choose_mode(size, budget_bytes(cfg.memory_budget_gb), device, recorded=recorded, ranks=ranks)
-    if mode.streaming and (cfg.fragments > 1 or cfg.channel_fusion):
-        option = f"--fragments {cfg.fragments}" if cfg.fragments > 1 else "--channel-fusion"
-        raise ConfigError(f"{option} needs the training folds in memory, but their features ({gigabytes(mode.size)}) "
-                          f"are over the memory budget of {gigabytes(mode.budget)}",
-                          f"raise --memory-budget to at least {mode.size / 1e9:.3g} (GB) if the memory is there, "
-                          f"or drop {option}")
-    return mode
 
 
 def _fold_epochs(run: Run, fold: str, record: dict[str, Any]) -> int:
@@ -294,15 +209,12 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
     n_test, n_val = len(test.clips), len(val.clips) if val is not None else 0
     tag = f"fold-{fold}"
     ckpt = run.load_checkpoint(tag) if cfg.resume else None
-    streaming = isinstance(train, FoldSet)  # the training folds stay in the store
-    if streaming:  # one sequential pass, unless the checkpoint has them (the same numbers)
+    if cfg.fragments == 1 and not cfg.channel_fusion:  # whole clips
+        # A resume takes them from the checkpoint (the same numbers; streamed, one pass fewer).
         mean, std = ((ckpt["states"]["mean"].to(device), ckpt["states"]["std"].to(device)) if ckpt else
-                     streaming_channel_stats(train, device=device, ranks=ranks))
+                     train.statistics(ranks))
         saved_stats = (mean, std)
-    elif cfg.fragments == 1 and not cfg.channel_fusion:  # whole clips: the original path, unchanged
-        mean, std = channel_stats(train.x)
-        saved_stats = (mean, std)
-    else:  # samples are fragments and/or channels; test predictions are fused back per clip
+    else:  # samples are fragments and/or channels (in memory); test predictions are fused back per clip
         train, _, (mean, std), saved_stats = zhou_samples(train, cfg.fragments, cfg.channel_fusion)
         test, test_index, _, _ = zhou_samples(test, cfg.fragments, cfg.channel_fusion, stats=saved_stats)
         if val is not None:
@@ -326,12 +238,7 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
     if cfg.resume:  # epochs logged after the checkpoint (a kill between the two) are done again
         run.drop_records(lambda r: r.get("event") == "epoch" and r.get("fold") == fold and r["epoch"] > start)
     # Either loader's order depends only on (seed, epoch): a resumed run sees the same batches.
-    if streaming:
-        loader = StreamingLoader(train, cfg.batch_size, shuffle=True, drop_last=False, seed=cfg.seed, rank=ranks.rank,
-                                 world_size=ranks.world, device=device)
-    else:
-        loader = InMemoryLoader(train, cfg.batch_size, shuffle=True, drop_last=False, seed=cfg.seed,
-                                rank=ranks.rank, world_size=ranks.world)
+    loader = train.loader(cfg.batch_size, shuffle=True, drop_last=False, seed=cfg.seed, ranks=ranks)
     trained = wrap(model, ranks, device)  # DDP averages gradients across ranks; `model` stays the plain module
     augment = dataclasses.replace(cfg.augment, n_classes=n_classes)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -23,16 +23,23 @@ import numpy as np
 import torch
 
 from audiofx.errors import ConfigError, StoreError
-from audiofx.training.data import FoldSet, StreamingLoader, budget_bytes, choose_mode, load_in_memory, streaming_channel_stats
-from audiofx.training.device import autocast, pick_device, seed_everything
-from audiofx.training.distributed import launched_ranks
-from audiofx.training.featureset import SKIPPED_HINT, check_usable, fold_order, resolve_featureset, split_folds
-from audiofx.training.finetune import channel_stats
-from audiofx.training.init import RANDOM, RANDOM_ENCODER, resolve_init
-from audiofx.training.knn import choose_k, knn_scores
-from audiofx.training.metrics import mean_std, per_class_markdown
-from audiofx.training.runs import Run, StageOptions, default_name
-from audiofx.training.tasks import METRIC_NAMES, Task
+from audiofx.training.data.featuresets import (
+    SKIPPED_HINT,
+    FoldSet,
+    check_usable,
+    fold_order,
+    resolve_featureset,
+    split_folds,
+)
+from audiofx.training.data.inputs import open_inputs
+from audiofx.training.runtime.device import pick_device, seed_everything
+from audiofx.training.runtime.distributed import launched_ranks
+from audiofx.training.stages.embedding import embed_rows
+from audiofx.training.stages.knn import choose_k, knn_scores
+from audiofx.training.stages.metrics import mean_std, per_class_markdown
+from audiofx.training.stages.runs import Run, StageOptions, default_name
+from audiofx.training.stages.tasks import METRIC_NAMES, Task
+from audiofx.training.stages.weights import RANDOM, RANDOM_ENCODER, resolve_init
 
 MODES = ("knn", "linear")
 
@@ -58,41 +65,6 @@ def state_hash(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-EMBED_BATCH = 128  # clips per forward pass, in memory and streaming alike (same batches, same numbers)
-
-
-@torch.no_grad()
-def embed(encoder: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device,
-          batch: int = EMBED_BATCH) -> torch.Tensor:
-    encoder.eval()
-    out = []
-    for i in range(0, x.shape[0], batch):
-        with autocast(device):
-            out.append(encoder((x[i:i + batch].to(device).float() - mean) / std).float())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def embed_streaming(encoder: torch.nn.Module, foldset: FoldSet, mean: torch.Tensor, std: torch.Tensor, device,
-                    batch: int = EMBED_BATCH) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
-    """(embeddings (N, D), labels, clip names, fold of each row) of every usable clip of
-    ``foldset``, from one sequential streaming pass: only the embeddings are kept. Rows are in
-    ``load_in_memory``'s order and the batches are ``embed``'s, so the values equal it."""
-    encoder.eval()
-    loader = StreamingLoader(foldset, batch, shuffle=False, device=device)
-    z = None
-    for b in loader:
-        with autocast(device):
-            out = encoder((b.x.to(device).float() - mean) / std).float()
-        if z is None:
-            z = torch.empty((loader.n, out.shape[1]), dtype=out.dtype, device=device)
-        z[b.index.to(device)] = out
-    if z is None:
-        raise StoreError(f"{foldset.dataset} has no usable clip in fold(s) {', '.join(foldset.folds)}",
-                         f"every clip there was skipped at extraction; {SKIPPED_HINT}")
-    return z, loader.labels().to(device), list(loader.clips), list(loader.fold_of)
 
 
 def linear_probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor, n_classes: int, epochs: int,
@@ -142,31 +114,32 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     plan = split_folds(list(manifest["folds"]), cfg.fold)
     check_usable(manifest, cfg.dataset, plan)
     folds = sorted({f for t, tr in plan for f in [t, *tr]}, key=fold_order)
-    foldset = FoldSet(cfg.store, cfg.dataset, key, folds)
-    data_mode = choose_mode(foldset.raw_bytes(manifest), budget_bytes(cfg.memory_budget_gb), device)
+    inputs = open_inputs([FoldSet(cfg.store, cfg.dataset, key, folds)], cfg.memory_budget_gb, device,
+                         manifests=[manifest])
     encoder = init.build().to(device)  # before the run folder: an --arch that does not exist is refused first
     name = cfg.name or default_name(cfg.mode, f"{RANDOM}-{init.arch}" if random_init else Path(init.source).name,
                                     cfg.dataset)
     run = Run.create(cfg.runs_root, "evaluate", name, {**cfg.to_json(), "arch": init.arch, "key": key,
                                                        "source": source, "stage": "evaluate",
-                                                       "data_mode": data_mode.mode})
+                                                       "data_mode": inputs.mode.mode})
     say(f"evaluate {source} ({init.arch}) on {cfg.dataset} ({key}) by {cfg.mode}, {len(plan)} fold(s) on "
-        f"{device}, features {data_mode.describe()} -> {run.path}")
+        f"{device}, features {inputs.describe()} -> {run.path}")
     if random_init:  # kept with the run: `audiofx report` embeds with it again
         run.save_checkpoint(RANDOM_ENCODER, {"encoder": encoder.state_dict()}, {"arch": init.arch})
     before = state_hash(encoder)
-    # Inputs standardised with the statistics the encoder was pretrained with, when recorded.
-    if data_mode.streaming:  # two passes over the store: statistics (unless recorded), embeddings
-        mean, std = init.input_stats or streaming_channel_stats(foldset, device=device)
-        mean, std = mean.to(device), std.to(device)
-        z, y, clips, fold_list = embed_streaming(encoder, foldset, mean, std, device)
-    else:
-        data = load_in_memory(foldset, device=device)
-        mean, std = init.input_stats or channel_stats(data.x)
-        mean, std = mean.to(device), std.to(device)
-        z = embed(encoder, data.x, mean, std, device)
-        y, clips, fold_list = data.y.to(device), data.clips, data.fold_of
-        del data  # only the embeddings are needed from here on
+    # Every clip embedded once (streaming: two passes over the store, the statistics unless
+    # recorded, then the embeddings); inputs standardised with the statistics the encoder was
+    # pretrained with, when recorded.
+    rows = inputs.folds(folds)
+    if not len(rows):
+        raise StoreError(f"{cfg.dataset} has no usable clip in fold(s) {', '.join(folds)}",
+                         f"every clip there was skipped at extraction; {SKIPPED_HINT}")
+    mean, std = init.input_stats or rows.statistics()
+    mean, std = mean.to(device), std.to(device)
+    z = embed_rows(encoder, rows, mean, std, device)
+    y, clips, fold_list = rows.y.to(device), rows.clips, rows.fold_of
+    del rows
+    inputs.release()  # only the embeddings are needed from here on
     fold_of = np.array(fold_list)
     n_classes = len(manifest["classes"])
     per_fold, y_true, pooled = {}, [], []

@@ -3,7 +3,9 @@ evaluate) as `audiofx ...` commands, run in-process through the real CLI, ending
 paper's table next to ours.
 
 The plan is built first, from the recipe (audiofx/recipes.py) and the state of the store and
-the run folders, without writing anything; --dry-run prints it. Each command's argument list
+the run folders, without writing anything; --dry-run prints it. The commands are the CLI's
+(the click group audiofx/cli.py passes in): each step is parsed by its command before
+anything runs, and run by it. Each command's argument list
 is printed and executed as is, so the dry run shows exactly what runs. Run names are
 deterministic (<recipe>-<dataset>-<setting>, <recipe>-<pool>-<method> for pretraining), so a
 second reproduce skips finished runs and resumes unfinished ones with --resume.
@@ -19,10 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import click
+
 from audiofx.errors import AudiofxError, ConfigError, StoreError
 from audiofx.pipeline.datasets.base import default_root
 from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, Recipe, Setting
-from audiofx.training.runs import Run, headline
+from audiofx.training.data.featuresets import resolve_featureset, split_folds
+from audiofx.training.models.encoders import TORCHVISION, imagenet_weights_file
+from audiofx.training.report.build import build_report
+from audiofx.training.stages.runs import Run, headline
 
 TRAINING = ("pretrain", "finetune", "evaluate")
 # Options whose value may differ between a finished run and a rerun without changing its result.
@@ -115,8 +122,6 @@ def _run_state(kind: str, run_dir: Path) -> str:
 
 
 def _features(store: str, dataset: str, preset: str) -> dict[str, Any] | None:
-    from audiofx.training.featureset import resolve_featureset
-
     try:
         return resolve_featureset(store, dataset, preset)[1]
     except (StoreError, ConfigError):
@@ -126,17 +131,11 @@ def _features(store: str, dataset: str, preset: str) -> dict[str, Any] | None:
 def _fold_count(manifest: dict[str, Any] | None, dataset: str) -> int | None:
     if manifest is None:
         return DEFAULT_FOLDS.get(dataset)
-    from audiofx.training.featureset import split_folds
-
     return len(split_folds(list(manifest["folds"]), "all"))
 
 
-def _command_params(kind: str, args: list[str]) -> dict[str, Any]:
+def _command_params(cli: click.Group, kind: str, args: list[str]) -> dict[str, Any]:
     """Parse a stage's arguments with the real click command (raises on unknown options)."""
-    import click
-
-    from audiofx.cli import cli
-
     try:
         return cli.commands[kind].make_context(kind, list(args)).params
     except click.UsageError as err:
@@ -144,12 +143,12 @@ def _command_params(kind: str, args: list[str]) -> dict[str, Any]:
                           "this audiofx lacks an option the recipe needs; update audiofx") from err
 
 
-def _differences(kind: str, args: list[str], run_dir: Path) -> list[str]:
+def _differences(cli: click.Group, kind: str, args: list[str], run_dir: Path) -> list[str]:
     """Options of the planned command that a finished run was not made with (e.g. a smoke run
     with --epochs-scale in the same --runs folder): such a run must not fill the table."""
     config = json.loads((run_dir / "config.json").read_text())
     out = []
-    for name, value in _command_params(kind, args).items():
+    for name, value in _command_params(cli, kind, args).items():
         key = {"run_spec": "run"}.get(name, name)
         if name in _TRANSIENT or value is None or key not in config:
             continue
@@ -186,10 +185,9 @@ def _missing_hint(recipe: Recipe, dataset: str, store: str) -> str:
     return f"{dataset}: no {recipe.preset} features in {store} and no root: {get}"
 
 
-def make_plan(opts: ReproduceOptions) -> Plan:
-    """The recipe's steps with the state of each (run, resume, done, ...). Writes nothing."""
-    from audiofx.training.models import TORCHVISION, imagenet_weights_file
-
+def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
+    """The recipe's steps with the state of each (run, resume, done, ...), as commands of
+    ``cli`` (audiofx's click group). Writes nothing."""
     if opts.recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {opts.recipe!r}", f"use one of {', '.join(RECIPES)}")
     recipe = RECIPES[opts.recipe]
@@ -213,7 +211,7 @@ def make_plan(opts: ReproduceOptions) -> Plan:
         notes.append(f"--root for {', '.join(ignored)} ignored: not a dataset of {recipe.name}")
     manifests = {d: _features(opts.store, d, recipe.preset) for d in wanted}
 
-    training = _training_steps(opts, recipe, arch, datasets, settings, manifests)
+    training = _training_steps(opts, cli, recipe, arch, datasets, settings, manifests)
     pending = [s for s in training if s.status != "done"]
     needed = {d for s in pending for d in (s.pool if s.kind == "pretrain" else (s.dataset,))}
     extract = _extract_steps(opts, recipe, wanted, manifests)
@@ -227,7 +225,7 @@ def make_plan(opts: ReproduceOptions) -> Plan:
             problems.append(f"{err.message} ({err.hint})")
     for step in pending:  # an option this audiofx lacks stops the run before anything trains
         try:
-            _command_params(step.kind, step.args[1:])
+            _command_params(cli, step.kind, step.args[1:])
         except ConfigError as err:
             problems.append(err.message)
             break
@@ -235,7 +233,7 @@ def make_plan(opts: ReproduceOptions) -> Plan:
                 Path(opts.runs) / f"reproduce-{recipe.name}")
 
 
-def _training_steps(opts: ReproduceOptions, recipe: Recipe, arch: str, datasets: tuple[str, ...],
+def _training_steps(opts: ReproduceOptions, cli: click.Group, recipe: Recipe, arch: str, datasets: tuple[str, ...],
                     settings: tuple[Setting, ...], manifests: dict[str, Any]) -> list[Step]:
     """pretrain, then finetune, then evaluate steps, each with its run's state."""
     runs = Path(opts.runs)
@@ -247,7 +245,7 @@ def _training_steps(opts: ReproduceOptions, recipe: Recipe, arch: str, datasets:
     def add(kind: str, args: list[str], run_dir: Path, **kw) -> None:
         status = _run_state(kind, run_dir)
         if status in ("done", "resume"):  # checked before anything runs, not hours later
-            diff = _differences(kind, args[1:], run_dir)
+            diff = _differences(cli, kind, args[1:], run_dir)
             if diff:
                 what = "finished" if status == "done" else "was started"
                 raise ConfigError(f"run {run_dir} {what} with other settings ({'; '.join(diff)})",
@@ -338,10 +336,8 @@ def count_line(plan: Plan) -> str:
     return text
 
 
-def execute(plan: Plan, say: Callable[[str], None] = print) -> None:
-    """Run every step that is not done, in order, through the real CLI in this process."""
-    from audiofx.cli import cli
-
+def execute(plan: Plan, cli: click.Group, say: Callable[[str], None] = print) -> None:
+    """Run every step that is not done, in order, through the real CLI (``cli``) in this process."""
     if plan.problems:
         for p in plan.problems:
             say(f"cannot start: {p}")
@@ -396,20 +392,20 @@ def table_text(plan: Plan) -> str:
         "", results_table(plan), "", *(f"note: {n}" for n in plan.notes[1:])])
 
 
-def reproduce(opts: ReproduceOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
-    plan = make_plan(opts)
+def reproduce(opts: ReproduceOptions, cli: click.Group, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Plan the recipe as commands of ``cli`` (audiofx's click group), print the plan (--dry-run)
+    or run it, then write the table and the report."""
+    plan = make_plan(opts, cli)
     if opts.dry_run:
         for line in plan_lines(plan):
             say(line)
         return {"plan": plan}
-    execute(plan, say)
+    execute(plan, cli, say)
     text = table_text(plan)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     (plan.out_dir / "table.md").write_text(text + "\n")
     result: dict[str, Any] = {"plan": plan, "table": text, "table_path": plan.out_dir / "table.md", "report": None}
     finished = [s.run_dir for s in plan.steps if s.kind in TRAINING and _run_state(s.kind, s.run_dir) == "done"]
     if finished:
-        from audiofx.training.report import build_report
-
         result["report"] = build_report(finished, plan.out_dir / "report", store=opts.store, say=say)
     return result

@@ -19,6 +19,7 @@ from typing import Any
 
 from audiofx.config import FEATURE_CODE_VERSION
 from audiofx.errors import StoreError
+from audiofx.pipeline.readcache import default_cache
 from audiofx.pipeline.store import FeatureStore
 
 
@@ -41,8 +42,6 @@ class GcPlan:
 
     def evict_cache(self) -> list[Path]:
         """Trim the read-through cache to its size limit (least recently used first)."""
-        from audiofx.pipeline.readcache import default_cache
-
         cache = default_cache()
         return cache.evict() if cache.root.is_dir() else []
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from audiofx.training.device import pick_device
+from audiofx.errors import ConfigError
+from audiofx.training.runtime.device import pick_device
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,6 @@ def run_on_ranks(stage, cfg, say):
     """Run `stage(cfg, ranks, device, say)` in this process or as one torchrun rank: rank 0
     alone talks, every rank needs the same --name (they open one run folder), and the process
     group is torn down however the stage ends."""
-    from audiofx.errors import ConfigError
-
     ranks, device = init_distributed(cfg.device)
     try:
         if cfg.name is None and ranks.active:

@@ -1,104 +1,28 @@
-"""Self-supervised methods, one class each, registered by name (after solo-learn's layout).
-
-Each method owns its encoder, heads and state (memory bank, queue, momentum encoder) and
-turns a batch of standardised features into a loss. Labels are never seen.
-"""
+"""MoCo v2 (He et al. 2020, Chen et al. 2020): a momentum key encoder, a queue of negatives,
+and BatchNorm shuffled without DDP."""
 
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from audiofx.training.models import Encoder, ProjectionHead
-from audiofx.training.ssl.losses import (
-    MemoryBank,
-    MoCoQueue,
-    moco_loss,
-    momentum_update,
-    npid_nce_loss,
-    npid_softmax_loss,
-    nt_xent,
-)
+from audiofx.training.models.encoders import Encoder, ProjectionHead
+from audiofx.training.models.ssl.base import Method, MethodOption
+from audiofx.training.models.ssl.losses import MoCoQueue, moco_loss, momentum_update
 
-Views = Callable[[torch.Tensor], torch.Tensor]  # one random augmentation of a batch
+# The most BatchNorm groups MoCo makes by default (the MoCo paper's 8 GPUs; the authors' one-GPU notebook).
+MAX_DEFAULT_BN_SPLITS = 8
 
 
-class Method(nn.Module):
-    name = ""
-    # (lr, weight decay) for SGD with momentum 0.9 and a cosine schedule
-    default_lr = 0.03
-    default_weight_decay = 5e-4
-
-    def __init__(self, encoder: Encoder, n_data: int, generator: torch.Generator):
-        super().__init__()
-        self.encoder = encoder
-
-    def loss(self, x: torch.Tensor, index: torch.Tensor, view: Views, generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, index: torch.Tensor, view: Views, generator: torch.Generator) -> torch.Tensor:
-        # forward is the loss, so DistributedDataParallel can wrap a method as it is.
-        return self.loss(x, index, view, generator)
-
-    def after_step(self) -> None:
-        """Called after the optimizer step (momentum encoders update here)."""
-
-
-class NPID(Method):
-    """Wu et al. 2018 as used by Hornauer et al. 2021: 128-d normalised embedding, memory bank
-    with momentum 0.5, NCE with K noise samples (K 64, temperature 0.4) or the full softmax (K 0)."""
-
-    name = "npid"
-
-    def __init__(self, encoder: Encoder, n_data: int, generator: torch.Generator, dim: int = 128, k: int = 64,
-                 temperature: float = 0.4, momentum: float = 0.5):
-        super().__init__(encoder, n_data, generator)
-        self.embed = nn.Linear(encoder.out_dim, dim)
-        self.bank = MemoryBank(n_data, dim, momentum, generator=generator)
-        self.k, self.temperature = k, temperature
-
-    def loss(self, x, index, view, generator):
-        f = F.normalize(self.embed(self.encoder(view(x))).float(), dim=1)
-        if self.k > 0:
-            loss = npid_nce_loss(f, index, self.bank, self.k, self.temperature, generator=generator)
-        else:
-            loss = npid_softmax_loss(f, index, self.bank, self.temperature)
-        # The bank is updated after the backward pass: updating it in place now would change
-        # a tensor the softmax variant's graph still needs.
-        self._pending = (index, f.detach())
-        return loss
-
-    def after_step(self):
-        index, f = self._pending
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Every rank keeps the whole bank: each applies the updates of all ranks' batches
-            # (the loaders give every rank equal batch sizes).
-            index, f = _gather(index), _gather(f)
-        self.bank.update(index, f)
-
-
-class SimCLR(Method):
-    """Chen et al. 2020: two augmented views, a 2-layer projection head, NT-Xent."""
-
-    name = "simclr"
-    default_lr = 0.06
-    default_weight_decay = 1e-6
-
-    def __init__(self, encoder: Encoder, n_data: int, generator: torch.Generator, dim: int = 128,
-                 temperature: float = 0.5):
-        super().__init__(encoder, n_data, generator)
-        self.head = ProjectionHead(encoder.out_dim, dim)
-        self.temperature = temperature
-
-    def loss(self, x, index, view, generator):
-        z1 = self.head(self.encoder(view(x)))
-        z2 = self.head(self.encoder(view(x)))
-        return nt_xent(z1, z2, self.temperature)
+def default_bn_splits(batch_size: int) -> int:
+    """The default BatchNorm groups per device: one per 16 clips of the batch, at least 2 (the
+    key shuffle needs two) and at most 8 (the MoCo paper's GPUs and the authors' one-GPU
+    notebook); BatchNorm grows noisy below ~16 samples (Wu & He 2018), so batches under 32
+    get two smaller groups."""
+    return min(MAX_DEFAULT_BN_SPLITS, max(2, batch_size // 16))
 
 
 class MoCo(Method):
@@ -116,6 +40,10 @@ class MoCo(Method):
     rank does the same with its own batch. ``bn_splits`` 1 is plain BatchNorm."""
 
     name = "moco"
+    title = "MoCo"
+    options = (MethodOption("bn_splits", int, None, "BatchNorm groups per device, keys shuffled across them; 1 is "
+                            "plain BatchNorm [one per 16 clips of the batch, 2 to 8; a resume keeps the run's]",
+                            "its BatchNorm groups", minimum=1, before=1),)  # runs recorded before it had one group
 
     def __init__(self, encoder: Encoder, n_data: int, generator: torch.Generator, dim: int = 128,
                  queue: int = 4096, temperature: float = 0.2, momentum: float = 0.999, bn_splits: int = 1):
@@ -126,6 +54,15 @@ class MoCo(Method):
         # A queue longer than the dataset would hold stale copies of the same clips.
         self.queue = MoCoQueue(min(queue, max(n_data - 1, 1)), dim, generator=generator)
         self.temperature, self.momentum, self.bn_splits = temperature, momentum, bn_splits
+
+    @classmethod
+    def resolve(cls, options: dict[str, Any], batch_size: int, recorded: dict[str, Any] | None) -> dict[str, Any]:
+        """The groups used are recorded, not "the default": a resume keeps the recorded ones (one,
+        for runs recorded before the option existed), a new run takes ``default_bn_splits``."""
+        if options["bn_splits"] is not None:
+            return options
+        splits = recorded.get("bn_splits", 1) if recorded else default_bn_splits(batch_size)
+        return {**options, "bn_splits": splits}
 
     def groups(self, batch: int) -> int:
         """BatchNorm groups for a batch: ``bn_splits``, fewer for a short batch (2 clips each at least)."""
@@ -194,12 +131,3 @@ def in_groups(stages: tuple[nn.Module, ...], x: torch.Tensor, groups: int) -> to
                 m.running_mean, m.running_var = mean, var
                 m.num_batches_tracked = count + 1 if stats else count
     return torch.cat(out)
-
-
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-METHODS: dict[str, type[Method]] = {m.name: m for m in (NPID, SimCLR, MoCo)}

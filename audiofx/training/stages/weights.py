@@ -16,15 +16,16 @@ from typing import Any
 import torch
 
 from audiofx.errors import ConfigError
-from audiofx.training.models import (
+from audiofx.training.models.encoders import (
     Encoder,
     build_encoder,
     imagenet_weights_file,
     load_imagenet,
 )
-from audiofx.training.runs import list_runs
+from audiofx.training.models.ssl import METHODS
+from audiofx.training.stages.runs import list_runs
 
-SSL_METHODS = ("npid", "simclr", "moco")
+SSL_METHODS = tuple(METHODS)
 FINAL = Path("checkpoints") / "final.pt"
 # evaluate --run random: the same network at random init, the baseline a representation must
 # beat; the evaluate run keeps its weights as checkpoints/<RANDOM_ENCODER>.pt.

@@ -1,4 +1,5 @@
-"""Zhou et al. 2019's sample expansion and late fusion, as pure functions of tensors.
+"""Zhou et al. 2019's sample expansion and late fusion: pure functions of tensors, and
+``zhou_samples``, a set's clips as the samples fine-tuning trains on.
 
 A clip (C, F, T) becomes several samples that all carry the clip's label:
 - ``split_fragments``: N equal time fragments (Zhou: 6 fragments of a 10 s scene);
@@ -12,9 +13,12 @@ first (``first[second]``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from audiofx.errors import ConfigError
+from audiofx.training.data.statistics import channel_stats
 
 
 def split_fragments(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,3 +74,40 @@ def fuse_posteriors(logits: torch.Tensor, clip_index: torch.Tensor, n_clips: int
     posteriors, or per-class sigmoid posteriors for multi-label sets."""
     probs = torch.sigmoid(logits.float()) if multilabel else torch.softmax(logits.float(), dim=1)
     return mean_per_clip(probs, clip_index, n_clips)
+
+
+def standardise_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """(x - mean) / std in place, in chunks (computed in float32, stored in x's dtype)."""
+    for i in range(0, x.shape[0], chunk):
+        x[i:i + chunk] = ((x[i:i + chunk].float() - mean) / std).to(x.dtype)
+    return x
+
+
+def zhou_samples(data, fragments: int, channel_fusion: bool, stats=None):
+    """A set's clips as Zhou et al.'s samples: ``(samples, clip_index, loop_stats, stats)``.
+
+    Fragments first (``split_fragments``), then channels (``expand_channels``); every sample
+    carries its clip's label and ``clip_index[k]`` is the clip (row of ``data``) of sample k.
+    ``stats`` are the training set's per-channel (mean, std), computed here when None (the
+    training set itself, over its fragments). With channel fusion a sample's 3 channels are
+    copies of one source channel, so inputs are standardised here, before the expansion, with
+    that source channel's statistics, and the returned (mean, std) for the training loop are
+    (0, 1); otherwise they are the per-channel statistics, applied per batch as usual.
+    ``stats`` (the per-channel statistics) are returned too, for the test set and the checkpoint.
+    """
+    x, clip_index = split_fragments(data.x, fragments)
+    mean, std = stats if stats is not None else channel_stats(x)
+    loop_stats = (mean, std)
+    if channel_fusion:
+        # The subset is this fold's own copy, and split_fragments copies when fragments > 1:
+        # clone only when x is still the caller's tensor, then standardise in place (float16).
+        x = standardise_(x.clone() if x is data.x else x, mean, std)
+        x, channel_index = expand_channels(x)
+        clip_index = clip_index[channel_index]
+        loop_stats = (torch.zeros(1, 1, 1, 1, device=x.device), torch.ones(1, 1, 1, 1, device=x.device))
+    rows = clip_index.tolist()
+    samples = dataclasses.replace(
+        data, x=x, y=data.y[clip_index.to(data.y.device)], index=torch.arange(len(rows), device=data.index.device),
+        clips=[data.clips[i] for i in rows], fold_of=[data.fold_of[i] for i in rows],
+    )
+    return samples, clip_index, loop_stats, (mean, std)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from audiofx.training import metrics
+from audiofx.training.stages import metrics
 
 METRIC_NAMES = {"acc": "accuracy", "map": "mAP"}
 

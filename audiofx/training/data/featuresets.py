@@ -1,8 +1,13 @@
-"""Which stored feature set a training stage reads: by dataset and preset, or by key."""
+"""Which stored feature set and folds a training stage reads: the set by dataset and preset,
+or by key; the folds by the protocol (k-fold or the official split), their usable clips, and
+the ``FoldSet`` every loader is given."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from audiofx.config import canonical_json, resolve_feature_config
 from audiofx.errors import StoreError
@@ -99,3 +104,88 @@ def split_folds(folds: list[str], which: str) -> list[tuple[str, list[str]]]:
         raise StoreError(f"cannot make a test split from folds {', '.join(folds)} with --fold {which}",
                          f"use --fold all or --fold {test}" if test else "name a fold eval, evaluate or test")
     return [(test, ["train"] if "train" in folds else [f for f in folds if f != test])]
+
+
+@dataclass
+class FoldSet:
+    """Which folds of which feature set to load. Plain, picklable values only."""
+
+    store: str
+    dataset: str
+    key: str
+    folds: list[str]
+
+    def feature_store(self) -> FeatureStore:
+        return FeatureStore(self.store)
+
+    def manifest(self) -> dict[str, Any]:
+        return self.feature_store().read_manifest(self.dataset, self.key)
+
+    def raw_bytes(self, manifest: dict[str, Any] | None = None) -> int:
+        """Bytes of the folds' x values as stored (float16): clips * prod(shape) * itemsize."""
+        m = manifest or self.manifest()
+        itemsize = np.dtype(m.get("feature_config", {}).get("dtype", "float16")).itemsize
+        clips = sum(int(m["folds"][f]["clips"]) for f in self.folds)
+        return clips * int(np.prod(m["shape"])) * itemsize
+
+
+def open_foldset(store: str, dataset: str, key: str, folds: list[str] | str | None = None) -> FoldSet:
+    """A FoldSet whose store is complete (has a manifest) and whose folds exist.
+
+    ``folds`` may be one name, a list, or None for every fold. Raises StoreError otherwise.
+    """
+    fs = FeatureStore(store)
+    manifest = fs.read_manifest(dataset, key)  # StoreError when the extraction did not finish
+    known = list(manifest["folds"])
+    if folds is None:
+        names = known
+    else:
+        names = [str(f) for f in ([folds] if isinstance(folds, (str, int)) else folds)]
+    if not names:
+        raise StoreError(f"no folds chosen from {dataset}/{key}", f"known folds: {', '.join(known)}")
+    unknown = [f for f in names if f not in manifest["folds"]]
+    if unknown:
+        raise StoreError(f"{dataset}/{key} has no fold {', '.join(map(repr, unknown))}",
+                         f"known folds: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise StoreError(f"fold listed twice in {names}", "list each fold once")
+    return FoldSet(str(store), dataset, key, names)
+
+
+def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print) -> list[tuple[str, str, dict]]:
+    """(dataset, key, manifest) of every dataset in the pool: the named ones (of one size), or
+    by default every dataset with usable clips in the store whose features have the preset's
+    channels and mel bins, or the most common ones when none has (one network takes them all
+    in one batch; the number of frames may differ)."""
+    names = list(wanted) or sorted({ds for ds, _, _ in FeatureStore(store).groups()})
+    out = []
+    for ds in names:
+        try:
+            key, manifest = resolve_featureset(store, ds, preset)
+            if not any(usable_clips(manifest, f) for f in manifest["folds"]):
+                clips = sum(int(m["clips"]) for m in manifest["folds"].values())
+                raise StoreError(f"{ds} ({key}) has no usable clip: all {clips} were skipped at extraction",
+                                 f"{SKIPPED_HINT}, or leave it out of --datasets")
+            out.append((ds, key, manifest))
+        except StoreError:
+            if wanted:
+                raise
+    if not out:
+        raise StoreError(f"no complete {preset} features with usable clips in store {store} to pretrain on",
+                         "extract some first: audiofx extract --dataset demo")
+    shapes = {ds: tuple(int(v) for v in m["shape"][:2]) for ds, _, m in out}  # (channels, mel bins)
+    if wanted and len(set(shapes.values())) > 1:
+        raise StoreError("the datasets to pretrain on have features of different sizes: "
+                         + ", ".join(f"{ds} {c} x {b} bins" for ds, (c, b) in shapes.items()),
+                         "name sets extracted with the same channels and mel bins in --datasets")
+    if not wanted and len(set(shapes.values())) > 1:
+        # The preset's size when a set has it (sets extracted with --set overrides are found too,
+        # as resolve_featureset finds them), else the most common (the first on ties).
+        c, b, _ = resolve_feature_config(get_adapter(out[0][0]).defaults, preset).shape
+        sizes = list(shapes.values())
+        keep = (c, b) if (c, b) in sizes else max(sizes, key=sizes.count)
+        other = [ds for ds, shape in shapes.items() if shape != keep]
+        say(f"left out of the pool (features not {keep[0]} x {keep[1]} bins like the rest): "
+            + ", ".join(f"{ds} ({shapes[ds][0]} x {shapes[ds][1]})" for ds in other))
+        out = [entry for entry in out if entry[0] not in other]
+    return out

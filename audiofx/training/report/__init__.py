@@ -1,0 +1,2 @@
+"""Runs -> tables and figures: `audiofx report` (build.py, plots.py) and `audiofx compare`
+(compare.py)."""

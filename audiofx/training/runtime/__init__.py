@@ -1,0 +1,1 @@
+"""Where a run runs: the device and mixed precision (device.py), torchrun ranks (distributed.py)."""
