@@ -35,8 +35,9 @@ demo: $(STAMP)
 	$(BIN)/audiofx compare $(DEMO_COMPARED)
 	$(BIN)/audiofx report $(DEMO_COMPARED) --out $(DEMO_RUNS)/report
 
+# The 20 slowest tests are printed at the end, so that their cost stays in view.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=20
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py

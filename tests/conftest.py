@@ -1,12 +1,18 @@
-"""Shared fixtures: small generated datasets and a runner for the real `audiofx` CLI."""
+"""Shared fixtures: small generated datasets, and two ways to run the real `audiofx` CLI: in
+this process (``run_cli``: its main, as the command line would call it) and as a process of
+its own (``run_process``, ``start_cli``: where the process is the point: kill -9, Ctrl-C,
+concurrency, torchrun, the one smoke run of each command)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +67,20 @@ def extract_demo(base: Path) -> Path:
     return base / "features"
 
 
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory) -> Path:
+    """The demo dataset extracted once for the whole session. Read it, never write into it:
+    a test that adds to a store copies it first (``copy_store``)."""
+    return extract_demo(tmp_path_factory.mktemp("demo"))
+
+
+def copy_store(store: Path, base: Path) -> Path:
+    """A copy of a feature store, to add to or damage: base/features."""
+    import shutil
+
+    return Path(shutil.copytree(store, base / "features"))
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
@@ -72,10 +92,43 @@ def audiofx_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "audiofx", *args]
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess (a real process, as a user would)."""
-    return subprocess.run(audiofx_cmd(*args), cwd=cwd or REPO, env=cli_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run_process(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess (a real process, as a user would), for what only a real
+    process shows: its exit, its startup, the processes it starts. env: variables added to cli_env()."""
+    return subprocess.run(audiofx_cmd(*args), cwd=cwd or REPO, env={**cli_env(), **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI's ``main`` in this process as the command line would (arguments, working
+    folder, environment), with stdout and stderr captured and the exit status it would have,
+    without ~3 s of interpreter start and imports per call. A traceback (a bug) is written to
+    the captured stderr, as Python would, so assert_one_line_error sees it. The working
+    folder, the environment and the read-through cache setting are put back afterwards."""
+    from audiofx import cli
+    from audiofx.pipeline import readcache
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_cwd, saved_env, saved_cache = os.getcwd(), dict(os.environ), readcache._default
+    code = 0
+    try:
+        os.environ.update(env or {})
+        os.chdir(cwd or REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main(list(args))
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            except Exception:  # noqa: BLE001 - what the interpreter would print for an uncaught error
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        readcache._default = saved_cache
+    return subprocess.CompletedProcess(["audiofx", *args], code, out.getvalue(), err.getvalue())
 
 
 def start_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,

@@ -14,6 +14,7 @@ from tests.conftest import (
     assert_one_line_error,
     real_signal,
     run_cli,
+    run_process,
 )
 
 SMALL = ["--set", "sample_rate=22050", "--set", "clip_seconds=1.0", "--set", "frames=50", "--set", "folds=2",
@@ -33,6 +34,20 @@ def only_group(store: Path) -> Path:
 def test_unknown_dataset_lists_known_ones(tmp_path):
     proc = run_cli("extract", "--dataset", "esc-50", "--store", str(tmp_path))
     assert_one_line_error(proc, "unknown dataset 'esc-50'", "esc50", "urbansound8k", "gtzan", "fsd50k")
+    # the in-process runner says what the command line says, exit status included
+    real = run_process("extract", "--dataset", "esc-50", "--store", str(tmp_path))
+    assert (real.returncode, real.stdout, real.stderr) == (proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_the_in_process_runner_shows_a_bug_as_a_traceback(monkeypatch):
+    from audiofx.pipeline import extract
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(extract, "extract", broken)
+    proc = run_cli("extract", "--dataset", "demo", "--no-progress")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "RuntimeError: a bug" in proc.stderr
 
 
 def test_missing_root_says_layout_and_source(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from audiofx.pipeline.executors import CONNECT_TIMEOUT_S
-from tests.conftest import assert_one_line_error, make_class_folder, run_cli, start_cli
+from tests.conftest import assert_one_line_error, make_class_folder, run_cli, run_process, start_cli
 from tests.s3server import free_port
 from tests.storecheck import assert_same_features
 
@@ -42,7 +42,7 @@ def dataset(tmp_path_factory) -> Path:
 def joblib_store(dataset, tmp_path_factory) -> Path:
     """The default path (joblib, 2 loky processes): what every Dask run must equal."""
     store = tmp_path_factory.mktemp("joblib")
-    proc = run_cli("extract", *ARGS, "--root", str(dataset), "--store", str(store), "--workers", "2", "--no-progress")
+    proc = run_process("extract", *ARGS, "--root", str(dataset), "--store", str(store), "--workers", "2", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     return store
 
@@ -115,8 +115,8 @@ def test_existing_cluster_store_equals_joblib_store(dataset, joblib_store, clust
     # Relative --root/--store from another working directory than the workers': the coordinator
     # must hand the workers absolute paths.
     (tmp_path / "data").symlink_to(dataset)
-    proc = run_cli("extract", *ARGS, "--root", "data", "--store", "store", "--scheduler", c.scheduler_address,
-                   "--no-progress", cwd=tmp_path)
+    proc = run_process("extract", *ARGS, "--root", "data", "--store", "store", "--scheduler", c.scheduler_address,
+                       "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert_same_store(store, joblib_store)
     assert manifest(store)["extraction"]["scheduler"] == c.scheduler_address
@@ -130,8 +130,8 @@ def test_strict_failure_on_dask_is_one_line_and_leaves_no_manifest(dataset, clus
     root = make_class_folder(tmp_path / "raw", classes=2, per_class=8, seconds=1.0)
     (root / "class1" / "class1-003.wav").write_bytes(b"not audio at all")
     store = tmp_path / "store"
-    proc = run_cli("extract", *ARGS, "--root", str(root), "--store", str(store), "--scheduler",
-                   c.scheduler_address, "--strict", "--no-progress")
+    proc = run_process("extract", *ARGS, "--root", str(root), "--store", str(store), "--scheduler",
+                       c.scheduler_address, "--strict", "--no-progress")
     assert_one_line_error(proc, "class1-003.wav", "not readable as audio", "--strict")
     assert proc.returncode == 2
     assert not (group(store) / "manifest.json").exists()
@@ -140,8 +140,7 @@ def test_strict_failure_on_dask_is_one_line_and_leaves_no_manifest(dataset, clus
 def test_closed_port_is_a_one_line_error_at_once(dataset, tmp_path):
     address = f"tcp://127.0.0.1:{free_port()}"
     started = time.perf_counter()
-    proc = run_cli("extract", *ARGS, "--root", str(dataset), "--store", str(tmp_path / "store"), "--scheduler", address,
-                   timeout=60)
+    proc = run_cli("extract", *ARGS, "--root", str(dataset), "--store", str(tmp_path / "store"), "--scheduler", address)
     elapsed = time.perf_counter() - started
     assert_one_line_error(proc, "cannot reach the Dask scheduler", address, "refused", "dask scheduler")
     assert elapsed < 30, elapsed  # start-up and planning only: a refused connection is not retried
@@ -159,7 +158,7 @@ def test_silent_listener_is_a_one_line_error_after_the_connect_timeout(dataset, 
     try:
         started = time.perf_counter()
         proc = run_cli("extract", *ARGS, "--root", str(dataset), "--store", str(tmp_path / "store"),
-                       "--scheduler", address, timeout=60)
+                       "--scheduler", address)
         elapsed = time.perf_counter() - started
     finally:
         server.close()
@@ -175,7 +174,7 @@ def test_silent_listener_is_a_one_line_error_after_the_connect_timeout(dataset, 
 ])
 def test_bad_scheduler_values_are_one_line_errors_before_any_work(dataset, tmp_path, extra, needles):
     store = tmp_path / "store"
-    proc = run_cli("extract", *ARGS, "--root", str(dataset), "--store", str(store), *extra, timeout=60)
+    proc = run_cli("extract", *ARGS, "--root", str(dataset), "--store", str(store), *extra)
     assert_one_line_error(proc, *needles)
     assert not store.exists()  # checked before the store is touched
 

@@ -27,7 +27,7 @@ import soundfile as sf
 from audiofx.errors import ConfigError, DatasetError
 from audiofx.pipeline import download as dl
 from audiofx.pipeline.splitzip import open_split_zip
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, run_process
 from tests.layouts import make_fsd50k, make_tut, make_urbansound8k, tone
 from tests.s3server import free_port
 
@@ -152,7 +152,7 @@ def test_cli_download_extract_check_then_nothing_to_do(server, esc50_zip, tmp_pa
     monkeypatch.setenv(dl.MIRROR_ENV, server.url)
     root = tmp_path / "raw" / "esc50"
 
-    proc = run_cli("download", "esc50", "--root", str(root), "--no-progress")
+    proc = run_process("download", "esc50", "--root", str(root), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert f"downloaded esc50 -> {root}: 2000 clips, layout checked" in proc.stdout
     assert server.log == [("/karoldvl/ESC-50/archive/master.zip", None)]

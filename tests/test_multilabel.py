@@ -18,7 +18,7 @@ from audiofx.training.stages.knn import choose_k, knn_scores
 from audiofx.training.stages.metrics import multilabel_scores, per_class_report
 from audiofx.training.stages.runs import Run
 from audiofx.training.stages.tasks import Task
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, run_process
 from tests.layouts import make_fsd50k_learnable
 
 
@@ -101,8 +101,9 @@ def test_late_fusion_of_a_multilabel_set_averages_sigmoids():
 def chain(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("fsd")
     make_fsd50k_learnable(base / "raw")
-    proc = run_cli("extract", "--dataset", "fsd50k", "--root", str(base / "raw"), "--store", str(base / "features"),
-                   "--set", "clip_seconds=1", "--set", "frames=100", "--workers", "1", "--no-progress")
+    proc = run_process("extract", "--dataset", "fsd50k", "--root", str(base / "raw"), "--store",
+                       str(base / "features"), "--set", "clip_seconds=1", "--set", "frames=100", "--workers", "1",
+                       "--no-progress")
     assert proc.returncode == 0, proc.stderr
     return base
 
@@ -160,7 +161,7 @@ def test_evaluate_compare_and_report_on_a_multilabel_set(chain):
         assert summary["map_mean"] == pytest.approx(multilabel_scores(saved["y_true"], saved["scores"])["map"])
         assert summary["map_mean"] > _chance_map(saved["y_true"]) + 0.2
         assert bool(((saved["scores"] >= 0) & (saved["scores"] <= 1)).all())  # shares of neighbours, sigmoids
-    proc = run_cli("compare", f"{runs}/evaluate/knn", f"{runs}/evaluate/linear")
+    proc = run_process("compare", f"{runs}/evaluate/knn", f"{runs}/evaluate/linear")
     assert proc.returncode == 0, proc.stderr
     assert "score % (mean ± std)" in proc.stdout and proc.stdout.count("mAP ") == 2
     proc = run_cli("report", f"{runs}/evaluate/knn", f"{runs}/pretrain/np", "--out", str(chain / "report"))

@@ -15,7 +15,7 @@ from audiofx.cli import cli
 from audiofx.recipes import RECIPES
 from audiofx.reproduce import scale_epochs
 from audiofx.training.stages.runs import Run
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, run_process
 
 EXPECTED_RUNS = {  # (pretrain, finetune, evaluate) runs per recipe
     "shin2021": (1, 9, 3),  # SimCLR; 3 inits x 3 datasets; linear x 3
@@ -213,7 +213,7 @@ def reproduced(tmp_path_factory):
     common = ["shin2021", "--epochs-scale", "0.01", "--arch", "tiny", "--datasets", "esc50,urbansound8k",
               "--store", "features", "--runs", "runs", "--no-progress"]
     roots = ["--root", "esc50=ESC-50-master"]
-    plan = run_cli("reproduce", *common, *roots, "--dry-run", cwd=base)
+    plan = run_process("reproduce", *common, *roots, "--dry-run", cwd=base)
     assert plan.returncode == 0, plan.stderr
     proc = run_cli("reproduce", *common, *roots, cwd=base)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -27,7 +27,7 @@ from tests.conftest import (
     REPO,
     TINY,
     cli_env,
-    extract_demo,
+    copy_store,
     kill_9,
     make_class_folder,
     run_cli,
@@ -42,9 +42,9 @@ BETWEEN = "0.016"  # GB: the demo set alone fits (kNN monitoring), the pool does
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
+def store(tmp_path_factory, demo_store) -> Path:
     base = tmp_path_factory.mktemp("pool")
-    extract_demo(base)
+    copy_store(demo_store, base)
     root = make_class_folder(base / "folder", classes=3, per_class=5, seconds=5.0)
     extract(ExtractRequest(dataset="folder", root=root, store=str(base / "features"), workers=1, progress=False,
                            overrides={"clip_seconds": 5.0, "frames": 250}), on_event=lambda m: None)

@@ -13,12 +13,12 @@ import torch
 
 from audiofx.pipeline.extract import ExtractRequest, extract
 from audiofx.training.stages.runs import Run
-from tests.conftest import TINY, assert_one_line_error, extract_demo, kill_9, run_cli, start_cli, wait_while_running
+from tests.conftest import TINY, assert_one_line_error, kill_9, run_cli, start_cli, wait_while_running
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return extract_demo(tmp_path_factory.mktemp("demo"))
+def store(demo_store) -> Path:
+    return demo_store
 
 
 def metrics(run: Path) -> list[dict]:

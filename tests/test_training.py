@@ -19,19 +19,18 @@ from tests.conftest import (
     REPO,
     TINY,
     assert_one_line_error,
-    audiofx_cmd,
     cli_env,
-    extract_demo,
     kill_9,
     run_cli,
+    run_process,
     start_cli,
     wait_while_running,
 )
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return extract_demo(tmp_path_factory.mktemp("demo"))
+def store(demo_store) -> Path:
+    return demo_store
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +165,7 @@ def test_evaluate_random_init_baseline_is_seeded_and_kept(store, tmp_path):
     assert fold[0]["acc"] == fold[1]["acc"]
     table = run_cli("compare", str(tmp_path / "evaluate" / "a"))
     assert "random-init knn" in table.stdout
-    torchrun = subprocess.run(audiofx_cmd(*args), cwd=REPO, env={**cli_env(), "WORLD_SIZE": "2"}, capture_output=True,
-                              text=True)
+    torchrun = run_cli(*args, env={"WORLD_SIZE": "2"})
     assert_one_line_error(torchrun, "evaluate runs in one process, not under torchrun")
     assert_one_line_error(run_cli(*args[:4], "nope", *args[5:], "--name", "d"), "unknown architecture 'nope'")
     assert sorted(p.name for p in (tmp_path / "evaluate").iterdir()) == ["a", "b", "c"]  # refused before a run folder
@@ -253,9 +251,8 @@ def test_training_errors_are_one_line(store, tmp_path):
     assert_one_line_error(run_cli("finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path),
                                   "--init", "moco"), "no finished moco pretrain run", "audiofx pretrain --method moco")
     env_home = tmp_path / "nohub"
-    proc = subprocess.run(audiofx_cmd("finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path),
-                                      "--init", "imagenet"), cwd=REPO, env={**cli_env(), "TORCH_HOME": str(env_home)},
-                          capture_output=True, text=True)
+    proc = run_cli("finetune", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path), "--init", "imagenet",
+                   env={"TORCH_HOME": str(env_home)})
     assert_one_line_error(proc, "ImageNet weights for resnet50 are not in the local torch cache", "--weights FILE")
     assert_one_line_error(run_cli("finetune", "--dataset", "esc50", "--store", str(store), "--runs", str(tmp_path)),
                           "no complete esc50 features", "audiofx extract --dataset esc50")
@@ -522,14 +519,15 @@ def test_chain_on_official_layout_fixtures(tmp_path):
         extract(ExtractRequest(dataset=name, root=root, store=str(store), overrides={"clip_seconds": 0.5, "frames": 20},
                                workers=1, progress=False), on_event=lambda m: None)
     common = ["--store", str(store), "--runs", str(runs), *TINY]
-    proc = run_cli("pretrain", "--method", "moco", "--epochs", "1", "--batch-size", "16", "--name", "m", *common)
+    # real processes for ESC-50: the one smoke run of each training command as a user starts it
+    proc = run_process("pretrain", "--method", "moco", "--epochs", "1", "--batch-size", "16", "--name", "m", *common)
     assert proc.returncode == 0, proc.stderr
     assert "on esc50, urbansound8k (45 samples" in proc.stdout  # 25 + 20 clips, the whole store
-    for name, folds in (("esc50", 5), ("urbansound8k", 10)):
-        proc = run_cli("finetune", "--dataset", name, "--init", "moco", "--epochs", "1", "--name", f"ft-{name}", *common)
+    for name, folds, run in (("esc50", 5, run_process), ("urbansound8k", 10, run_cli)):
+        proc = run("finetune", "--dataset", name, "--init", "moco", "--epochs", "1", "--name", f"ft-{name}", *common)
         assert proc.returncode == 0, proc.stderr
         assert f"accuracy over {folds} fold(s)" in proc.stdout
-        proc = run_cli("evaluate", "--run", "moco", "--dataset", name, "--mode", "knn", "--store", str(store), "--runs",
-                       str(runs), "--name", f"knn-{name}")
+        proc = run("evaluate", "--run", "moco", "--dataset", name, "--mode", "knn", "--store", str(store), "--runs",
+                   str(runs), "--name", f"knn-{name}")
         assert proc.returncode == 0, proc.stderr
         assert f"knn accuracy over {folds} fold(s)" in proc.stdout

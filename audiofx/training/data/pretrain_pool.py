@@ -148,9 +148,10 @@ class PoolLoader:
 def pool_channel_stats(foldsets: list[FoldSet], frames: int, device: str | torch.device = "cpu",
                        batch_size: int = 64, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the pool's samples in one sequential pass over the store,
-    accumulated in float64 (``ChannelMoments``, as ``channel_stats`` on the in-memory pool): the same values, without the pool in memory. Segments are a reshaping of the
-    frames, so summing the cut clips' frames (the frames past the last whole segment dropped,
-    as the in-memory pool drops them) gives the pool's sums. Under torchrun each rank reads
+    accumulated in float64 (``ChannelMoments``, as ``channel_stats`` on the in-memory pool):
+    the same values, without the pool in memory. Segments are a reshaping of the frames, so
+    summing the cut clips' frames (the frames past the last whole segment dropped, as the
+    in-memory pool drops them) gives the pool's sums. Under torchrun each rank reads
     an exact share of every dataset and the sums are added over the ranks
     (``streaming_channel_stats``)."""
     loader = PoolLoader(foldsets, frames, batch_size, shuffle=False, device=device, rank=ranks.rank,
