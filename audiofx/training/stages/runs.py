@@ -205,7 +205,7 @@ class StageOptions:
     store: str = "data/features"
     preset: str = "shin2021"
     # GB (10^9 bytes) the folds may take in memory, else they are streamed from the store
-    # (data.choose_mode); None: half of the free memory where the data would live; 0: always stream
+    # (data/mode.choose_mode); None: half of the free memory where the data would live; 0: always stream
     memory_budget_gb: float | None = None
     seed: int = 0
     device: str = "auto"
