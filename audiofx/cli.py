@@ -430,21 +430,33 @@ Examples:
 """
 
 
-class MethodOptionsCommand(click.Command):
-    """A command with each SSL method's own options (--nce-k, --bn-splits, ...), as the methods
-    declare them (audiofx/training/models/ssl/), after its ``freq_masks`` option. They are added
-    when the command parses or shows its help, not at every start of audiofx: the methods
-    import torch."""
+class MethodsCommand(click.Command):
+    """A command whose help names the registered SSL methods (``{methods}`` and
+    ``{temperatures}`` in an option's help) and, with ``method_options``, that takes each
+    method's own options (--nce-k, --bn-splits, ...) after its ``freq_masks`` option, as the
+    methods declare them (audiofx/training/models/ssl/). Both are filled in when the command
+    parses or shows its help, not at every start of audiofx: the methods import torch."""
 
-    _methods_added = False
+    def __init__(self, *args, method_options: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._with_options, self._filled = method_options, False
 
     def get_params(self, ctx):
-        if not self._methods_added:
-            from audiofx.training.models.ssl import method_options
+        if not self._filled:
+            import inspect
 
-            at = next(i for i, p in enumerate(self.params) if p.name == "freq_masks") + 1
-            self.params[at:at] = [_method_option(method, option) for method, option in method_options()]
-            self._methods_added = True
+            from audiofx.training.models.ssl import METHODS, method_options
+
+            temperatures = ", ".join(f"{m.title} {inspect.signature(m).parameters['temperature'].default}"
+                                     for m in METHODS.values())
+            for param in self.params:
+                if getattr(param, "help", None):
+                    param.help = param.help.replace("{methods}", ", ".join(METHODS)).replace(
+                        "{temperatures}", temperatures)
+            if self._with_options:
+                at = next(i for i, p in enumerate(self.params) if p.name == "freq_masks") + 1
+                self.params[at:at] = [_method_option(method, option) for method, option in method_options()]
+            self._filled = True
         return super().get_params(ctx)
 
 
@@ -456,8 +468,8 @@ def _method_option(method, option) -> click.Option:
                         show_default=option.default is not None, help=f"{method.title}: {option.help}.")
 
 
-@cli.command(cls=MethodOptionsCommand, epilog=TRAIN_EXAMPLE)
-@click.option("--method", required=True, help="npid, simclr or moco.")
+@cli.command(cls=MethodsCommand, method_options=True, epilog=TRAIN_EXAMPLE)
+@click.option("--method", required=True, help="The self-supervised method: {methods}.")
 @click.option("--datasets", default="", help="Comma-separated datasets for the unlabeled pool [every dataset in the store of the preset's size].")
 @store_option
 @read_cache_options
@@ -466,7 +478,7 @@ def _method_option(method, option) -> click.Option:
 @click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=float, default=None, help="SGD learning rate [the method's default].")
-@click.option("--temperature", type=float, default=None, help="[NPID 0.4, SimCLR 0.5, MoCo 0.2]")
+@click.option("--temperature", type=float, default=None, help="[the method's: {temperatures}]")
 @click.option("--time-crop", type=click.IntRange(min=1), default=None,
               help="Each view a random crop of N frames [the whole clip].")
 @click.option("--time-shift", type=click.IntRange(min=0), default=None,
@@ -504,9 +516,9 @@ Examples:
 """
 
 
-@cli.command(epilog=FINETUNE_EXAMPLE)
+@cli.command(cls=MethodsCommand, epilog=FINETUNE_EXAMPLE)
 @click.option("--dataset", required=True)
-@click.option("--init", default="scratch", show_default=True, help="scratch, imagenet, simclr, npid, moco (the newest run), METHOD:RUN, a pretrain run's name or folder, or a checkpoint PATH.")
+@click.option("--init", default="scratch", show_default=True, help="scratch, imagenet, a method ({methods}: its newest run), METHOD:RUN, a pretrain run's name or folder, or a checkpoint PATH.")
 @click.option("--weights", default=None, help="ImageNet checkpoint file (for --init imagenet offline).")
 @store_option
 @read_cache_options
@@ -562,9 +574,9 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
                f"{100 * s[f'best_{m}_std']:.2f}% (selected on the test fold){selected}; {s['run']}/summary.md")
 
 
-@cli.command("evaluate")
+@cli.command("evaluate", cls=MethodsCommand)
 @click.option("--run", "run_spec", required=True,
-              help="A pretrain run: npid, simclr, moco (the newest), METHOD:RUN, a run's name or folder, or a checkpoint "
+              help="A pretrain run: a method ({methods}: its newest run), METHOD:RUN, a run's name or folder, or a checkpoint "
                    "PATH; random: the same network at random init (give --arch), the baseline.")
 @click.option("--arch", default=None,
               help="For --run random or a bare encoder state dict: the network [resnet50; checkpoints record theirs].")

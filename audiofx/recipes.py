@@ -1,6 +1,6 @@
 """The papers' recipes as data: which features, which pretraining, which fine-tuning and
 evaluation runs, and the numbers each paper reports (DESIGN.md section 5, copied exactly as
-strings so that "90.50" stays "90.50"). `audiofx reproduce` (audiofx/training/reproduce.py)
+strings so that "90.50" stays "90.50"). `audiofx reproduce` (audiofx/reproduce.py)
 turns a recipe into `audiofx ...` commands; nothing here imports torch.
 
 A recipe's stages are argument lists of the real CLI commands. What the runner adds to them

@@ -310,7 +310,7 @@ def streaming_breakdown(loader: StreamingLoader, reps: int = 20) -> tuple[float,
     cpu = time.process_time()
     for p in plan:
         a, b = p.read_range
-        loader._reader(p.run.fold).array[a:b]
+        loader._reader(p.run.fold).read_through_zarr(a, b)
     zarr_ms = (time.process_time() - cpu) * 1e3 / batches
     x = torch.from_numpy(buffer)
     rows = [(x, r % len(buffer)) for r in range(loader.batch_size)]

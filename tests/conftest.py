@@ -119,6 +119,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
             try:
                 cli.main(list(args))
             except SystemExit as exit_:
+                if isinstance(exit_.code, str):  # sys.exit("message"): Python prints it and exits 1
+                    print(exit_.code, file=sys.stderr)
                 code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
             except Exception:  # noqa: BLE001 - what the interpreter would print for an uncaught error
                 traceback.print_exc()

@@ -285,6 +285,21 @@ def test_training_errors_are_one_line(store, tmp_path):
     assert not (tmp_path / "pretrain" / "never").exists()
 
 
+def test_an_option_of_another_method_is_refused_unless_the_resumed_run_recorded_it():
+    from audiofx.errors import ConfigError
+    from audiofx.training.stages.pretrain import PretrainConfig, check_options
+
+    cfg = PretrainConfig(method="simclr", arch="tiny", options={"nce_k": 32})
+    with pytest.raises(ConfigError, match="--nce-k is NPID's .*, not simclr's"):
+        check_options(cfg)
+    check_options(cfg, recorded={"nce_k": 32})  # a run made before the check: it resumes as it ran
+    check_options(PretrainConfig(method="simclr", arch="tiny", options={"nce_k": 64}))  # the default
+    with pytest.raises(ConfigError, match="--bn-splits must be at least 1, got 0"):
+        check_options(PretrainConfig(method="moco", arch="tiny", options={"bn_splits": 0}))
+    with pytest.raises(ConfigError, match="unknown pretraining option 'k'"):
+        check_options(PretrainConfig(method="npid", arch="tiny", options={"k": 3}))
+
+
 def test_the_default_pool_leaves_out_features_of_another_size(store, tmp_path):
     import shutil
 

@@ -14,7 +14,8 @@ and returns ``Inputs``, which reads nothing until a stage asks for:
 - ``resident(names)``: some folds in memory whatever the mode (a test fold, a validation
   split: each a fraction of the set).
 - ``pool(frames, keep)``: the pretraining pool (pretrain_pool.py), ``ResidentPool`` or
-  ``StreamedPool``, with the same ``loader``, ``statistics`` and ``len``.
+  ``StreamedPool``: ``loader(batch, seed, ranks)``, ``statistics(ranks)``, ``len``, and
+  ``kept``, a set held in memory beside it (the kNN monitor's).
 
 So the stages hold no in-memory/streaming branches of their own; each prints ``describe()``
 in its first line: the mode, the size and why.
@@ -46,7 +47,7 @@ class StreamedFolds:
     def __init__(self, foldset: FoldSet, device: str | torch.device = "cpu"):
         self.foldset = foldset
         self.device = torch.device(device)
-        self._catalogue: StreamingLoader | None = None
+        self._index: StreamingLoader | None = None
 
     def loader(self, batch_size: int, *, shuffle: bool = True, drop_last: bool = False, seed: int = 0,
                ranks: Ranks = Ranks()) -> StreamingLoader:
@@ -63,25 +64,26 @@ class StreamedFolds:
         return iter(StreamingLoader(self.foldset, batch, shuffle=False, device=self.device))
 
     @property
-    def catalogue(self) -> StreamingLoader:
-        if self._catalogue is None:
-            self._catalogue = StreamingLoader(self.foldset, 1, shuffle=False, device=self.device)
-        return self._catalogue
+    def index(self) -> StreamingLoader:
+        """A loader never iterated: what it read of the small arrays numbers the rows."""
+        if self._index is None:
+            self._index = StreamingLoader(self.foldset, 1, shuffle=False, device=self.device)
+        return self._index
 
     def __len__(self) -> int:
-        return self.catalogue.n
+        return self.index.n
 
     @property
     def y(self) -> torch.Tensor:
-        return self.catalogue.labels().to(self.device)
+        return self.index.labels().to(self.device)
 
     @property
     def clips(self) -> list[str]:
-        return list(self.catalogue.clips)
+        return list(self.index.clips)
 
     @property
     def fold_of(self) -> list[str]:
-        return list(self.catalogue.fold_of)
+        return list(self.index.fold_of)
 
 
 class Inputs:
@@ -100,34 +102,42 @@ class Inputs:
     def describe(self) -> str:
         return self.mode.describe()
 
-    def _only(self) -> FoldSet:
+    def _the_set(self) -> FoldSet:
+        """The one feature set that ``folds`` and ``resident`` take folds of."""
         if len(self.foldsets) != 1:
             raise ValueError(f"folds of one feature set were asked for, but {len(self.foldsets)} are open")
         return self.foldsets[0]
 
-    def _rows(self, names: list[str]) -> InMemoryData:
+    def _loaded_rows(self, names: list[str]) -> InMemoryData:
         """Rows of the set loaded once (a view where they are one run of rows, else a copy)."""
         if self._loaded is None:
-            self._loaded = load_in_memory(self._only(), device=self.device)
+            self._loaded = load_in_memory(self._the_set(), device=self.device)
         data = self._loaded
         return subset(data, torch.from_numpy(np.isin(np.array(data.fold_of), list(names))))
 
-    def _folds(self, names: list[str]) -> FoldSet:
-        whole = self._only()
-        return FoldSet(whole.store, whole.dataset, whole.key, list(names))
+    def _foldset_of(self, names: list[str]) -> FoldSet:
+        """These folds of the set, in the set's order (the order of the rows in memory)."""
+        whole = self._the_set()
+        unknown = [f for f in names if f not in whole.folds]
+        if unknown:
+            raise ValueError(f"fold {unknown[0]} is not among the open folds {whole.folds}")
+        return FoldSet(whole.store, whole.dataset, whole.key, [f for f in whole.folds if f in names])
 
     def folds(self, names: list[str]) -> InMemoryData | StreamedFolds:
-        """The usable clips of these folds (streamed in the order given; in memory, in the loaded set's)."""
-        return StreamedFolds(self._folds(names), self.device) if self.streaming else self._rows(names)
+        """The usable clips of these folds, in the set's fold order whatever the mode."""
+        foldset = self._foldset_of(names)
+        return StreamedFolds(foldset, self.device) if self.streaming else self._loaded_rows(foldset.folds)
 
     def resident(self, names: list[str]) -> InMemoryData:
         """These folds in memory whatever the mode: read from the store now when streaming."""
-        return load_in_memory(self._folds(names), device=self.device) if self.streaming else self._rows(names)
+        foldset = self._foldset_of(names)
+        return load_in_memory(foldset, device=self.device) if self.streaming else self._loaded_rows(foldset.folds)
 
     def pool(self, frames: int, keep: FoldSet | None = None) -> ResidentPool | StreamedPool:
         """Every set's clips cut into samples of ``frames``; ``keep``: folds of one of the sets
-        to hold in memory beside it (``pool.kept``; None when, streaming, they alone are over
-        the budget: ``pool.not_kept`` says so)."""
+        to hold in memory beside it (``pool.kept``: in memory, that whole set as loaded;
+        streaming, those folds, or None when they alone are over the budget, and then
+        ``pool.not_kept`` says so)."""
         if not self.streaming:
             at = [fs.dataset for fs in self.foldsets].index(keep.dataset) if keep is not None else None
             return ResidentPool(self.foldsets, frames, self.device, keep=at)

@@ -212,7 +212,7 @@ class InMemoryLoader:
                         d.index.index_select(0, sel))
 
 
-def subset(data, mask: torch.Tensor):
+def subset(data: InMemoryData, mask: torch.Tensor) -> InMemoryData:
     """The rows of an in-memory set selected by a boolean mask. One run of rows (a test fold,
     FSD50K's or TUT's one training split: folds are loaded one after another) is a view of
     ``data``, not a copy; other selections (k-fold training folds around the test fold) copy."""

@@ -1,8 +1,9 @@
-"""The pretraining pool streamed from the store, for pools larger than the memory budget.
+"""The pretraining pool: every dataset's usable clips cut into samples of the shortest clip
+length, in memory (``load_pool``, ``ResidentPool``) or streamed from the store for pools
+larger than the memory budget (``PoolLoader``, ``StreamedPool``).
 
-The in-memory pool (``load_pool``) is every dataset's usable clips, cut into segments of the
-shortest clip length and concatenated. ``PoolLoader`` gives the same samples, numbered the
-same way, without holding them: one ``StreamingLoader`` per dataset (all folds) reads whole
+The in-memory pool is the segments of every dataset, concatenated. ``PoolLoader`` gives the
+same samples, numbered the same way, without holding them: one ``StreamingLoader`` per dataset (all folds) reads whole
 clips, each batch is cut into segments on arrival, and the datasets' batches are interleaved.
 
 Sample identity: pool index = dataset offset + clip index in the dataset (StreamingLoader's
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from audiofx.pipeline.reading import open_fold_reader
 from audiofx.training.data.batches import Batch, seeded_generator
 from audiofx.training.data.featuresets import FoldSet, usable_clips
 from audiofx.training.data.memory import InMemoryData, InMemoryLoader, load_in_memory
@@ -48,10 +50,19 @@ def segments(x: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 def pool_sizes(foldsets: list[FoldSet], frames: int) -> list[int]:
-    """Samples of each dataset in the pool (usable clips x segments of ``frames``), from the manifests."""
-    manifests = [fs.manifest() for fs in foldsets]
-    return [sum(usable_clips(m, f) for f in fs.folds) * (int(m["shape"][-1]) // frames)
-            for fs, m in zip(foldsets, manifests)]
+    """Samples of each dataset in the pool: usable clips x segments of ``frames``. The usable
+    clips are the manifest's count; a store written before the manifest recorded it counts
+    them in its ``ok`` arrays."""
+    sizes = []
+    for fs in foldsets:
+        m = fs.manifest()
+        if all("ok" in m["folds"][f] for f in fs.folds):
+            clips = sum(usable_clips(m, f) for f in fs.folds)
+        else:
+            store = fs.feature_store()
+            clips = sum(int(open_fold_reader(store, fs.dataset, fs.key, f, m).ok.sum()) for f in fs.folds)
+        sizes.append(clips * (int(m["shape"][-1]) // frames))
+    return sizes
 
 
 def load_pool(foldsets: list[FoldSet], frames: int, device: str | torch.device = "cpu",

@@ -1,7 +1,9 @@
 """Frozen forward passes: an encoder's (or a model's) outputs for every row of a set, in order,
-in batches, never keeping more than one batch of inputs on the device."""
+in batches, never holding more than one batch of inputs on the device."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -11,25 +13,31 @@ EMBED_BATCH = 128  # clips per forward pass, in memory and streaming alike (same
 
 
 @torch.no_grad()
+def _forward(encoder: torch.nn.Module, batches: Iterable[torch.Tensor], rows: int, mean: torch.Tensor,
+             std: torch.Tensor, device) -> torch.Tensor:
+    """Outputs of ``rows`` inputs given in order in ``batches``, standardised on the way, written
+    into one tensor allocated at the first batch (no second copy of them)."""
+    encoder.eval()
+    out, at = None, 0
+    for x in batches:
+        with autocast(device):
+            z = encoder((x.to(device).float() - mean) / std).float()
+        if out is None:
+            out = torch.empty((rows,) + tuple(z.shape[1:]), dtype=z.dtype, device=z.device)
+        out[at:at + len(z)] = z
+        at += len(z)
+    assert at == rows and out is not None, (at, rows)
+    return out
+
+
 def embed(encoder: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device,
           batch: int = EMBED_BATCH) -> torch.Tensor:
-    """Outputs of every row of a resident tensor, standardised with (mean, std) on the way."""
-    encoder.eval()
-    out = []
-    for i in range(0, x.shape[0], batch):
-        with autocast(device):
-            out.append(encoder((x[i:i + batch].to(device).float() - mean) / std).float())
-    return torch.cat(out)
+    """Outputs of every row of a resident tensor."""
+    return _forward(encoder, (x[i:i + batch] for i in range(0, x.shape[0], batch)), x.shape[0], mean, std, device)
 
 
-@torch.no_grad()
 def embed_rows(encoder: torch.nn.Module, rows, mean: torch.Tensor, std: torch.Tensor, device,
                batch: int = EMBED_BATCH) -> torch.Tensor:
     """Outputs of every row of a set the data door gave (in memory or streamed: its
-    ``in_order`` pass), in its order. The batches are ``embed``'s, so the values equal it."""
-    encoder.eval()
-    out = []
-    for b in rows.in_order(batch):
-        with autocast(device):
-            out.append(encoder((b.x.to(device).float() - mean) / std).float())
-    return torch.cat(out)
+    ``in_order`` pass), in its order, in ``embed``'s batches: the same values."""
+    return _forward(encoder, (b.x for b in rows.in_order(batch)), len(rows), mean, std, device)

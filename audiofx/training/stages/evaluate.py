@@ -39,7 +39,7 @@ from audiofx.training.stages.knn import choose_k, knn_scores
 from audiofx.training.stages.metrics import mean_std, per_class_markdown
 from audiofx.training.stages.runs import Run, StageOptions, default_name
 from audiofx.training.stages.tasks import METRIC_NAMES, Task
-from audiofx.training.stages.weights import RANDOM, RANDOM_ENCODER, resolve_init
+from audiofx.training.stages.weights import RANDOM, RANDOM_ENCODER, SSL_METHODS, resolve_init
 
 MODES = ("knn", "linear")
 
@@ -106,7 +106,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     init = resolve_init("scratch" if random_init else cfg.run, cfg.arch, cfg.runs_root, option="--run")
     if init.kind not in ("pretrain", "file") and not random_init:
         raise ConfigError(f"--run {cfg.run!r} is not a pretrained representation",
-                          f"pass npid, simclr, moco, METHOD:RUN, a run or a checkpoint (or {RANDOM} for the baseline)")
+                          f"pass {', '.join(SSL_METHODS)}, METHOD:RUN, a run or a checkpoint (or {RANDOM} for the baseline)")
     source = f"{RANDOM} init" if random_init else init.source
     key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key)
     task = Task.of(manifest)

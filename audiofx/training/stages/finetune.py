@@ -211,8 +211,8 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
     ckpt = run.load_checkpoint(tag) if cfg.resume else None
     if cfg.fragments == 1 and not cfg.channel_fusion:  # whole clips
         # A resume takes them from the checkpoint (the same numbers; streamed, one pass fewer).
-        mean, std = ((ckpt["states"]["mean"].to(device), ckpt["states"]["std"].to(device)) if ckpt else
-                     train.statistics(ranks))
+        mean, std = ((ckpt["states"]["mean"].to(device), ckpt["states"]["std"].to(device))
+                     if ckpt and "mean" in ckpt["states"] else train.statistics(ranks))
         saved_stats = (mean, std)
     else:  # samples are fragments and/or channels (in memory); test predictions are fused back per clip
         train, _, (mean, std), saved_stats = zhou_samples(train, cfg.fragments, cfg.channel_fusion)

@@ -51,7 +51,7 @@ class PretrainConfig(TrainingOptions):
     batch_size: int = 64
     lr: float | None = None  # default: the method's
     weight_decay: float | None = None
-    temperature: float | None = None  # default: the method's (NPID 0.4, SimCLR 0.5, MoCo 0.2)
+    temperature: float | None = None  # default: the method's (its constructor's)
     # The views: each augmentation switchable (the defaults are what every run did before
     # they were options; mixup is not offered, as it needs labels or a loss that mixes them).
     time_crop: int | None = None  # frames of a random crop per view (None: the whole clip)
@@ -64,9 +64,15 @@ class PretrainConfig(TrainingOptions):
     options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out = super().to_json()
-        given = out.pop("options")
-        return {**out, **{o.name: given.get(o.name, o.default) for _, o in method_options()}}
+        """The recipe, with every method's options in place of ``options`` (another method's at
+        their defaults), as config.json has always recorded them."""
+        out: dict[str, Any] = {}
+        for key, value in super().to_json().items():
+            if key == "options":
+                out.update({o.name: value.get(o.name, o.default) for _, o in method_options()})
+            else:
+                out[key] = value
+        return out
 
     def own_options(self) -> dict[str, Any]:
         """This method's options, as given or at their defaults."""
@@ -74,32 +80,32 @@ class PretrainConfig(TrainingOptions):
 
 
 def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
-    check_options(cfg)
+    check_options(cfg, recorded_config(cfg.runs_root, "pretrain", cfg.name, cfg.resume))
     return run_on_ranks(_pretrain, cfg, say)
 
 
 def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> dict[str, Any]:
     seed_everything(cfg.seed)
     method_cls = METHODS[cfg.method]
-    pool = pool_datasets(cfg.store, cfg.preset, cfg.datasets, say)
-    foldsets = [FoldSet(cfg.store, ds, key, list(m["folds"])) for ds, key, m in pool]
-    frames = min(int(m["shape"][-1]) for *_, m in pool)
-    bins = int(pool[0][2]["shape"][-2])
+    sets = pool_datasets(cfg.store, cfg.preset, cfg.datasets, say)  # (dataset, key, manifest)
+    foldsets = [FoldSet(cfg.store, ds, key, list(m["folds"])) for ds, key, m in sets]
+    frames = min(int(m["shape"][-1]) for *_, m in sets)
+    bins = int(sets[0][2]["shape"][-2])
     _check_views(cfg, frames, bins)
     name = cfg.name or default_name(cfg.method, cfg.arch)
     recorded = recorded_config(cfg.runs_root, "pretrain", name, cfg.resume)
     cfg = replace(cfg, options={**cfg.options, **method_cls.resolve(cfg.own_options(), cfg.batch_size, recorded)})
     _refuse_extension(cfg, recorded, name)
     inputs = open_inputs(foldsets, cfg.memory_budget_gb, device, ranks=ranks, recorded=recorded,
-                         manifests=[m for *_, m in pool])
+                         manifests=[m for *_, m in sets])
     say(f"data: {inputs.describe()}")
     # The run folder is made (or checked, on --resume) before the pool is read: a resume with
     # other settings fails at once, not after minutes of loading.
     settings = {**cfg.to_json(), "stage": "pretrain", "data_mode": inputs.mode.mode,
-                "pool": {ds: key for ds, key, _ in pool}}
+                "pool": {ds: key for ds, key, _ in sets}}
     run = open_run(ranks, cfg.runs_root, "pretrain", name, settings, cfg.resume,
                    later={"data_mode": MODE_MEMORY, **_recorded_before(method_cls)})
-    choice = _monitor_choice(pool)
+    choice = _monitor_choice(sets)
     ckpt = run.load_checkpoint("last") if cfg.resume else None
     # The loss of the last epoch done: what a resume with no epoch left to train reports.
     done = ckpt["meta"]["epoch"] + 1 if ckpt else 0
@@ -110,11 +116,11 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         return {"run": str(run.path), "loss": last_loss, "data_mode": inputs.mode.mode}
     monitored = FoldSet(cfg.store, choice["dataset"], choice["key"], [choice["held"], *choice["train"]]) \
         if choice else None
-    samples = inputs.pool(frames, keep=monitored)
-    if samples.not_kept:
-        say(f"no kNN monitoring: {samples.not_kept}")
-    loader = samples.loader(cfg.batch_size, seed=cfg.seed, ranks=ranks)
-    n = len(samples)
+    pool = inputs.pool(frames, keep=monitored)
+    if pool.not_kept:
+        say(f"no kNN monitoring: {pool.not_kept}")
+    loader = pool.loader(cfg.batch_size, seed=cfg.seed, ranks=ranks)
+    n = len(pool)
     # The pool's statistics: a resume takes them from the checkpoint in either mode (summed
     # again in another order, over another rank count when streaming, they could differ in the
     # last bit); otherwise from the pool, in one streaming pass shared by the ranks when it is
@@ -122,8 +128,8 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     if ckpt and "mean" in ckpt["states"]:
         mean, std = ckpt["states"]["mean"].to(device), ckpt["states"]["std"].to(device)
     else:
-        mean, std = samples.statistics(ranks)
-    say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in pool)} ({n} samples of {frames} frames), "
+        mean, std = pool.statistics(ranks)
+    say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in sets)} ({n} samples of {frames} frames), "
         f"{cfg.arch}, {cfg.epochs} epochs on {device} -> {run.path}")
     for note in method_cls.notes(cfg.own_options(), n):
         say(f"note: {note}")
@@ -144,7 +150,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         say(f"resuming after epoch {start}")
     if cfg.resume:  # epochs logged after the checkpoint (a kill between the two) are done again
         run.drop_records(lambda r: r.get("event") == "epoch" and r["epoch"] > start)
-    monitor = _monitor_split(choice, samples.kept) if samples.kept is not None else None
+    monitor = _monitor_split(choice, pool.kept) if pool.kept is not None else None
     # Buffers are not broadcast from rank 0 at every forward: the methods keep the memory bank
     # and the queue in step themselves, and BatchNorm statistics are averaged once an epoch.
     trained = wrap(method, ranks, device, broadcast_buffers=False)
@@ -184,7 +190,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     run.save_checkpoint("final", {"encoder": method.encoder.state_dict(), "mean": mean.cpu(), "std": std.cpu()},
                         {"arch": cfg.arch, "method": cfg.method, "epochs": cfg.epochs})
     run.write_text("summary.md", f"# pretrain {cfg.method}\n\n{cfg.arch}, {cfg.epochs} epochs on "
-                                 f"{', '.join(ds for ds, *_ in pool)} ({n} samples); final loss {loss_value:.4f}\n")
+                                 f"{', '.join(ds for ds, *_ in sets)} ({n} samples); final loss {loss_value:.4f}\n")
     return {"run": str(run.path), "loss": loss_value, "samples": n, "data_mode": inputs.mode.mode}
 
 
@@ -214,9 +220,10 @@ def _check_views(cfg: PretrainConfig, frames: int, bins: int) -> None:
                           "or a --time-crop shorter than the clips")
 
 
-def check_options(cfg: PretrainConfig) -> None:
+def check_options(cfg: PretrainConfig, recorded: dict[str, Any] | None = None) -> None:
     """Refuse options that cannot work, before anything is read: an unknown method or network,
-    an option of another method set to other than its default, a value below its minimum."""
+    an option of another method set to other than its default (or, on a resume, than the
+    run recorded: runs made before this check may hold one), a value below its minimum."""
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}", f"use one of {', '.join(METHODS)}")
     if cfg.arch not in ARCHS:
@@ -228,7 +235,7 @@ def check_options(cfg: PretrainConfig) -> None:
                               f"the methods' options are {', '.join(owners)}")
         owner, option = owners[name]
         if owner.name != cfg.method:
-            if value != option.default:
+            if value != option.default and value != (recorded or {}).get(name, option.default):
                 raise ConfigError(f"{option.flag} is {owner.title}'s ({option.what}), not {cfg.method}'s",
                                   f"drop {option.flag}, or use --method {owner.name}")
         elif value is not None and option.minimum is not None and value < option.minimum:
@@ -255,13 +262,13 @@ def _refuse_extension(cfg: PretrainConfig, recorded: dict[str, Any] | None, name
                           f"start a new run with --epochs {cfg.epochs}, or fine-tune from this one")
 
 
-def _monitor_choice(pool: list[tuple[str, str, dict]]) -> dict[str, Any] | None:
+def _monitor_choice(sets: list[tuple[str, str, dict]]) -> dict[str, Any] | None:
     """A labelled dataset of the pool and a split of it held out for a weighted-kNN score each
     epoch (accuracy, or mAP for a multi-label set), voted by its training folds: the first
     of numbered folds with usable clips on both sides, or the validation split of named splits
     (FSD50K's val; else, or when it has no usable clip, their test split). Monitoring only:
     nothing is selected with it."""
-    for ds, key, manifest in pool:
+    for ds, key, manifest in sets:
         folds = list(manifest["folds"])
         try:
             plan = split_folds(folds, "all")
