@@ -309,6 +309,11 @@ def cache_verify(key, store):
         raise StoreError(f"no feature sets in {fs}", "check --store")
     damaged = 0
     for ds, k in targets:
+        if not fs.has_manifest(ds, k):  # an extraction in progress, or interrupted: not damage
+            done = len(fs.unit_records(ds, k))
+            click.echo(f"incomplete {ds}/{k}: no manifest yet, {done} write unit(s) done (an extraction is running "
+                       "or was interrupted: rerunning the same extract command finishes it)")
+            continue
         problems = fs.verify(ds, k)
         if problems:
             damaged += 1

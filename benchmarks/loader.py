@@ -13,7 +13,10 @@ repeated clips).
 Then samples/s of float32 batches (B, 3, 128, 250), each for about --seconds, and the CPU
 time of this process per batch (all threads):
   in-memory   load_in_memory + InMemoryLoader (the load time is reported separately)
-  streaming   StreamingLoader: shuffled runs of chunks read by background threads
+  streaming   StreamingLoader: shuffled runs of chunks read by background threads, every chunk
+              checked against the manifest's CRC-32C of its values as it is decoded
+  streaming, unchecked
+              the same with the check switched off: what the check costs
   streaming, old codec
               the same, from a copy of the store whose x arrays use the codec stores had
               before (Blosc zstd-1 bit shuffle): what existing stores still stream at
@@ -37,6 +40,7 @@ slower whenever another process kept a core busy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shlex
@@ -150,6 +154,25 @@ def build(base: Path, clips: int, memmap: bool = True) -> tuple[list[Path], obje
 
 
 # -- timing ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def unchecked():
+    """Readers that decode chunks without checking them against the manifest (the baseline
+    of what the check costs; audiofx itself never reads that way)."""
+    from audiofx.pipeline.chunks import ChunkReader
+
+    check = ChunkReader._check
+    ChunkReader._check = lambda self, c, values: None
+    try:
+        yield
+    finally:
+        ChunkReader._check = check
+
+
+def median_run(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The run of median rate (rate, CPU ms per batch)."""
+    return sorted(runs)[len(runs) // 2]
+
 
 def timed_epochs(make_iter, budget: float) -> tuple[float, float]:
     """Run whole passes of make_iter() until budget seconds have passed:
@@ -359,8 +382,20 @@ def main(argv: list[str] | None = None) -> int:
         load_s = data.seconds
         results["in-memory"] = timed_epochs(batches_of(InMemoryLoader(data, bs, seed=0)), budget)
         del data
+        with unchecked():
+            load_unchecked_s = min(load_in_memory(foldset).seconds for _ in range(3))
+        load_s = min([load_s] + [load_in_memory(foldset).seconds for _ in range(2)])
         stream = StreamingLoader(foldset, bs, seed=0, threads=args.threads)
-        results["streaming"] = timed_epochs(batches_of(stream), budget)
+        # checked and unchecked in turn, three times each, medians: on two shared cores one
+        # run of each differed by up to 30% either way
+        checked_runs, unchecked_runs = [], []
+        for _ in range(3):
+            checked_runs.append(timed_epochs(batches_of(stream), budget))
+            with unchecked():
+                unchecked_runs.append(timed_epochs(
+                    batches_of(StreamingLoader(foldset, bs, seed=0, threads=args.threads)), budget))
+        results["streaming"] = median_run(checked_runs)
+        results["streaming, unchecked"] = median_run(unchecked_runs)
         old_stream = StreamingLoader(old_set, bs, seed=0, threads=args.threads)
         results["streaming, old codec"] = timed_epochs(batches_of(old_stream), budget)
         results["memmap"] = timed_epochs(memmap_batches(mm_path, bs, 0), budget)
@@ -383,8 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     mem, fly = results["memmap"][0], results["on-the-fly"][0]
     streaming = f"{args.threads} reader threads, runs of 4 chunks, buffer of 8 chunks"
     notes = {
-        "in-memory": f"after a load of {load_s:.2f} s ({args.clips / load_s:.0f} clips/s, {raw / 2**20 / load_s:.0f} MiB/s)",
-        "streaming": f"{streaming}; {manifest['sizes']['stored_bytes'] / 2**20:.0f} MiB store",
+        "in-memory": f"after a load of {load_s:.2f} s ({args.clips / load_s:.0f} clips/s, {raw / 2**20 / load_s:.0f} MiB/s; "
+                     f"{load_unchecked_s:.2f} s unchecked, best of 3 each)",
+        "streaming": f"{streaming}; {manifest['sizes']['stored_bytes'] / 2**20:.0f} MiB store; chunks checked; "
+                     "median of 3",
+        "streaming, unchecked": "the same without the per-chunk check (what it costs); median of 3, in turn with it",
         "streaming, old codec": "the same, store written with Blosc zstd-1 bit shuffle (stores made before it changed)",
         "memmap": "random batches from a raw .npy memmap (the limit)",
         "zarr/clip": "x[i] per sample: one chunk decompressed per clip",
@@ -422,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         ("streaming >= 50% of memmap", stream_rate >= 0.5 * mem),
         ("in-memory >= 100x on-the-fly", results["in-memory"][0] >= 100 * fly),
         ("streaming >= 100x on-the-fly", stream_rate >= 100 * fly),
+        ("the per-chunk check costs streaming < 5%", stream_rate >= 0.95 * results["streaming, unchecked"][0]),
     ]
     print()
     for name, ok in checks:

@@ -18,6 +18,7 @@ from audiofx.errors import StoreError
 from audiofx.pipeline.reading import load_fold, open_fold
 from audiofx.pipeline.store import FeatureStore
 from tests.conftest import (
+    TINY,
     assert_one_line_error,
     kill_9,
     make_class_folder,
@@ -183,6 +184,25 @@ def test_a_corrupted_object_is_named_by_verify_and_never_served(s3, local_demo, 
         open_fold(FeatureStore(url), "demo", key, "3")
     x, _, _ = load_fold(FeatureStore(url), "demo", key, "1")  # the intact folds stay usable
     assert x.shape[0] == 40
+
+
+def test_a_truncated_object_is_one_line_for_verify_pull_and_training(s3, local_demo, tmp_path, read_cache):
+    store, key = local_demo
+    url = f"s3://{BUCKET}/truncated/features"
+    assert run_cli("cache", "push", key[:8], "--to", url, "--store", str(store), "--no-progress").returncode == 0
+    fs = s3_filesystem()
+    chunk = f"{BUCKET}/truncated/features/demo/{key}/fold-2/x/c/1/0/0/0"
+    fs.pipe_file(chunk, fs.cat_file(chunk)[:len(fs.cat_file(chunk)) // 10])
+    # real processes: Blosc given a truncated chunk used to end them with a segfault
+    check = run_process("cache", "verify", "--store", url)
+    assert_one_line_error(check, "1 of 1 feature sets are damaged")
+    assert f"DAMAGED demo/{key}/fold-2/x chunk 1 (clips 16-31): unreadable (Blosc header says" in check.stdout
+    pulled = run_process("cache", "pull", key[:8], "--from", url, "--store", str(tmp_path / "pulled"), "--no-progress")
+    assert_one_line_error(pulled, "does not match the source's checksums", "fold-2/x chunk 1")
+    read_cache()
+    trained = run_cli("finetune", "--dataset", "demo", "--store", url, "--runs", str(tmp_path / "runs"), "--fold", "1",
+                      "--epochs", "1", *TINY)
+    assert_one_line_error(trained, "fold-2/x chunk 1", "unreadable")
 
 
 def test_rm_and_gc_remove_only_what_they_should(s3, local_demo, tmp_path):

@@ -5,7 +5,8 @@
   first use. Only a set with a manifest is read.
 - ``load_fold``: (x, y, clip) of a fold's usable clips, in one sequential pass.
 - ``open_fold_reader``: a ``FoldReader``, what training reads a fold through: the small arrays
-  in memory, x in row ranges decoded whole chunk by whole chunk (chunks.py) by any thread.
+  in memory, x in row ranges decoded whole chunk by whole chunk (chunks.py) by any thread,
+  every array and every chunk checked against the manifest as it is read.
 
 Nothing outside pipeline/ needs to know how a fold is laid out on disk.
 """
@@ -18,7 +19,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from audiofx.pipeline.chunks import ChunkReader
+from audiofx.errors import StoreError
+from audiofx.pipeline.checksums import checksum
+from audiofx.pipeline.chunks import REPAIR, ChunkReader, expected_chunks
 from audiofx.pipeline.readcache import default_cache
 from audiofx.pipeline.store import FeatureStore, check_fold_present, fold_group
 
@@ -43,21 +46,29 @@ def load_fold(store: FeatureStore, dataset: str, key: str, fold: str) -> tuple[n
 
 class FoldReader:
     """One fold as training reads it: ``ok`` (usable rows), ``y`` (labels) and ``clip`` (source
-    paths) read once; ``x`` read by ``read(a, b)``, whole chunk by whole chunk, in any thread
-    (each thread gets a ChunkReader of its own, opened on first use).
+    paths) read once and checked against the manifest; ``x`` read by ``read(a, b)``, whole
+    chunk by whole chunk, each chunk checked, in any thread (each thread gets a ChunkReader of
+    its own, opened on first use). A damaged array or chunk is a ``StoreError`` naming it.
 
     Pickles as plain values (where x lives, the small arrays): open arrays never cross a
     process boundary. A remote store's x lives in the local read-through cache that
     ``open_fold`` has just filled, so no reading thread goes back to the remote."""
 
-    def __init__(self, group: Any):
+    def __init__(self, group: Any, manifest: dict[str, Any], fold: str, where: str = ""):
         x = group["x"]
         self.source = (group.store, f"{group.path}/x".lstrip("/"))
+        self.expected = expected_chunks(manifest, fold)
         self.chunk_rows = int(x.chunks[0])
         self.dtype = np.dtype(x.dtype)
-        self.ok = np.asarray(group["ok"][:], dtype=bool)
-        self.y = np.asarray(group["y"][:])
-        self.clip = np.asarray(group["clip"][:])
+        small = {}
+        for name in ("ok", "y", "clip"):
+            values = np.asarray(group[name][:])
+            want = manifest.get("arrays", {}).get(f"{fold_group(fold)}/{name}")
+            if want is not None and checksum(values) != want:
+                raise StoreError(f"damaged array {where}/{fold_group(fold)}/{name}: its values are not the ones the "
+                                 "manifest recorded", REPAIR)
+            small[name] = values
+        self.ok, self.y, self.clip = small["ok"].astype(bool), small["y"], small["clip"]
         self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -70,7 +81,7 @@ class FoldReader:
     def _reader(self) -> ChunkReader:
         reader = getattr(self._local, "reader", None)
         if reader is None:
-            reader = self._local.reader = ChunkReader(*self.source)
+            reader = self._local.reader = ChunkReader(*self.source, expected=self.expected)
         return reader
 
     @property
@@ -89,4 +100,5 @@ class FoldReader:
 
 def open_fold_reader(store: FeatureStore, dataset: str, key: str, fold: str,
                      manifest: dict[str, Any] | None = None) -> FoldReader:
-    return FoldReader(open_fold(store, dataset, key, fold, manifest))
+    manifest = manifest if manifest is not None else store.read_manifest(dataset, key)
+    return FoldReader(open_fold(store, dataset, key, fold, manifest), manifest, fold, f"{store}/{dataset}/{key}")

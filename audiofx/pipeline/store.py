@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,6 +33,8 @@ from zarr.codecs import BloscCodec
 from audiofx import __version__
 from audiofx.config import FEATURE_CODE_VERSION, FeatureConfig, canonical_json
 from audiofx.errors import StoreError
+from audiofx.pipeline.checksums import checksum, crc32c
+from audiofx.pipeline.chunks import ChunkReader, DamagedChunk, expected_chunks
 from audiofx.pipeline.location import Location
 
 FORMAT = "audiofx-store/1"
@@ -101,15 +102,6 @@ def plan_units(fold_sizes: dict[str, int], chunk_clips: int) -> list[Unit]:
         for i, start in enumerate(range(0, n, chunk_clips)):
             units.append(Unit(fold, i, start, min(start + chunk_clips, n)))
     return units
-
-
-def checksum(array: np.ndarray) -> str:
-    """sha256 of the values in C order: independent of codec and chunk layout. Strings are
-    hashed as NUL-joined UTF-8 so fixed-width and variable-width string arrays agree."""
-    a = np.asarray(array)
-    if a.dtype.kind in "OUT":
-        return hashlib.sha256("\0".join(str(v) for v in a.ravel()).encode()).hexdigest()
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
 @dataclass
@@ -288,7 +280,8 @@ class FeatureStore:
         arr = zarr.open_array(self.zarr_store(dataset, key, fold_group(unit.fold), "x"), mode="r+")
         arr[unit.start:unit.stop] = x
         record = {"unit": unit.id, "fold": unit.fold, "start": unit.start, "stop": unit.stop,
-                  "checksum": checksum(x), "skipped": [list(s) for s in skipped], **(extra or {})}
+                  "checksum": checksum(x), "crc32c": crc32c(x), "skipped": [list(s) for s in skipped],
+                  **(extra or {})}
         self.loc.write_bytes(self.rel(dataset, key, UNITS_DIR, f"{unit.id}.json"), json.dumps(record).encode())
         return record
 
@@ -327,7 +320,8 @@ class FeatureStore:
                 "folds": folds,
                 "clips": sum(f["ok"] for f in folds.values()),
                 "shape": list(plan.config.shape),
-                "units": {u.id: {"fold": u.fold, "start": u.start, "stop": u.stop, "checksum": records[u.id]["checksum"]}
+                "units": {u.id: {"fold": u.fold, "start": u.start, "stop": u.stop, "checksum": records[u.id]["checksum"],
+                                 **({"crc32c": records[u.id]["crc32c"]} if "crc32c" in records[u.id] else {})}
                           for u in units},
                 "arrays": array_sums,
                 "skipped": [{"clip": c, "reason": r} for c, r in sorted(skipped.items())],
@@ -401,21 +395,23 @@ class FeatureStore:
                 return [err.message]
         present = set(folds if folds is not None else present_folds(manifest))
         problems = []
-        arrays: dict[str, Any] = {}
+        readers: dict[str, ChunkReader | Exception] = {}
         for uid, unit in manifest["units"].items():
-            if unit["fold"] not in present:
+            fold = unit["fold"]
+            if fold not in present:
                 continue
-            where = f"{dataset}/{key}/{fold_group(unit['fold'])}/x chunk {uid.rsplit('-', 1)[1]} (clips {unit['start']}-{unit['stop'] - 1})"
+            where = f"{dataset}/{key}/{fold_group(fold)}/x chunk {uid.rsplit('-', 1)[1]} (clips {unit['start']}-{unit['stop'] - 1})"
+            if fold not in readers:
+                readers[fold] = self._chunk_reader(dataset, key, fold, manifest)
+            reader = readers[fold]
             try:
-                if unit["fold"] not in arrays:
-                    arrays[unit["fold"]] = zarr.open_array(
-                        self.zarr_store(dataset, key, fold_group(unit["fold"]), "x", read_only=True), mode="r")
-                values = arrays[unit["fold"]][unit["start"]:unit["stop"]]
+                if isinstance(reader, Exception):
+                    raise reader
+                reader.read(unit["start"], unit["stop"])  # decoded only after its bytes are checked, then checked
+            except DamagedChunk as err:
+                problems.append(f"{where}: checksum mismatch" if err.mismatch else f"{where}: unreadable ({err.why})")
             except Exception as err:  # noqa: BLE001 - any decode failure is damage to report
                 problems.append(f"{where}: unreadable ({type(err).__name__}: {str(err)[:80]})")
-                continue
-            if checksum(values) != unit["checksum"]:
-                problems.append(f"{where}: checksum mismatch")
         for name, expected in manifest.get("arrays", {}).items():
             if name.split("/")[0].removeprefix("fold-") not in present:
                 continue
@@ -428,6 +424,18 @@ class FeatureStore:
             if got != expected:
                 problems.append(f"{dataset}/{key}/{name}: checksum mismatch")
         return problems
+
+    def _chunk_reader(self, dataset: str, key: str, fold: str, manifest: dict[str, Any]) -> ChunkReader | Exception:
+        """A checked reader of the store's own copy of one fold's x (a remote one fetches each
+        chunk's object whole, so that it too is checked before it is decoded); the error when
+        the array itself cannot be opened."""
+        x = self.rel(dataset, key, fold_group(fold), "x")
+        fetch = (lambda chunk: self.loc.read_bytes(f"{x}/{chunk}")) if self.remote else None
+        try:
+            return ChunkReader(self.zarr_store(dataset, key, fold_group(fold), read_only=True), "x",
+                               expected_chunks(manifest, fold), fetch=fetch)
+        except Exception as err:  # noqa: BLE001 - reported per unit
+            return err
 
 
 def present_folds(manifest: dict[str, Any]) -> list[str]:
