@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -20,6 +21,7 @@ FEATURE_CODE_VERSION = 1
 
 SOURCES = ("mono", "left", "right", "mid")
 KINDS = ("logmel", "stft_bands")
+PAD_MODES = ("constant", "reflect", "replicate", "circular")  # torch.stft's
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,13 @@ class FeatureConfig:
 
         if self.kind not in KINDS:
             raise bad(f"feature kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
+        numbers = {"sample_rate": self.sample_rate, "clip_seconds": self.clip_seconds, "power": self.power,
+                   "fmin": self.fmin, "fmax": self.fmax, "log_offset": self.log_offset,
+                   **{f"windows_ms[{i}]": w for i, w in enumerate(self.windows_ms)},
+                   **{f"hops_ms[{i}]": h for i, h in enumerate(self.hops_ms)}}
+        for name, value in numbers.items():
+            if not math.isfinite(value):
+                raise bad(f"{name} must be a finite number, got {value}")
         if self.sample_rate <= 0 or self.clip_seconds <= 0:
             raise bad("sample_rate and clip_seconds must be positive")
         if not (len(self.windows_ms) == len(self.hops_ms) == len(self.sources)) or not self.windows_ms:
@@ -107,6 +116,23 @@ class FeatureConfig:
             raise bad("mel_scale must be htk or slaney, mel_norm none or slaney")
         if self.fmax and self.fmax > self.sample_rate / 2:
             raise bad(f"fmax={self.fmax} is above the Nyquist frequency {self.sample_rate / 2}")
+        top = self.fmax or self.sample_rate / 2
+        if self.fmin < 0 or self.fmin >= top:
+            raise bad(f"fmin={self.fmin} must be at least 0 and below {'fmax' if self.fmax else 'the Nyquist frequency'} "
+                      f"({top:g} Hz): the mel bands would be empty")
+        if self.log_offset <= 0:
+            raise bad(f"log_offset={self.log_offset} must be above 0: log(mel + offset) of a silent band is not finite")
+        if self.power <= 0:
+            raise bad(f"power={self.power} must be above 0 (1: magnitude, 2: power)")
+        if self.pad_mode not in PAD_MODES:
+            raise bad(f"pad_mode {self.pad_mode!r} is unknown; use one of {', '.join(PAD_MODES)}")
+        try:
+            from scipy.signal import get_window
+
+            get_window(self.window, 8)
+        except (ValueError, TypeError):
+            raise bad(f"window {self.window!r} is not a window scipy.signal.get_window knows (hann, hamming, "
+                      "blackmanharris, ...)") from None
         if self.dtype not in ("float16", "float32"):
             raise bad("dtype must be float16 or float32")
         if self.kind == "stft_bands" and self.bands > self.fft_size // 2 + 1:
@@ -185,17 +211,25 @@ def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     """Bring a parsed --set value to the field's type (tuple fields accept one number)."""
     default = getattr(FeatureConfig(), name)
+
+    def number(v: Any, kind: type) -> int | float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {v!r}", f"write --set {name}=<number>")
+        if not math.isfinite(v):  # JSON reads NaN and Infinity too: no feature option is defined with them
+            raise ConfigError(f"{name} must be a finite number, got {v!r}", f"write --set {name}=<number>")
+        if kind is int and v != int(v):
+            raise ConfigError(f"{name} must be an integer, got {v!r}", f"write --set {name}=<integer>")
+        return kind(v)
+
     if isinstance(default, tuple):
         items = value if isinstance(value, (tuple, list)) else (value,)
-        return tuple(float(v) if isinstance(default[0], float) else str(v) for v in items)
+        return tuple(number(v, float) if isinstance(default[0], float) else str(v) for v in items)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}", f"write --set {name}=true")
         return value
     if isinstance(default, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}", f"write --set {name}=<number>")
-        return type(default)(value)
+        return number(value, type(default))
     if value is None:
         return "none"
     return str(value)

@@ -36,6 +36,10 @@ class StoreError(AudiofxError):
     """The feature store is missing, damaged, or was written for something else."""
 
 
+class TrainingError(AudiofxError):
+    """Training cannot go on (a loss that is not finite): what was trained before is kept."""
+
+
 class AudioSkip(Exception):
     """One clip cannot be used (empty, truncated, not audio, NaN/inf). Recorded, not fatal.
 

@@ -14,6 +14,8 @@ import asyncio
 import logging
 import os
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -89,14 +91,35 @@ class LocalProcesses:
         from joblib import Parallel, delayed
 
         # One item per task; results come back as they finish so a progress bar moves smoothly.
+        parent = os.getpid()
         self._stream = Parallel(n_jobs=self.workers, backend="loky", return_as="generator_unordered", batch_size=1)(
-            delayed(fn)(item) for item in items
+            delayed(_in_worker)(fn, item, parent) for item in items
         )
         return self._stream
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()  # joblib aborts the tasks that have not started
+
+
+_watching: int | None = None  # the parent this worker process exits with, once it watches it
+
+
+def _in_worker(fn: Callable[[Any], Any], item: Any, parent: int) -> Any:
+    """``fn(item)`` in a loky worker process, which exits within a second of the process that
+    started it: loky keeps idle workers for minutes (~1 GB each with torch loaded), and after
+    a kill -9 of the extract command nobody would stop them."""
+    global _watching
+    if _watching != parent and os.getppid() == parent:
+        _watching = parent
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="audiofx-parent-watch").start()
+    return fn(item)
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:  # a dead parent's children are handed to another process
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _in_this_process(fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:

@@ -9,8 +9,10 @@ A killed run leaves finished units behind; the next run does only the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from audiofx.config import (
 )
 from audiofx.errors import AudioSkip, ConfigError, DatasetError
 from audiofx.pipeline.datasets import get_adapter
-from audiofx.pipeline.datasets.base import DatasetIndex, default_root
+from audiofx.pipeline.datasets.base import DatasetIndex, default_root, printable_path
 from audiofx.pipeline.decode import decode_clip
 from audiofx.pipeline.executors import Scheduler, open_executor, parse_scheduler
 from audiofx.pipeline.fingerprint import file_sizes, fingerprint
@@ -136,6 +138,18 @@ def run_unit(job: UnitJob) -> dict[str, Any]:
             batch = torch.from_numpy(np.stack(audio[b:b + job.batch])).to(job.device)
             feats = compute_features(batch, config).cpu().numpy()
             x[rows[b:b + job.batch]] = feats  # cast to the store dtype by the assignment
+    # Features that are not finite (in the store's dtype: float16 overflows above 65504) would
+    # train on NaN: such a clip is skipped, with the reason, like unreadable audio.
+    for i in rows:
+        if not np.isfinite(x[i]).all():
+            rel = job.paths[i]
+            reason = (f"features not finite ({int(np.isnan(x[i]).sum())} NaN, {int(np.isinf(x[i]).sum())} infinite "
+                      f"of {x[i].size}): samples out of the audio range, or a feature option that makes the log-mel "
+                      "undefined")
+            if job.strict:
+                return {"unit": job.unit.id, "strict_failure": [rel, reason]}
+            skipped.append((rel, reason))
+            x[i] = 0
     record = store.write_unit(job.dataset, job.key, job.unit, x, skipped,
                               extra={"seconds": round(time.perf_counter() - started, 3), "pid": os.getpid()})
     return {**record, "computed": True, "clips": len(rows)}
@@ -176,12 +190,42 @@ def check_device(device: str) -> str:
     return device
 
 
+# A fold's name is a folder name (fold-<name>) and part of every unit id and record file name.
+FOLD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+
+
+def check_fold_names(index: DatasetIndex) -> None:
+    bad = next((f for f in index.folds if not FOLD_NAME.fullmatch(f)), None)
+    if bad is not None:
+        source = next((str(p) for p in index.metadata_files), str(index.root))
+        raise DatasetError(f"{source}: fold name {printable_path(bad)!r} cannot name a fold",
+                           "use letters, digits and - _ . + (starting with a letter or digit), e.g. 1, 2 or train, test")
+
+
+def leave_out_unnamed(index: DatasetIndex) -> DatasetIndex:
+    """The index without files whose names are not UTF-8 (a store records every name as
+    text): each is listed as skipped, with its bytes shown as \\xNN."""
+    unnamed = []
+    for clip in index.clips:
+        try:
+            clip.path.encode("utf-8")
+        except UnicodeEncodeError:
+            unnamed.append(clip)
+    if not unnamed:
+        return index
+    skipped = [(printable_path(c.path), "file name is not UTF-8 (rename it to include it)") for c in unnamed]
+    return dataclasses.replace(index, clips=[c for c in index.clips if c not in unnamed],
+                               skipped=[*index.skipped, *skipped])
+
+
 def build_plan(req: ExtractRequest) -> tuple[GroupPlan, DatasetIndex, FeatureConfig]:
     adapter = get_adapter(req.dataset)
     root = Path(req.root) if req.root else default_root(req.dataset)
     feature_overrides, option_overrides = split_overrides(req.overrides, dict(adapter.options))
     config = resolve_feature_config(adapter.defaults, req.preset, feature_overrides)
     index = adapter.index(root, {**adapter.options, **option_overrides})
+    check_fold_names(index)
+    index = leave_out_unnamed(index)
     if not index.clips:
         raise DatasetError(f"{adapter.name}: no clips found under {root}", f"expected layout: {adapter.layout}")
     sizes = file_sizes(index)
@@ -236,7 +280,11 @@ def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) 
     if summary.units_done_before:
         say(f"resuming {plan.dataset}/{plan.key}: {summary.units_done_before} of {len(units)} write units already done")
 
-    workers = max(1, min(req.workers or default_workers(), len(todo) or 1))
+    cores = default_workers()
+    if req.workers > cores and scheduler is None:
+        say(f"--workers {req.workers} is more than the {cores} cores here: using {cores} (each worker keeps one core "
+            "busy; more only take turns)")
+    workers = max(1, min(req.workers or cores, cores, len(todo) or 1))
     # Absolute paths: Dask workers (and a remote-free store on a shared mount) may run in
     # another working directory.
     store_at = store.url if store.remote else str(store.root.resolve())

@@ -86,6 +86,9 @@ class Location:
             self.path = None
         else:
             self.path = Path(self.url.removeprefix("file://")).expanduser()
+            if self.path.exists() and not self.path.is_dir():
+                raise StoreError(f"store {self.path} is a file, not a folder",
+                                 "pass --store a folder (it is made if missing) or an s3:// URL")
 
     def __repr__(self) -> str:
         return f"Location({redact(self.url)!r})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping, Sequence
@@ -71,8 +72,26 @@ def require_root(adapter: DatasetAdapter, root: Path, must_exist: Sequence[str])
         )
 
 
+def metadata_text(path: Path) -> io.StringIO:
+    """A metadata file's text, for csv readers (a BOM is dropped); a file that is not UTF-8 is a
+    DatasetError naming it and the first byte that is not."""
+    raw = path.read_bytes()
+    try:
+        return io.StringIO(raw.decode("utf-8-sig"), newline="")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})",
+                           "save it as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def printable_path(path: str) -> str:
+    """A file name as it can be shown and recorded: bytes that are not UTF-8 as \\xNN."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def safe_relpath(root: Path, path: str, source: Path | str) -> str:
-    """A metadata path as POSIX relative to root; rejects absolute paths and '..' escapes."""
+    """A metadata path as POSIX relative to root; rejects absolute paths, '..' escapes and NUL bytes."""
+    if "\0" in path:
+        raise DatasetError(f"{source}: path {printable_path(path)!r} holds a NUL byte", "no file name can: fix the row")
     p = PurePosixPath(path.replace("\\", "/"))
     if p.is_absolute() or path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
         raise DatasetError(f"{source}: path {path!r} is absolute", "metadata paths must be relative to the dataset root")
@@ -85,10 +104,9 @@ def read_csv(path: Path, delimiter: str = ",", required: Sequence[str] = ()) -> 
     """Read a metadata CSV; a missing file or column is a DatasetError naming the file."""
     if not path.is_file():
         raise DatasetError(f"metadata file {path} is missing", "check --root points at the dataset's top folder")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        rows = list(reader)
-        columns = reader.fieldnames or []
+    reader = csv.DictReader(metadata_text(path), delimiter=delimiter)
+    rows = list(reader)
+    columns = reader.fieldnames or []
     absent = [c for c in required if c not in columns]
     if absent:
         raise DatasetError(
@@ -187,14 +205,13 @@ def read_split_file(path: Path, root: Path, known: set[str]) -> dict[str, str]:
     if not path.is_file():
         raise DatasetError(f"split file {path} is missing", "pass an existing CSV of path,fold")
     out: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for row in csv.reader(f):
-            if not row or row[0].strip().lower() in ("path", "filename", "file"):
-                continue
-            if len(row) < 2:
-                raise DatasetError(f"{path}: row {row!r} is not path,fold", "write one path,fold per line")
-            rel = safe_relpath(root, row[0].strip(), path)
-            out[rel] = row[1].strip()
+    for row in csv.reader(metadata_text(path)):
+        if not row or row[0].strip().lower() in ("path", "filename", "file"):
+            continue
+        if len(row) < 2:
+            raise DatasetError(f"{path}: row {row!r} is not path,fold", "write one path,fold per line")
+        rel = safe_relpath(root, row[0].strip(), path)
+        out[rel] = row[1].strip()
     unknown = [p for p in out if p not in known]
     if unknown:
         raise DatasetError(

@@ -19,6 +19,7 @@ from audiofx.pipeline.datasets.base import (
     DatasetIndex,
     file_sha256,
     fold_order,
+    metadata_text,
     register,
     require_root,
     safe_relpath,
@@ -44,7 +45,7 @@ def _from_split(root: Path, split_path: Path) -> DatasetIndex:
         raise DatasetError(f"split file {split_path} is missing", "pass an existing CSV of path,label,fold")
     rows: list[tuple[str, str, str]] = []
     seen: set[str] = set()
-    with open(split_path, newline="", encoding="utf-8-sig") as f:
+    with metadata_text(split_path) as f:
         for i, row in enumerate(csv.reader(f)):
             if not row or (i == 0 and row[0].strip().lower() in ("path", "filename", "file")):
                 continue

@@ -15,6 +15,7 @@ from audiofx.pipeline.datasets.base import (
     Clip,
     DatasetAdapter,
     DatasetIndex,
+    metadata_text,
     read_csv,
     register,
     require_root,
@@ -29,7 +30,7 @@ FOLDS = ["train", "val", "eval"]
 def _vocabulary(path: Path) -> list[str]:
     """Class names in the order of vocabulary.csv (headerless rows: index,label,mid)."""
     entries: list[tuple[int, str]] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with metadata_text(path) as f:
         for row in csv.reader(f):
             if not row:
                 continue

@@ -18,6 +18,7 @@ from audiofx.pipeline.datasets.base import (
     Clip,
     DatasetAdapter,
     DatasetIndex,
+    metadata_text,
     read_csv,
     register,
     require_root,
@@ -40,7 +41,7 @@ def _split_files(root: Path, path: Path) -> list[str]:
     ``filename`` (or no header at all) in others; the scene always comes from meta.csv.
     """
     out = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with metadata_text(path) as f:
         for i, row in enumerate(csv.reader(f, delimiter="\t")):
             if not row or not row[0].strip() or (i == 0 and row[0].strip().lower() == "filename"):
                 continue

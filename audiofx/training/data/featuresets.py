@@ -40,7 +40,7 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
         complete = exact or complete
     if not complete:
         what = f"key {key}" if key else f"preset {preset}"
-        raise StoreError(f"no complete {dataset} features ({what}) in store {fs.root}",
+        raise StoreError(f"no complete {dataset} features ({what}) in store {fs}",
                          f"extract them first: audiofx extract --dataset {dataset} --preset {preset} --store {store}")
     complete.sort(key=lambda km: km[1]["created_at"])
     return complete[-1]

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from audiofx.errors import ConfigError
+from audiofx.training.models.state_files import load_state_file
 
 # arch -> (torchvision builder name, ImageNet weights enum name, feature dimension)
 TORCHVISION = {
@@ -162,7 +163,9 @@ def imagenet_weights_file(arch: str, weights: Path | None = None) -> Path:
 
 def load_imagenet(encoder: Encoder, path: Path) -> None:
     """Load a torchvision ImageNet state dict into an encoder's body (the classifier is dropped)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state_file(path, "--weights")
+    if not isinstance(state, dict):
+        raise ConfigError(f"--weights {path} holds no state dict", "pass a torchvision ImageNet checkpoint")
     model_keys = encoder.body.state_dict().keys()
     if encoder.arch.startswith("resnet"):
         # Sequential(children[:-2]) renumbers conv1, bn1, relu, maxpool, layer1..4 as 0..7.

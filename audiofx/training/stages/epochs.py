@@ -4,11 +4,14 @@ loss; and the optimiser state a checkpoint keeps for a resume."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
+
+from audiofx.errors import TrainingError
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -32,26 +35,37 @@ class EpochPass:
 
 def train_epoch(loader: Any, epoch: int, seed: int, generator: torch.Generator, opt: torch.optim.Optimizer,
                 loss_of: Callable[[Any], tuple[torch.Tensor, int]], *, desc: str, progress: bool, rank: int = 0,
-                after_step: Callable[[], None] | None = None) -> EpochPass:
+                after_step: Callable[[], None] | None = None, stage: str = "training") -> EpochPass:
     """One pass over ``loader`` (an InMemoryLoader, StreamingLoader or PoolLoader): set its
     order and ``generator`` for ``epoch`` and ``rank``; for each batch, ``loss_of(batch)``
     gives (loss, samples), then one optimiser step and ``after_step`` (NPID's bank, MoCo's
-    queue, which must change only after the step). A bar shows samples/s and the loss."""
+    queue, which must change only after the step). A bar shows samples/s and the loss.
+
+    A loss that is not finite stops the pass with a TrainingError naming ``stage`` and
+    ``desc``: the weights it would leave are NaN, and no checkpoint is written after it, so
+    the run's last checkpoint (the epoch before) stays as it was."""
     from tqdm import tqdm
 
     loader.set_epoch(epoch)
     generator.manual_seed(epoch_seed(seed, epoch, rank))
     seen, loss_sum, started = 0, 0.0, time.perf_counter()
     bar: Iterable = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
-    for batch in bar:
+    for step, batch in enumerate(bar, 1):
         loss, n = loss_of(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if after_step is not None:
             after_step()
+        value = loss.item()  # the one sync of the step, after it was queued
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"{stage} {desc}: the training loss is {value} at batch {step} of {len(loader)}; likely causes: a "
+                "learning rate too high for the network, or inputs that are not finite",
+                "the checkpoints of the epochs before are kept; start a new run (--name) with a lower --lr, and "
+                "check the features with audiofx cache verify")
         seen += n
-        loss_sum += loss.item() * n
+        loss_sum += value * n
         bar.set_postfix(samples_s=f"{seen / (time.perf_counter() - started):.0f}", loss=f"{loss_sum / seen:.3f}")
     return EpochPass(loss_sum / max(seen, 1), seen, started)
 

@@ -58,7 +58,7 @@ from audiofx.training.stages.embedding import embed
 from audiofx.training.stages.epochs import optimiser_states, restore_optimiser_states, train_epoch
 from audiofx.training.stages.fusion import fuse_posteriors, zhou_samples
 from audiofx.training.stages.metrics import mean_std
-from audiofx.training.stages.runs import Run, TrainingOptions, default_name, open_run, recorded_config
+from audiofx.training.stages.runs import Run, TrainingOptions, check_rates, default_name, open_run, recorded_config
 from audiofx.training.stages.tasks import METRIC_NAMES, Task
 from audiofx.training.stages.weights import resolve_init
 
@@ -114,6 +114,7 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
         raise ConfigError(f"unknown head {cfg.head!r}", f"use one of {', '.join(HEADS)}")
     if cfg.fragments < 1:
         raise ConfigError(f"--fragments must be at least 1, got {cfg.fragments}", "pass 1 (whole clips) or more")
+    check_rates(lr=cfg.lr, weight_decay=cfg.weight_decay, mixup=cfg.augment.mixup, lr_gamma=cfg.lr_gamma)
     init = resolve_init(cfg.init, cfg.arch, cfg.runs_root, Path(cfg.weights) if cfg.weights else None)
     _, bins, frames = (int(v) for v in manifest["shape"])
     if frames // cfg.fragments < 1:
@@ -254,7 +255,7 @@ def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: in
     for epoch in range(start, cfg.epochs):
         model.train()
         trained_pass = train_epoch(loader, epoch, cfg.seed, gen, opt, loss_of,
-                                   desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}",
+                                   desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", stage="finetune",
                                    progress=cfg.progress and ranks.main, rank=ranks.rank)
         sched.step()
         scores = outputs(test, test_index, n_test)

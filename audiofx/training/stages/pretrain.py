@@ -38,7 +38,7 @@ from audiofx.training.runtime.distributed import Ranks, average_batchnorm_statis
 from audiofx.training.stages.embedding import embed
 from audiofx.training.stages.epochs import optimiser_states, restore_optimiser_states, train_epoch
 from audiofx.training.stages.knn import knn_scores
-from audiofx.training.stages.runs import TrainingOptions, default_name, open_run, recorded_config
+from audiofx.training.stages.runs import TrainingOptions, check_rates, default_name, open_run, recorded_config
 from audiofx.training.stages.tasks import Task
 
 
@@ -169,7 +169,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     for epoch in range(start, cfg.epochs):
         method.train()
         trained_pass = train_epoch(loader, epoch, cfg.seed, gen, opt, loss_of, after_step=method.after_step,
-                                   desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
+                                   desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", stage="pretrain",
                                    progress=cfg.progress and ranks.main, rank=ranks.rank)
         sched.step()
         average_batchnorm_statistics(method, ranks)
@@ -228,6 +228,7 @@ def check_options(cfg: PretrainConfig, recorded: dict[str, Any] | None = None) -
         raise ConfigError(f"unknown method {cfg.method!r}", f"use one of {', '.join(METHODS)}")
     if cfg.arch not in ARCHS:
         raise ConfigError(f"unknown architecture {cfg.arch!r}", f"use one of {', '.join(ARCHS)}")
+    check_rates(lr=cfg.lr, weight_decay=cfg.weight_decay, temperature=cfg.temperature)
     owners = {o.name: (m, o) for m, o in method_options()}
     for name, value in cfg.options.items():
         if name not in owners:

@@ -4,17 +4,20 @@ summary.md. Checkpoints hold only state dicts and plain metadata, so they load w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from audiofx.errors import ConfigError
+from audiofx.training.models.state_files import load_state_file
 from audiofx.training.runtime.distributed import Ranks, barrier
 from audiofx.training.stages.tasks import METRIC_NAMES
 
@@ -51,6 +54,7 @@ class Run:
         - ``later``: settings added after the first runs, each with the value that runs
           recorded without it behaved as; such a run resumes when the setting has that value.
         - Settings in ``UNCHECKED`` are recorded for the reader but may change on resume."""
+        check_run_name(name)
         path = Path(root) / stage / name
         if path.exists() and not resume:
             raise ConfigError(f"run {path} already exists", "pass --resume to continue it, or another --name")
@@ -91,8 +95,13 @@ class Run:
     def log(self, record: dict[str, Any]) -> None:
         if self.readonly:
             return
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise ConfigError(f"cannot write {self.path / 'metrics.jsonl'}: {err.strerror or err}",
+                              "free some space (or pass another --runs); --resume continues from the last checkpoint") \
+                from None
 
     def metrics(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"
@@ -116,16 +125,15 @@ class Run:
         if self.readonly:
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"states": states, "meta": meta}, tmp)
-        os.replace(tmp, path)
+        with _replacing(path) as tmp:
+            torch.save({"states": states, "meta": meta}, tmp)
         return path
 
     def load_checkpoint(self, tag: str) -> dict[str, Any] | None:
         path = self.checkpoint_path(tag)
         if not path.exists():
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_state_file(path, "the run's checkpoint")
 
     def save_predictions(self, fold: str, clips: list[str], y_true, scores, y_pred=None) -> None:
         """The test fold's final scores (logits, kNN votes or posteriors), one row per clip,
@@ -138,13 +146,12 @@ class Run:
 
         path = self.path / "predictions" / f"fold-{fold}.npz"
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
         scores = np.asarray(scores, dtype=np.float32)
         y_true = np.asarray(y_true)
         y_true = y_true.astype(bool if y_true.ndim == 2 else np.int64)
         y_pred = scores.argmax(1) if y_pred is None else np.asarray(y_pred)
-        np.savez_compressed(tmp, clip=np.asarray(clips, dtype=str), y_true=y_true, y_pred=y_pred, scores=scores)
-        os.replace(tmp, path)
+        with _replacing(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, clip=np.asarray(clips, dtype=str), y_true=y_true, y_pred=y_pred, scores=scores)
 
     def predictions(self) -> dict[str, dict[str, Any]]:
         """fold -> {clip, y_true, y_pred, scores} for every fold with saved predictions."""
@@ -174,14 +181,32 @@ def open_run(ranks: Ranks, root: str | Path, stage: str, name: str, config: dict
 def recorded_config(root: str | Path, stage: str, name: str | None, resume: bool) -> dict[str, Any] | None:
     """The config.json of the run a --resume continues; None for a new run (or a missing
     one: ``Run.create`` says so)."""
+    check_run_name(name)
     path = Path(root) / stage / (name or "") / "config.json"
     return json.loads(path.read_text()) if resume and name and path.is_file() else None
 
 
-def _atomic_write(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write, renamed over it when the writing succeeds;
+    when it fails (a full disk), the temporary file is removed and ``path`` is as it was."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}",
+                          "free some space (or pass another --runs); --resume continues from the last checkpoint") \
+            from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    with _replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def list_runs(root: str | Path, stage: str, method: str | None = None) -> list[Path]:
@@ -261,6 +286,26 @@ def headline(summary: dict[str, Any]) -> Headline:
     m = summary.get("metric", "acc")
     prefix = "last_" if f"last_{m}_mean" in summary else ""  # fine-tuning: the last epoch
     return Headline(m, summary[f"{prefix}{m}_mean"], summary[f"{prefix}{m}_std"], int(summary["n_folds"]))
+
+
+def check_rates(**rates: float | None) -> None:
+    """Refuse, before a run folder is made, learning rates and temperatures that are not above 0
+    and weight decays or mixup alphas below 0 (``weight_decay=...``: by name; None: the default)."""
+    for name, value in rates.items():
+        if value is None:
+            continue
+        floor_open = not name.startswith(("weight_decay", "mixup"))
+        if not math.isfinite(value) or value < 0 or (floor_open and value == 0):
+            flag = "--" + name.replace("_", "-")
+            rule = "above 0" if floor_open else "0 or more"
+            raise ConfigError(f"{flag} must be {rule}, got {value}", f"pass {flag} with a value {rule}")
+
+
+def check_run_name(name: str | None) -> None:
+    """A run name is one folder under --runs: no path separators, not . or .. ."""
+    if name is not None and (not name.strip() or "/" in name or "\\" in name or name in (".", "..") or "\0" in name):
+        raise ConfigError(f"--name {name!r} is not a run name: it must be one folder under --runs",
+                          "pass a name without / (letters, digits, - and _ do)")
 
 
 def default_name(*parts: str) -> str:

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from audiofx.errors import ConfigError
 from audiofx.training.models.encoders import (
     Encoder,
@@ -23,6 +21,7 @@ from audiofx.training.models.encoders import (
     load_imagenet,
 )
 from audiofx.training.models.ssl import METHODS
+from audiofx.training.models.state_files import load_state_file
 from audiofx.training.stages.runs import list_runs
 
 SSL_METHODS = tuple(METHODS)
@@ -107,10 +106,12 @@ def resolve_init(init: str, arch: str | None, runs_root: str | Path = "data/runs
     if init == "imagenet":
         arch = arch or "resnet50"
         path = imagenet_weights_file(arch, weights)
-        return Init("imagenet", arch, str(path), weights_file=path)
+        found = Init("imagenet", arch, str(path), weights_file=path)
+        found.build()  # now, not after the run folder is made and minutes of loading
+        return found
     run = pretrain_run_dir(init, runs_root, option)
     if run is not None:
-        ckpt = torch.load(run / FINAL, map_location="cpu", weights_only=True)
+        ckpt = load_state_file(run / FINAL, option)
         run_arch = json.loads((run / "config.json").read_text())["arch"]
         if arch and arch != run_arch:
             raise ConfigError(f"pretrain run {run.name} trained a {run_arch}, not a {arch}", f"drop --arch or pass --arch {run_arch}")
@@ -120,7 +121,10 @@ def resolve_init(init: str, arch: str | None, runs_root: str | Path = "data/runs
     if not path.is_file():
         raise ConfigError(f"{option} {init!r} is neither scratch, imagenet, {', '.join(SSL_METHODS)}, METHOD:RUN, "
                           "a pretrain run nor a file", "pass one of those, or the path of an encoder state dict")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state_file(path, option)
+    if not isinstance(state, dict):
+        raise ConfigError(f"{option} {path} holds no state dict ({type(state).__name__})",
+                          "pass an encoder state dict or an audiofx checkpoint")
     stats = None
     if "states" in state:  # an audiofx checkpoint
         meta, states = state.get("meta", {}), state["states"]
