@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench gpu-wheels gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,33 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/remote.py
+
+# The GPU check (benchmarks/gpu_check.py) on a CUDA machine that cannot reach a package index
+# but has torch, torchvision, torchaudio, numpy, scipy, scikit-learn, numba and matplotlib:
+#   here:  make gpu-wheels     wheels of the rest, at this venv's versions, into .whl/ (ignored)
+#   there: make gpu-check      a venv over the machine's own packages, the wheels installed
+#                              offline, audiofx put on the path, then the check; GPU_CHECK_ARGS
+#                              are passed on (e.g. GPU_CHECK_ARGS='--out $$OUT').
+GPU_WHEELS := .whl
+GPU_MISSING := audioread cffi dask decorator donfig google-crc32c librosa locket numcodecs partd \
+	platformdirs pooch pycparser soundfile soxr zarr
+GPU_PLATFORMS := $(addprefix --platform ,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64)
+GPU_CHECK_ARGS ?=
+
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d $(GPU_WHEELS) $$($(BIN)/python -c "import importlib.metadata as m; \
+		print(' '.join(f'{n}=={m.version(n)}' for n in '$(GPU_MISSING)'.split()))")
+	ls $(GPU_WHEELS)
+
+gpu-check:
+	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -m pip install --quiet --no-index --no-deps --no-compile $(GPU_WHEELS)/*.whl
+	$(BIN)/python -c "import sysconfig, pathlib; \
+		pathlib.Path(sysconfig.get_paths()['purelib'], 'audiofx-src.pth').write_text('$(CURDIR)\n')"
+	$(BIN)/python -c "import audiofx.cli, audiofx.pipeline.extract, audiofx.training.stages.pretrain, torchvision, torchaudio"
+	PYTHONUNBUFFERED=1 $(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

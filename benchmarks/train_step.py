@@ -68,26 +68,14 @@ def steps_per_second(model, opt, batches, device, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default=None)
-    p.add_argument("--clips", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 2),
-                   help="reader threads of the streaming loader (default: cores, at most 8)")
-    args = p.parse_args()
-    device = pick_device(args.device)
-    gpu = device.type == "cuda"
-    args.arch = args.arch or ("resnet50" if gpu else "resnet18")
-    args.clips = args.clips or (512 if gpu else 128)
-    args.steps = args.steps or (20 if gpu else 5)
+def measure(arch: str, clips: int, batch_size: int, steps: int, device: torch.device, threads: int,
+            npid_clips: int | None = None) -> dict:
+    """Fine-tune steps/s fed three ways, their data stalls, and one NPID epoch over `npid_clips`
+    (default: `clips`) in-memory clips. benchmarks/gpu_check.py calls this too."""
     torch.manual_seed(0)
-    n, bs = args.clips, args.batch_size
-    data = InMemoryData(x=torch.randn(n, 3, 128, 250, device=device).half(), y=torch.randint(0, 50, (n,), device=device),
-                        index=torch.arange(n, device=device), clips=[""] * n, fold_of=[""] * n)
-    model = prepare_model(Classifier(build_encoder(args.arch), 50), device)
+    n, bs = clips, batch_size
+    data = resident_set(n, device)
+    model = prepare_model(Classifier(build_encoder(arch), 50), device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-3)
     loader = InMemoryLoader(data, bs, shuffle=True, drop_last=True, seed=0)
 
@@ -104,7 +92,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="audiofx-train-step-") as tmp:
         *_, foldset = build(Path(tmp), n, memmap=False)
-        stream = StreamingLoader(foldset, bs, seed=0, threads=args.threads, device=device, drop_last=True)
+        stream = StreamingLoader(foldset, bs, seed=0, threads=threads, device=device, drop_last=True)
 
         def from_stream():
             epoch = 0
@@ -114,18 +102,19 @@ def main() -> None:
                     yield b.x, b.y.to(device)
                 epoch += 1
 
-        fed = steps_per_second(model, opt, from_loader, device, args.steps)
-        streamed = steps_per_second(model, opt, from_stream, device, args.steps)
-        alone = steps_per_second(model, opt, resident, device, args.steps)
-    stall = max(0.0, 1 - fed / alone)
-    stream_stall = max(0.0, 1 - streamed / alone)
+        fed = steps_per_second(model, opt, from_loader, device, steps)
+        streamed = steps_per_second(model, opt, from_stream, device, steps)
+        alone = steps_per_second(model, opt, resident, device, steps)
+    del model, opt, loader
 
-    npid = prepare_model(NPID(build_encoder(args.arch), n, torch.Generator().manual_seed(0)), device)
+    npid_n = npid_clips or n
+    pool = data if npid_n == n else resident_set(npid_n, device)
+    npid = prepare_model(NPID(build_encoder(arch), npid_n, torch.Generator().manual_seed(0)), device)
     npid_opt = torch.optim.SGD(npid.parameters(), lr=0.03, momentum=0.9)
     gen = torch.Generator(device=device).manual_seed(0)
     sync(device)
     t0 = time.perf_counter()
-    for b in InMemoryLoader(data, bs, shuffle=True, drop_last=True, seed=1):
+    for b in InMemoryLoader(pool, bs, shuffle=True, drop_last=True, seed=1):
         with autocast(device):
             loss = npid(b.x.to(device), b.index.to(device), lambda x: x, gen)
         npid_opt.zero_grad(set_to_none=True)
@@ -134,17 +123,45 @@ def main() -> None:
         npid.after_step()
     sync(device)
     epoch_s = time.perf_counter() - t0
+    return {"arch": arch, "clips": n, "batch_size": bs, "threads": threads,
+            "in_memory_steps_s": fed, "streaming_steps_s": streamed, "resident_steps_s": alone,
+            "stall_in_memory": max(0.0, 1 - fed / alone), "stall_streaming": max(0.0, 1 - streamed / alone),
+            "npid_clips": npid_n, "npid_epoch_s": epoch_s}
 
+
+def resident_set(n: int, device: torch.device) -> InMemoryData:
+    """n ESC-50-shaped float16 clips already on the device, 50 classes."""
+    return InMemoryData(x=torch.randn(n, 3, 128, 250, device=device).half(), y=torch.randint(0, 50, (n,), device=device),
+                        index=torch.arange(n, device=device), clips=[""] * n, fold_of=[""] * n)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default=None)
+    p.add_argument("--clips", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 2),
+                   help="reader threads of the streaming loader (default: cores, at most 8)")
+    args = p.parse_args()
+    device = pick_device(args.device)
+    gpu = device.type == "cuda"
+    args.arch = args.arch or ("resnet50" if gpu else "resnet18")
+    args.clips = args.clips or (512 if gpu else 128)
+    args.steps = args.steps or (20 if gpu else 5)
+    r = measure(args.arch, args.clips, args.batch_size, args.steps, device, args.threads)
+    n, bs = r["clips"], r["batch_size"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
     print(f"device: {name}, torch {torch.__version__}, {args.arch}, batch {bs}, {n} clips of 3x128x250")
-    print(f"fine-tune steps/s fed by InMemoryLoader : {fed:8.2f}  ({fed * bs:.0f} samples/s)")
-    print(f"fine-tune steps/s fed by StreamingLoader: {streamed:8.2f}  ({streamed * bs:.0f} samples/s, "
-          f"{args.threads} reader threads)")
-    print(f"fine-tune steps/s on a resident batch   : {alone:8.2f}  ({alone * bs:.0f} samples/s)")
-    print(f"data stall, in memory                   : {100 * stall:7.1f}%  (target < 5%)")
-    print(f"data stall, streaming                   : {100 * stream_stall:7.1f}%  (target < 5%)")
-    print(f"NPID epoch over {n} clips               : {epoch_s:8.2f} s  ({n / epoch_s:.0f} samples/s)")
+    print(f"fine-tune steps/s fed by InMemoryLoader : {r['in_memory_steps_s']:8.2f}  ({r['in_memory_steps_s'] * bs:.0f} samples/s)")
+    print(f"fine-tune steps/s fed by StreamingLoader: {r['streaming_steps_s']:8.2f}  "
+          f"({r['streaming_steps_s'] * bs:.0f} samples/s, {args.threads} reader threads)")
+    print(f"fine-tune steps/s on a resident batch   : {r['resident_steps_s']:8.2f}  ({r['resident_steps_s'] * bs:.0f} samples/s)")
+    print(f"data stall, in memory                   : {100 * r['stall_in_memory']:7.1f}%  (target < 5%)")
+    print(f"data stall, streaming                   : {100 * r['stall_streaming']:7.1f}%  (target < 5%)")
+    print(f"NPID epoch over {n} clips               : {r['npid_epoch_s']:8.2f} s  ({n / r['npid_epoch_s']:.0f} samples/s)")
 
 
 if __name__ == "__main__":
