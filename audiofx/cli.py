@@ -66,6 +66,25 @@ def _set_cache(ctx, param, value):
     return value
 
 
+INIT_HELP = ("scratch; imagenet, imagenet-simclr, imagenet-moco (ImageNet weights: torchvision's supervised, "
+             "SimCLR's, MoCo v2's; --weights FILE or the torch cache); a method ({methods}: its newest run); "
+             "METHOD:RUN; a pretrain run's name or folder; or a checkpoint PATH of any common layout "
+             "(torchvision, timm, MoCo, SimCLR, DINO, BYOL, SwAV, solo-learn, lightly, Lightning, audiofx).")
+
+
+def weights_options(f):
+    """--weights and --init-branch: the file behind a named init, and which of a checkpoint's
+    two networks to take."""
+    f = click.option("--init-branch", type=click.Choice(["auto", "online", "momentum"]), default="auto",
+                     show_default=True,
+                     help="A checkpoint with two networks: online (MoCo's query encoder, DINO's student...) or "
+                          "momentum (MoCo's key encoder, DINO's teacher, an EMA); auto takes the one its paper "
+                          "evaluates (DINO: teacher; the others: online).")(f)
+    return click.option("--weights", default=None,
+                        help="The checkpoint FILE of imagenet, imagenet-simclr or imagenet-moco (offline: nothing "
+                             "is downloaded) [the torch hub cache].")(f)
+
+
 def read_cache_options(f):
     """--cache-dir / --cache-size: where reads of a remote store are cached locally."""
     f = click.option("--cache-size", default=None, metavar="SIZE", expose_value=False, callback=_set_cache,
@@ -479,7 +498,9 @@ def _method_option(method, option) -> click.Option:
 @store_option
 @read_cache_options
 @click.option("--preset", default="shin2021", show_default=True, help="Which extracted features to use.")
-@click.option("--arch", default="resnet50", show_default=True, help="resnet18/34/50, densenet201, vgg16, alexnet, tiny.")
+@click.option("--arch", default=None, help="resnet18/34/50, esresnet50 (ESResNet with attention), densenet201, vgg16, alexnet, tiny [the --init weights', else resnet50].")
+@click.option("--init", default="scratch", show_default=True, help="Where the encoder starts: " + INIT_HELP)
+@weights_options
 @click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=float, default=None, help="SGD learning rate [the method's default].")
@@ -493,7 +514,7 @@ def _method_option(method, option) -> click.Option:
 @click.option("--time-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Time masks per view.")
 @click.option("--freq-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Frequency masks per view.")
 @run_options(resume_help="Continue an interrupted run (give its --name).")
-def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, temperature, time_crop, time_shift,
+def pretrain(method, datasets, store, preset, arch, init, weights, init_branch, epochs, batch_size, lr, temperature, time_crop, time_shift,
              spec_augment, time_masks, freq_masks, seed, device, runs_root, name, resume, memory_budget, no_progress,
              **options):
     """Learn a representation without labels from the cached features (NPID, SimCLR, MoCo v2)."""
@@ -502,7 +523,7 @@ def pretrain(method, datasets, store, preset, arch, epochs, batch_size, lr, temp
 
     result = run_pretrain(PretrainConfig(
         method=method, datasets=tuple(d for d in datasets.split(",") if d), store=store, preset=preset, arch=arch,
-        epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature, time_crop=time_crop,
+        init=init, weights=weights, init_branch=init_branch, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature, time_crop=time_crop,
         time_shift=time_shift, spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks,
         options=options, seed=seed, device=device, runs_root=runs_root, name=name, resume=resume,
         progress=not no_progress, memory_budget_gb=memory_budget),
@@ -523,14 +544,15 @@ Examples:
 
 @cli.command(cls=MethodsCommand, epilog=FINETUNE_EXAMPLE)
 @click.option("--dataset", required=True)
-@click.option("--init", default="scratch", show_default=True, help="scratch, imagenet, a method ({methods}: its newest run), METHOD:RUN, a pretrain run's name or folder, or a checkpoint PATH.")
-@click.option("--weights", default=None, help="ImageNet checkpoint file (for --init imagenet offline).")
+@click.option("--init", default="scratch", show_default=True, help=INIT_HELP)
+@weights_options
 @store_option
 @read_cache_options
 @click.option("--preset", default="shin2021", show_default=True)
 @click.option("--key", default=None, help="A feature key (prefix), when several feature sets match.")
 @click.option("--arch", default=None,
-              help="resnet18/34/50, densenet201, vgg16, alexnet (fully convolutional + GAP), tiny "
+              help="resnet18/34/50, esresnet50 (ESResNet with attention), densenet201, vgg16, alexnet (fully "
+                   "convolutional + GAP), tiny "
                    "[resnet50, or the pretrain run's arch].")
 @click.option("--fold", default="all", show_default=True, help="all, or one test fold.")
 @click.option("--epochs", type=click.IntRange(min=1), default=70, show_default=True)
@@ -553,7 +575,7 @@ Examples:
 @click.option("--head", type=click.Choice(["linear", "mlp-attn"]), default="linear", show_default=True,
               help="linear: global average pool + linear; mlp-attn: Zhou et al.'s MLP attention.")
 @run_options(resume_help="Continue an interrupted run (give its --name); a larger --epochs extends it.")
-def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, batch_size, lr, weight_decay, spec_augment,
+def finetune(dataset, init, weights, init_branch, store, preset, key, arch, fold, epochs, batch_size, lr, weight_decay, spec_augment,
              time_masks, freq_masks, time_crop, time_shift, mixup, fragments, channel_fusion, head, memory_budget, seed, device, runs_root, name, resume,
              no_progress):
     """Fine-tune a classifier with k-fold cross-validation on the official folds."""
@@ -563,7 +585,7 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
     from audiofx.training.stages.tasks import METRIC_NAMES
 
     s = run_finetune(FinetuneConfig(
-        dataset=dataset, init=init, weights=weights, store=store, preset=preset, key=key, arch=arch, fold=fold,
+        dataset=dataset, init=init, weights=weights, init_branch=init_branch, store=store, preset=preset, key=key, arch=arch, fold=fold,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         augment=Augment(spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks, time_crop=time_crop,
                         time_shift=time_shift, mixup=mixup), fragments=fragments,
@@ -581,10 +603,11 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
 
 @cli.command("evaluate", cls=MethodsCommand)
 @click.option("--run", "run_spec", required=True,
-              help="A pretrain run: a method ({methods}: its newest run), METHOD:RUN, a run's name or folder, or a checkpoint "
-                   "PATH; random: the same network at random init (give --arch), the baseline.")
+              help="The representation: random (the same network at random init, give --arch: the baseline), or "
+                   + INIT_HELP.removeprefix("scratch; "))
+@weights_options
 @click.option("--arch", default=None,
-              help="For --run random or a bare encoder state dict: the network [resnet50; checkpoints record theirs].")
+              help="For --run random: the network [resnet50; checkpoints record theirs or tell it by their shapes].")
 @click.option("--dataset", required=True)
 @click.option("--mode", default="knn", show_default=True, help="knn or linear.")
 @click.option("--fold", default="all", show_default=True)
@@ -595,13 +618,13 @@ def finetune(dataset, init, weights, store, preset, key, arch, fold, epochs, bat
 @click.option("--k", "k", type=click.IntRange(min=1), default=200, show_default=True, help="kNN neighbours (k by CV is also reported).")
 @click.option("--epochs", "linear_epochs", type=click.IntRange(min=1), default=100, show_default=True, help="Linear probe epochs.")
 @run_options()
-def evaluate_cmd(run_spec, arch, dataset, mode, fold, store, preset, key, k, linear_epochs, memory_budget, seed, device,
+def evaluate_cmd(run_spec, weights, init_branch, arch, dataset, mode, fold, store, preset, key, k, linear_epochs, memory_budget, seed, device,
                  runs_root, name):
     """Frozen-encoder evaluation: linear probe or weighted kNN, per fold."""
     from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
     from audiofx.training.stages.tasks import METRIC_NAMES
 
-    s = evaluate(EvaluateConfig(run=run_spec, arch=arch, dataset=dataset, mode=mode, fold=fold, store=store, preset=preset, key=key,
+    s = evaluate(EvaluateConfig(run=run_spec, arch=arch, weights=weights, init_branch=init_branch, dataset=dataset, mode=mode, fold=fold, store=store, preset=preset, key=key,
                                 k=k, linear_epochs=linear_epochs, memory_budget_gb=memory_budget, seed=seed,
                                 device=device, runs_root=runs_root, name=name),
                  say=click.echo)
@@ -645,7 +668,8 @@ REPRODUCE_EXAMPLE = """
 \b
 Examples:
   audiofx reproduce shin2021 --dry-run
-  audiofx reproduce shin2021 --root esc50=/data/ESC-50-master --root gtzan=/data/gtzan --weights resnet50.pth
+  audiofx reproduce shin2021 --root esc50=/data/ESC-50-master --root gtzan=/data/gtzan --weights resnet50.pth \\
+      --simclr-weights resnet50-1x.pth
   audiofx reproduce lin2022 --datasets esc50 --arch tiny --epochs-scale 0.02   # a smoke run
 """
 
@@ -659,11 +683,15 @@ Examples:
 @click.option("--runs", "runs_root", default="data/runs", show_default=True)
 @click.option("--arch", default=None, help="Override the recipe's backbone (e.g. tiny for a smoke run).")
 @click.option("--device", default=None, help="auto, cpu or cuda, for every stage [each stage's default].")
-@click.option("--weights", default=None, help="ImageNet checkpoint file for the ImageNet inits (offline).")
+@click.option("--weights", default=None, help="torchvision's ImageNet checkpoint for the ImageNet rows (offline).")
+@click.option("--simclr-weights", default=None,
+              help="SimCLR's ImageNet ResNet-50 (resnet50-1x.pth, docs/checkpoints.md) for shin2021's SimCLR rows "
+                   "[the torch hub cache].")
 @click.option("--root", "roots", multiple=True, metavar="DATASET=PATH", help="A dataset root for extract (repeatable).")
 @click.option("--datasets", default="", help="Only these of the recipe's datasets (comma-separated).")
 @click.option("--no-progress", is_flag=True)
-def reproduce(recipe, dry_run, epochs_scale, store, runs_root, arch, device, weights, roots, datasets, no_progress):
+def reproduce(recipe, dry_run, epochs_scale, store, runs_root, arch, device, weights, simclr_weights, roots, datasets,
+              no_progress):
     """Run a paper's stages (extract, pretrain, finetune, evaluate) with its settings and end
     with its table next to the paper's numbers. Finished runs are skipped, unfinished ones
     resumed."""
@@ -672,7 +700,7 @@ def reproduce(recipe, dry_run, epochs_scale, store, runs_root, arch, device, wei
 
     result = run_reproduce(ReproduceOptions(
         recipe=recipe, dry_run=dry_run, epochs_scale=epochs_scale, store=store, runs=runs_root, arch=arch,
-        device=device, weights=weights, roots=parse_roots(roots), datasets=tuple(d for d in datasets.split(",") if d),
+        device=device, weights=weights, simclr_weights=simclr_weights, roots=parse_roots(roots), datasets=tuple(d for d in datasets.split(",") if d),
         progress=not no_progress), cli, say=click.echo)
     if dry_run:
         return

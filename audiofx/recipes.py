@@ -5,7 +5,7 @@ turns a recipe into `audiofx ...` commands; nothing here imports torch.
 
 A recipe's stages are argument lists of the real CLI commands. What the runner adds to them
 is only plumbing: --dataset/--preset/--arch, the run name, --store/--runs/--device,
---weights for ImageNet inits, --no-progress and --resume.
+--weights / --simclr-weights for the ImageNet inits, --no-progress and --resume.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Setting:
     label: str  # the row as the table shows it
     slug: str  # the run-name part: <recipe>-<dataset>-<slug>
     stage: str  # finetune | evaluate
-    source: str  # finetune: its --init (scratch, imagenet, or a pretrain method); evaluate: the pretrain method
+    source: str  # finetune: its --init (scratch, imagenet, imagenet-simclr, a pretrain method); evaluate: its --run
     args: tuple[str, ...]  # the stage's other options (epochs, mode, ...)
     paper: tuple[tuple[str, str], ...] = ()  # (dataset, the paper's accuracy %) as printed in the paper
 
@@ -74,14 +74,17 @@ SHIN2021 = Recipe(
             {"gtzan": "86.50", "esc50": "78.25", "urbansound8k": "76.11"}),
         _ft("Table 1: ImageNet supervised init", "imagenet", "imagenet", SHIN_FINETUNE,
             {"gtzan": "90.50", "esc50": "90.55", "urbansound8k": "83.34"}),
-        _ft("Table 1: SimCLR init", "simclr", "simclr", SHIN_FINETUNE,
+        _ft("Table 1: SimCLR init (SimCLR's ImageNet weights)", "simclr-imagenet", "imagenet-simclr", SHIN_FINETUNE,
             {"gtzan": "90.50", "esc50": "90.15", "urbansound8k": "83.30"}),
-        _ev("Table 2: SimCLR init, frozen linear", "simclr-linear", "simclr", LINEAR,
+        _ev("Table 2: SimCLR init, frozen linear", "simclr-imagenet-linear", "imagenet-simclr", LINEAR,
             {"gtzan": "77.00", "esc50": "63.40", "urbansound8k": "74.24"}),
+        _ft("extra, not in the paper: SimCLR pretrained on the pooled audio", "simclr", "simclr", SHIN_FINETUNE),
+        _ev("extra, not in the paper: SimCLR on the pooled audio, frozen linear", "simclr-linear", "simclr", LINEAR),
     ),
     notes=(
-        "the paper's SimCLR encoder was pretrained on ImageNet images (SimCLR's released weights); "
-        "audiofx pretrain has no --init, so ours is SimCLR from scratch on the pooled datasets' features",
+        "SimCLR init is SimCLR's released ImageNet ResNet-50, as in the paper (--simclr-weights FILE, or "
+        "resnet50-1x.pth in the torch hub cache); the rows marked extra pretrain SimCLR on the pooled datasets' "
+        "features instead, which the paper does not",
     ),
 )
 
@@ -89,7 +92,7 @@ HORNAUER2021 = Recipe(
     name="hornauer2021",
     title="Hornauer et al. 2021, NPID pretraining over the environmental sound datasets combined",
     preset="hornauer2021",
-    arch="resnet50",
+    arch="esresnet50",  # "We use the best performing ESResNet with attention for all experiments"
     datasets=("esc10", "esc50", "urbansound8k", "dcase2013"),
     pretrain=(Pretrain("npid", ("--nce-k", "64", "--temperature", "0.4", "--epochs", "200", "--batch-size", "64")),),
     settings=(

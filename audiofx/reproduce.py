@@ -27,7 +27,8 @@ from audiofx.errors import AudiofxError, ConfigError, StoreError
 from audiofx.pipeline.datasets.base import default_root
 from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, Recipe, Setting
 from audiofx.training.data.featuresets import resolve_featureset, split_folds
-from audiofx.training.models.encoders import TORCHVISION, imagenet_weights_file
+from audiofx.training.models.encoders import imagenet_arch
+from audiofx.training.models.published import PUBLISHED, published_file
 from audiofx.training.report.build import build_report
 from audiofx.training.stages.runs import Run, headline
 
@@ -46,6 +47,7 @@ class ReproduceOptions:
     arch: str | None = None  # overrides the recipe's backbone
     device: str | None = None  # passed to every stage (extract only takes cpu / cuda)
     weights: str | None = None  # ImageNet checkpoint for --init imagenet
+    simclr_weights: str | None = None  # SimCLR's ImageNet ResNet-50 for --init imagenet-simclr
     roots: dict[str, str] = field(default_factory=dict)  # dataset -> root for extract
     datasets: tuple[str, ...] = ()  # a subset of the recipe's datasets
     progress: bool = True
@@ -201,9 +203,13 @@ def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
     if arch != recipe.arch or opts.epochs_scale != 1:
         notes.append(f"smoke settings (backbone {arch}, epochs x {opts.epochs_scale}): not comparable with the paper")
     settings = recipe.settings
-    if arch not in TORCHVISION and any(s.source == "imagenet" for s in settings):
+    if imagenet_arch(arch) is None and any(s.source == "imagenet" for s in settings):
         settings = tuple(s for s in settings if s.source != "imagenet")
         notes.append(f"no ImageNet weights exist for arch {arch}: the ImageNet rows are left out")
+    for name, spec in PUBLISHED.items():
+        if spec.arch != imagenet_arch(arch) and any(s.source == name for s in settings):
+            settings = tuple(s for s in settings if s.source != name)
+            notes.append(f"--init {name} exists for {spec.arch} only, not {arch}: its rows are left out")
     # Features to extract: the selected datasets and the recipe's own pretraining pools (FSD50K).
     wanted = list(dict.fromkeys([*datasets, *(d for p in recipe.pretrain for d in p.pool)]))
     ignored = [d for d in opts.roots if d not in {*wanted, *(DOWNLOAD_AS.get(w, w) for w in wanted)}]
@@ -218,11 +224,14 @@ def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
     for step in (s for s in extract if s.status == "missing" and s.dataset not in needed):
         step.status, step.note = "have", f"{step.dataset}: no features, but every run that reads them is finished"
     problems = [s.note for s in extract if s.status == "missing"]
-    if arch in TORCHVISION and any(s.setting and s.setting.source == "imagenet" for s in pending):
-        try:
-            imagenet_weights_file(arch, Path(opts.weights) if opts.weights else None)
-        except AudiofxError as err:
-            problems.append(f"{err.message} ({err.hint})")
+    for source in ("imagenet", *PUBLISHED):  # the weights files: offline, nothing can fetch them later
+        if any(s.setting and s.setting.source == source for s in pending):
+            given = _weights_of(opts, source)
+            try:
+                published_file(source, arch, Path(given) if given else None,
+                               "--simclr-weights" if source == "imagenet-simclr" else "--weights")
+            except AudiofxError as err:
+                problems.append(f"{err.message} ({err.hint})")
     for step in pending:  # an option this audiofx lacks stops the run before anything trains
         try:
             _command_params(cli, step.kind, step.args[1:])
@@ -231,6 +240,11 @@ def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
             break
     return Plan(recipe, arch, datasets, settings, extract + training, notes, problems,
                 Path(opts.runs) / f"reproduce-{recipe.name}")
+
+
+def _weights_of(opts: ReproduceOptions, source: str) -> str | None:
+    """The file given for a named init's weights (None: the torch hub cache)."""
+    return {"imagenet": opts.weights, "imagenet-simclr": opts.simclr_weights}.get(source)
 
 
 def _training_steps(opts: ReproduceOptions, cli: click.Group, recipe: Recipe, arch: str, datasets: tuple[str, ...],
@@ -266,13 +280,13 @@ def _training_steps(opts: ReproduceOptions, cli: click.Group, recipe: Recipe, ar
                 name = run_name(recipe, ds, s.slug)
                 ref = f"{s.source}:{pretrain_of[s.source]}" if s.source in pretrain_of else s.source
                 options = scale_epochs(s.args, opts.epochs_scale)
+                weights = ["--weights", _weights_of(opts, s.source)] if _weights_of(opts, s.source) else []
                 if stage == "finetune":
-                    weights = ["--weights", opts.weights] if s.source == "imagenet" and opts.weights else []
                     args = ["finetune", "--dataset", ds, "--init", ref, "--arch", arch, "--preset", recipe.preset,
                             *options, *weights, *common, "--name", name, *device, *progress]
                 else:
-                    args = ["evaluate", "--run", ref, "--dataset", ds, "--preset", recipe.preset, *options, *common,
-                            "--name", name, *device]
+                    args = ["evaluate", "--run", ref, "--dataset", ds, "--preset", recipe.preset, *options, *weights,
+                            *common, "--name", name, *device]
                 add(stage, args, runs / stage / name, dataset=ds, setting=s, folds=_fold_count(manifests[ds], ds))
     return steps
 

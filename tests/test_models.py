@@ -10,10 +10,10 @@ from audiofx.training.models.encoders import (
     Classifier,
     build_encoder,
     check_input_size,
-    imagenet_weights_file,
-    load_imagenet,
     min_input_size,
 )
+from audiofx.training.models.published import imagenet_weights_file
+from audiofx.training.stages.weights import resolve_init
 
 
 @pytest.mark.parametrize("arch,dim", [("tiny", 128), ("resnet18", 512), ("resnet50", 2048), ("vgg16", 512),
@@ -33,8 +33,7 @@ def test_imagenet_state_dict_loads_into_the_body(tmp_path):
     reference = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18-f37072fd.pth"
     torch.save(reference.state_dict(), path)
-    enc = build_encoder("resnet18")
-    load_imagenet(enc, imagenet_weights_file("resnet18", path))
+    enc = resolve_init("imagenet", "resnet18", weights=path).build()
     assert torch.equal(enc.body[0].weight, reference.conv1.weight)
     assert torch.equal(enc.body[7][1].bn2.running_var, reference.layer4[1].bn2.running_var)
     x = torch.randn(1, 3, 64, 64)
@@ -56,8 +55,8 @@ def test_wrong_checkpoint_is_rejected(tmp_path):
 
     path = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
-    with pytest.raises(ConfigError, match="does not fit resnet18"):
-        load_imagenet(build_encoder("resnet18"), path)
+    with pytest.raises(ConfigError, match="holds alexnet weights .*, not resnet18"):
+        resolve_init("imagenet", "resnet18", weights=path)
 
 
 def test_classifier_head():
@@ -93,8 +92,7 @@ def test_imagenet_weights_load_into_the_vgg16_and_alexnet_conv_stacks(arch, tmp_
     reference = getattr(torchvision.models, arch)(weights=None).eval()
     path = tmp_path / f"{arch}.pth"
     torch.save({k: v for k, v in reference.state_dict().items() if k.startswith("features.")}, path)
-    enc = build_encoder(arch).eval()
-    load_imagenet(enc, imagenet_weights_file(arch, path))
+    enc = resolve_init("imagenet", arch, weights=path).build().eval()
     for name, tensor in reference.features.state_dict().items():
         assert torch.equal(enc.body.state_dict()[name], tensor), name
     x = torch.randn(1, 3, 128, 100)

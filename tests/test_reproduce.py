@@ -18,7 +18,7 @@ from audiofx.training.stages.runs import Run
 from tests.conftest import assert_one_line_error, run_cli, run_process
 
 EXPECTED_RUNS = {  # (pretrain, finetune, evaluate) runs per recipe
-    "shin2021": (1, 9, 3),  # SimCLR; 3 inits x 3 datasets; linear x 3
+    "shin2021": (1, 12, 6),  # SimCLR in-domain; 4 inits x 3 datasets; linear (ImageNet SimCLR, in-domain) x 3
     "hornauer2021": (1, 8, 0),  # NPID on the pool; npid + scratch x 4 datasets
     "zhou2019": (0, 5, 0),  # five rows on TUT 2018
     "lin2022": (2, 16, 16),  # NPID + MoCo; 4 inits x 4 datasets; linear + kNN of both x 4
@@ -78,16 +78,18 @@ def test_dry_run_commands_carry_the_papers_settings(tmp_path, monkeypatch):
     assert len(pre) == 1 and pre[0]["method"] == "simclr" and pre[0]["datasets"] == "gtzan,esc50,urbansound8k"
     pool = "simclr:" + pre[0]["name"]
     ft = [p for k, p in shin if k == "finetune"]
-    assert sorted({p["init"] for p in ft}) == sorted(["scratch", "imagenet", pool])
+    assert sorted({p["init"] for p in ft}) == sorted(["scratch", "imagenet", "imagenet-simclr", pool])
     for p in ft:
         assert (p["arch"], p["epochs"], p["batch_size"], p["lr"], p["weight_decay"], p["fold"], p["preset"]) == (
             "resnet50", 70, 32, 1e-4, 1e-3, "all", "shin2021")
-        assert p["name"] == f"shin2021-{p['dataset']}-{p['init'].split(':')[0]}"
+        slug = {"imagenet-simclr": "simclr-imagenet"}.get(p["init"], p["init"].split(":")[0])
+        assert p["name"] == f"shin2021-{p['dataset']}-{slug}"
     ev = [p for k, p in shin if k == "evaluate"]
     assert {(p["run_spec"], p["mode"], p["dataset"]) for p in ev} == {
-        (pool, "linear", d) for d in ("gtzan", "esc50", "urbansound8k")}
+        (run, "linear", d) for d in ("gtzan", "esc50", "urbansound8k") for run in (pool, "imagenet-simclr")}
 
     (hornauer,) = [p for k, p in commands(dry_run("hornauer2021")) if k == "pretrain"]
+    assert hornauer["arch"] == "esresnet50"  # "the best performing ESResNet with attention"
     assert (hornauer["method"], hornauer["nce_k"], hornauer["temperature"], hornauer["epochs"], hornauer["batch_size"],
             hornauer["datasets"], hornauer["preset"]) == ("npid", 64, 0.4, 200, 64, "esc10,esc50,urbansound8k,dcase2013",
                                                          "hornauer2021")
@@ -143,6 +145,19 @@ def test_options_pass_through_to_the_stages(tmp_path, monkeypatch):
     assert parsed[1][1]["name"] == "shin2021-esc50-simclr"
     assert "# 5 training runs: 1 pretrain, 3 finetune, 1 evaluate" in "\n".join(lines)
     assert "(esc50: 5)" in lines[-1]
+
+    simclr = tmp_path / "resnet50-1x.pth"
+    simclr.write_bytes(b"")
+    paper = dry_run("shin2021", "--datasets", "esc50", "--simclr-weights", str(simclr), "--weights", str(weights))
+    rows = [(k, p) for k, p in commands(paper) if k != "extract" and (p.get("init") or p.get("run_spec")) ==
+            "imagenet-simclr"]
+    assert [(k, p["weights"], p["name"]) for k, p in rows] == [
+        ("finetune", str(simclr), "shin2021-esc50-simclr-imagenet"),
+        ("evaluate", str(simclr), "shin2021-esc50-simclr-imagenet-linear")]
+    assert not any("problem" in line for line in paper)  # every weights file is there: nothing stops the run
+    missing = dry_run("shin2021", "--datasets", "esc50", "--weights", str(weights))
+    assert any(line.startswith("# problem: --init imagenet-simclr needs") and "--simclr-weights FILE" in line
+               and "tonylins/simclr-converter" in line for line in missing)
 
     tiny = dry_run("shin2021", "--arch", "tiny")  # no ImageNet weights for tiny: those rows are left out
     assert not any(p.get("init") == "imagenet" for _, p in commands(tiny))
@@ -242,10 +257,10 @@ def assert_table_matches_runs(stdout: str, runs: Path) -> None:
     assert t[""] == ["esc50", "urbansound8k"]
     expected = {  # row -> (run-name part, finetune or evaluate, the paper's ESC-50 and UrbanSound8K)
         "Table 1: ResNet-50 from scratch": ("scratch", "finetune", "78.25", "76.11"),
-        "Table 1: SimCLR init": ("simclr", "finetune", "90.15", "83.30"),
-        "Table 2: SimCLR init, frozen linear": ("simclr-linear", "evaluate", "63.40", "74.24"),
+        "extra, not in the paper: SimCLR pretrained on the pooled audio": ("simclr", "finetune", "n/a", "n/a"),
+        "extra, not in the paper: SimCLR on the pooled audio, frozen linear": ("simclr-linear", "evaluate", "n/a", "n/a"),
     }
-    assert set(t) - {""} == set(expected)  # the ImageNet row is left out for --arch tiny
+    assert set(t) - {""} == set(expected)  # the ImageNet rows are left out for --arch tiny
     for row, (slug, stage, *paper) in expected.items():
         assert t[row] == [expected_cell(runs / stage / f"shin2021-{ds}-{slug}", p)
                           for ds, p in zip(("esc50", "urbansound8k"), paper)]
@@ -262,8 +277,9 @@ def test_reproduce_runs_the_dry_run_commands_and_ends_with_the_table(reproduced)
     assert summary(runs / "finetune" / "shin2021-urbansound8k-scratch")["n_folds"] == 10
     assert summary(runs / "evaluate" / "shin2021-esc50-simclr-linear")["n_folds"] == 5
     assert_table_matches_runs(stdout, runs)
-    assert "| Table 1: SimCLR init" in (runs / "reproduce-shin2021" / "table.md").read_text()
-    assert "pretrain has no --init" in stdout  # the difference from the paper is said
+    assert "| extra, not in the paper: SimCLR pretrained on the pooled audio" in (runs / "reproduce-shin2021" / "table.md").read_text()
+    # what differs from the paper is said: the ImageNet-SimCLR rows need a ResNet-50
+    assert "--init imagenet-simclr exists for resnet50 only, not tiny: its rows are left out" in stdout
 
 
 def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(reproduced):
@@ -288,7 +304,7 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(reproduced):
     assert "shin2021-urbansound8k-simclr-linear was moved to" in out
     assert list((runs / "evaluate").glob("shin2021-urbansound8k-simclr-linear.unfinished-*"))
     assert_table_matches_runs(out, runs)
-    for row in ("Table 1: ResNet-50 from scratch", "Table 1: SimCLR init"):  # the same finetune runs' numbers
+    for row in ("Table 1: ResNet-50 from scratch", "extra, not in the paper: SimCLR pretrained on the pooled audio"):  # the same finetune runs' numbers
         assert table(out)[row] == table(first)[row]
 
     # Without the features (another store) nothing is missing once every run that reads them is done.

@@ -108,16 +108,17 @@ def test_init_finds_a_pretrain_run_every_way_and_refuses_what_is_not_one(store, 
     for spec in ("npid", "npid:npid-a", "npid-a", str(run)):  # newest, METHOD:RUN, name, folder
         init = resolve_init(spec, None, npid_run)
         assert (init.kind, init.arch, Path(init.source)) == ("pretrain", "tiny", run) and init.input_stats is not None
-        assert same(init.encoder_state, encoder)
+        assert same(init.build().state_dict(), encoder)
     # Checkpoints that keep the encoder beside other state: a pretrain run's last.pt (the
     # method's: bank, projection head) and a fine-tuned classifier's fold-K.pt
     last = resolve_init(str(run / "checkpoints" / "last.pt"), None, npid_run)
-    assert last.arch == "tiny" and same(last.encoder_state, encoder)
+    assert last.arch == "tiny" and same(last.build().state_dict(), encoder)
     classifier = Classifier(build_encoder("tiny"), 5)
     torch.save({"states": {"model": classifier.state_dict()}, "meta": {"arch": "tiny"}}, tmp_path / "fold-1.pt")
-    assert same(resolve_init(str(tmp_path / "fold-1.pt"), None, npid_run).encoder_state, classifier.encoder.state_dict())
-    torch.save(build_encoder("resnet18").state_dict(), tmp_path / "r18.pt")  # a bare state dict: --arch says what
-    assert resolve_init(str(tmp_path / "r18.pt"), "resnet18", npid_run).arch == "resnet18"
+    assert same(resolve_init(str(tmp_path / "fold-1.pt"), None, npid_run).build().state_dict(),
+                classifier.encoder.state_dict())
+    torch.save(build_encoder("resnet18").state_dict(), tmp_path / "r18.pt")  # a bare state dict: its shapes say what
+    assert resolve_init(str(tmp_path / "r18.pt"), None, npid_run).arch == "resnet18"
 
     def refused(spec: str, *needles: str, arch: str | None = None) -> None:
         with pytest.raises(ConfigError) as e:
@@ -128,7 +129,7 @@ def test_init_finds_a_pretrain_run_every_way_and_refuses_what_is_not_one(store, 
     refused("moco:npid-a", "npid-a is a npid run, not moco", "npid:npid-a")
     refused("npid:npid-b", "there is no pretrain run", "runs there: npid-a")
     refused("simclr", "no finished simclr pretrain run", "runs there: npid-a", "audiofx pretrain --method simclr")
-    refused(str(tmp_path / "r18.pt"), "does not hold resnet50 encoder weights", "--arch")
+    refused(str(tmp_path / "r18.pt"), "holds resnet18 weights", "not resnet50", "--arch resnet18", arch="resnet50")
     torch.save({"states": {"optimizer": {}}, "meta": {}}, tmp_path / "opt.pt")
     refused(str(tmp_path / "opt.pt"), "holds no encoder weights")
     (tmp_path / "ft").mkdir()

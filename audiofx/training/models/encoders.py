@@ -3,7 +3,8 @@
 torchvision's ImageNet CNNs are used as the papers did (Shin, Lin: ResNet-50; Zhou: VGG-16
 and AlexNet as fully convolutional networks with global average pooling: the `features`
 conv stack only, without torchvision's adaptive pool to 7 x 7 or 6 x 6 and its classifier),
-plus `tiny`, a small CNN for the offline demo and the tests on CPU. Being fully
+plus ``esresnet50`` (ESResNet with attention, Guzhov et al. 2020: Hornauer et al.'s network,
+models/esresnet.py) and `tiny`, a small CNN for the offline demo and the tests on CPU. Being fully
 convolutional, an encoder takes any (bins, T) at least ``min_input_size(arch)``.
 
 Heads: ``linear`` (global average pooling + a linear layer) and ``mlp-attn`` (Zhou et al.
@@ -13,13 +14,12 @@ Heads: ``linear`` (global average pooling + a linear layer) and ``mlp-attn`` (Zh
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from audiofx.errors import ConfigError
-from audiofx.training.models.state_files import load_state_file
+from audiofx.training.models.esresnet import FRESH_PREFIXES, ESResNetBody
 
 # arch -> (torchvision builder name, ImageNet weights enum name, feature dimension)
 TORCHVISION = {
@@ -30,7 +30,20 @@ TORCHVISION = {
     "vgg16": ("vgg16", "VGG16_Weights", 512),
     "alexnet": ("alexnet", "AlexNet_Weights", 256),
 }
-ARCHS = tuple(TORCHVISION) + ("tiny",)
+# Networks built around a torchvision one: its ImageNet weights load into them (the rest starts fresh).
+EXTENDED = {"esresnet50": "resnet50"}
+ARCHS = tuple(TORCHVISION) + tuple(EXTENDED) + ("tiny",)
+OUT_DIM = {**{arch: spec[2] for arch, spec in TORCHVISION.items()}, "esresnet50": 2048, "tiny": 128}
+
+
+def imagenet_arch(arch: str) -> str | None:
+    """The torchvision network whose ImageNet weights fit ``arch`` (None: there is none)."""
+    return arch if arch in TORCHVISION else EXTENDED.get(arch)
+
+
+def fresh_prefixes(arch: str) -> tuple[str, ...]:
+    """Body key prefixes a checkpoint of ``imagenet_arch(arch)`` lacks: they start fresh."""
+    return FRESH_PREFIXES if arch == "esresnet50" else ()
 
 
 class Encoder(nn.Module):
@@ -79,10 +92,12 @@ def _torchvision_body(arch: str) -> nn.Module:
     return model.features
 
 
-def _body(arch: str) -> nn.Module:
+def body_of(arch: str) -> nn.Module:
     """The conv stack of an arch; the one place an unknown arch is refused."""
     if arch == "tiny":
         return _tiny_body()
+    if arch == "esresnet50":
+        return ESResNetBody()
     if arch not in TORCHVISION:
         raise ConfigError(f"unknown architecture {arch!r}", f"use one of {', '.join(ARCHS)}")
     return _torchvision_body(arch)
@@ -99,7 +114,7 @@ def min_input_size(arch: str) -> int:
     is too small") does not say which option to change.
     """
     with torch.device("meta"):
-        body = _body(arch).eval()
+        body = body_of(arch).eval()
 
     def fits(size: int) -> bool:
         try:
@@ -133,57 +148,8 @@ def check_input_size(arch: str, bins: int, frames: int, crop: bool = False) -> N
 
 
 def build_encoder(arch: str = "resnet50") -> Encoder:
-    body = _body(arch)
-    return Encoder(body, 128 if arch == "tiny" else TORCHVISION[arch][2], arch, min_input_size(arch))
-
-
-def imagenet_weights_file(arch: str, weights: Path | None = None) -> Path:
-    """The torchvision ImageNet checkpoint of an arch: the given file, or the local torch hub
-    cache. Nothing is downloaded: offline machines get an error saying how to provide it."""
-    import torchvision
-
-    if arch not in TORCHVISION:
-        raise ConfigError(f"no ImageNet weights for arch {arch!r}", f"use one of {', '.join(TORCHVISION)}")
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise ConfigError(f"weights file {weights} does not exist", "pass an existing torchvision checkpoint")
-        return Path(weights)
-    enum = getattr(torchvision.models, TORCHVISION[arch][1])
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    for member in enum:  # IMAGENET1K_V1, IMAGENET1K_V2, ...
-        candidate = cache / Path(member.url).name
-        if candidate.is_file():
-            return candidate
-    url = enum.DEFAULT.url
-    raise ConfigError(
-        f"ImageNet weights for {arch} are not in the local torch cache ({cache})",
-        f"download {url} on a connected machine and copy it to {cache}/, or pass --weights FILE",
-    )
-
-
-def load_imagenet(encoder: Encoder, path: Path) -> None:
-    """Load a torchvision ImageNet state dict into an encoder's body (the classifier is dropped)."""
-    state = load_state_file(path, "--weights")
-    if not isinstance(state, dict):
-        raise ConfigError(f"--weights {path} holds no state dict", "pass a torchvision ImageNet checkpoint")
-    model_keys = encoder.body.state_dict().keys()
-    if encoder.arch.startswith("resnet"):
-        # Sequential(children[:-2]) renumbers conv1, bn1, relu, maxpool, layer1..4 as 0..7.
-        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-        mapped = {}
-        for k, v in state.items():
-            head = k.split(".")[0]
-            if head in names:
-                mapped[f"{names.index(head)}{k[len(head):]}"] = v
-    elif encoder.arch == "densenet201":
-        mapped = {f"0.{k[len('features.'):]}": v for k, v in state.items() if k.startswith("features.")}
-    else:
-        mapped = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-    missing = set(model_keys) - set(mapped)
-    if missing:
-        raise ConfigError(f"{path} does not fit {encoder.arch} ({len(missing)} tensors missing, e.g. {sorted(missing)[0]})",
-                          "pass the torchvision checkpoint of the same architecture")
-    encoder.body.load_state_dict(mapped)
+    body = body_of(arch)
+    return Encoder(body, OUT_DIM[arch], arch, min_input_size(arch))
 
 
 HEADS = ("linear", "mlp-attn")

@@ -39,6 +39,7 @@ from audiofx.training.stages.knn import choose_k, knn_scores
 from audiofx.training.stages.metrics import mean_std, per_class_markdown
 from audiofx.training.stages.runs import Run, StageOptions, default_name
 from audiofx.training.stages.tasks import METRIC_NAMES, Task
+from audiofx.training.models.published import NAMES as PUBLISHED_NAMES
 from audiofx.training.stages.weights import RANDOM, RANDOM_ENCODER, SSL_METHODS, resolve_init
 
 MODES = ("knn", "linear")
@@ -48,7 +49,9 @@ MODES = ("knn", "linear")
 class EvaluateConfig(StageOptions):
     run: str  # a pretrain run: npid | simclr | moco (newest), METHOD:RUN, a run's name or folder, a checkpoint; random
     dataset: str
-    arch: str | None = None  # only for a bare encoder state dict (checkpoints record theirs)
+    arch: str | None = None  # for random, or to insist on one (checkpoints record theirs or tell it by their shapes)
+    weights: str | None = None  # the file of a named init (imagenet, imagenet-simclr, imagenet-moco)
+    init_branch: str = "auto"  # a checkpoint's online or momentum network (models/checkpoints.py)
     mode: str = "knn"
     fold: str = "all"
     key: str | None = None
@@ -103,10 +106,12 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     random_init = cfg.run == RANDOM  # the baseline: the same network at random init (seeded by --seed)
-    init = resolve_init("scratch" if random_init else cfg.run, cfg.arch, cfg.runs_root, option="--run")
-    if init.kind not in ("pretrain", "file") and not random_init:
+    init = resolve_init("scratch" if random_init else cfg.run, cfg.arch, cfg.runs_root,
+                        Path(cfg.weights) if cfg.weights else None, option="--run", branch=cfg.init_branch)
+    if init.kind == "scratch" and not random_init:
         raise ConfigError(f"--run {cfg.run!r} is not a pretrained representation",
-                          f"pass {', '.join(SSL_METHODS)}, METHOD:RUN, a run or a checkpoint (or {RANDOM} for the baseline)")
+                          f"pass {', '.join(PUBLISHED_NAMES)}, {', '.join(SSL_METHODS)}, METHOD:RUN, a run or a "
+                          f"checkpoint (or {RANDOM} for the baseline)")
     source = f"{RANDOM} init" if random_init else init.source
     key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key)
     task = Task.of(manifest)
@@ -120,9 +125,10 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     name = cfg.name or default_name(cfg.mode, f"{RANDOM}-{init.arch}" if random_init else Path(init.source).name,
                                     cfg.dataset)
     run = Run.create(cfg.runs_root, "evaluate", name, {**cfg.to_json(), "arch": init.arch, "key": key,
-                                                       "source": source, "stage": "evaluate",
+                                                       "source": source, **init.record(),
+                                                       "stage": "evaluate",
                                                        "data_mode": inputs.mode.mode})
-    say(f"evaluate {source} ({init.arch}) on {cfg.dataset} ({key}) by {cfg.mode}, {len(plan)} fold(s) on "
+    say(f"evaluate {source if random_init else init.describe()} ({init.arch}) on {cfg.dataset} ({key}) by {cfg.mode}, {len(plan)} fold(s) on "
         f"{device}, features {inputs.describe()} -> {run.path}")
     if random_init:  # kept with the run: `audiofx report` embeds with it again
         run.save_checkpoint(RANDOM_ENCODER, {"encoder": encoder.state_dict()}, {"arch": init.arch})

@@ -69,7 +69,8 @@ class FinetuneConfig(TrainingOptions):
     init: str = "scratch"
     key: str | None = None
     arch: str | None = None  # default resnet50, or the pretrain run's arch
-    weights: str | None = None  # ImageNet checkpoint file
+    weights: str | None = None  # the file of a named init (imagenet, imagenet-simclr, imagenet-moco)
+    init_branch: str = "auto"  # a checkpoint's online or momentum network (models/checkpoints.py)
     fold: str = "all"
     epochs: int = 70
     batch_size: int = 32
@@ -92,7 +93,8 @@ def predict(model: torch.nn.Module, data, mean: torch.Tensor, std: torch.Tensor,
 
 # The options added after the first runs, at the values runs started before them behaved as
 # (no such key in their config.json): such a run may resume with them at these values.
-_LATER_OPTIONS = {"fragments": 1, "channel_fusion": False, "head": "linear", "data_mode": MODE_MEMORY}
+_LATER_OPTIONS = {"fragments": 1, "channel_fusion": False, "head": "linear", "data_mode": MODE_MEMORY,
+                  "init_branch": "auto"}
 
 
 def summarize(per_fold: dict[str, dict[str, float]], metric: str = "acc") -> dict[str, Any]:
@@ -115,7 +117,8 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
     if cfg.fragments < 1:
         raise ConfigError(f"--fragments must be at least 1, got {cfg.fragments}", "pass 1 (whole clips) or more")
     check_rates(lr=cfg.lr, weight_decay=cfg.weight_decay, mixup=cfg.augment.mixup, lr_gamma=cfg.lr_gamma)
-    init = resolve_init(cfg.init, cfg.arch, cfg.runs_root, Path(cfg.weights) if cfg.weights else None)
+    init = resolve_init(cfg.init, cfg.arch, cfg.runs_root, Path(cfg.weights) if cfg.weights else None,
+                        branch=cfg.init_branch)
     _, bins, frames = (int(v) for v in manifest["shape"])
     if frames // cfg.fragments < 1:
         raise ConfigError(f"cannot cut {frames} frames into {cfg.fragments} fragments", f"use --fragments {frames} or fewer")
@@ -138,13 +141,13 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
     inputs = open_inputs([FoldSet(cfg.store, cfg.dataset, key, all_folds)], cfg.memory_budget_gb, device, ranks=ranks,
                          recorded=recorded, manifests=[manifest], needs_memory=zhou)
     # The mode is recorded: it changes the batch order, so a resume must keep it.
-    config = {**cfg.to_json(), "arch": init.arch, "key": key, "init_source": init.source, "stage": "finetune",
+    config = {**cfg.to_json(), "arch": init.arch, "key": key, **init.record(recorded), "stage": "finetune",
               "data_mode": inputs.mode.mode}
     # --resume --epochs N with N larger than the run's: the step schedule does not depend on
     # the total, so the extended run is the run that N epochs would have been from the start.
     run = open_run(ranks, cfg.runs_root, "finetune", name, config, cfg.resume, extendable=("epochs",),
                    later=_LATER_OPTIONS)
-    say(f"finetune {cfg.dataset} ({key}) from {init.kind} ({init.source}), {init.arch}{_zhou_note(cfg)}, "
+    say(f"finetune {cfg.dataset} ({key}) from {init.kind} ({init.describe()}), {init.arch}{_zhou_note(cfg)}, "
         f"{len(plan)} fold(s), {cfg.epochs} epochs on {device}{f' x {ranks.world} ranks' if ranks.active else ''}"
         f"{f', epochs selected on {val_fold}' if val_fold else ''}, features {inputs.describe()} -> {run.path}")
 

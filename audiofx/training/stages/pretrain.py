@@ -31,7 +31,7 @@ from audiofx.training.data.inputs import open_inputs
 from audiofx.training.data.memory import InMemoryData
 from audiofx.training.data.mode import MODE_MEMORY
 from audiofx.training.models.augment import Augment
-from audiofx.training.models.encoders import ARCHS, build_encoder, check_input_size
+from audiofx.training.models.encoders import ARCHS, check_input_size
 from audiofx.training.models.ssl import METHODS, Method, method_options
 from audiofx.training.runtime.device import autocast, prepare_model, seed_everything
 from audiofx.training.runtime.distributed import Ranks, average_batchnorm_statistics, run_on_ranks, wrap
@@ -40,13 +40,17 @@ from audiofx.training.stages.epochs import optimiser_states, restore_optimiser_s
 from audiofx.training.stages.knn import knn_scores
 from audiofx.training.stages.runs import TrainingOptions, check_rates, default_name, open_run, recorded_config
 from audiofx.training.stages.tasks import Task
+from audiofx.training.stages.weights import resolve_init
 
 
 @dataclass
 class PretrainConfig(TrainingOptions):
     method: str = "npid"
     datasets: tuple[str, ...] = ()  # empty: every dataset in the store
-    arch: str = "resnet50"
+    arch: str | None = None  # default: the --init weights' arch, else resnet50
+    init: str = "scratch"  # where the encoder starts (stages/weights.py): scratch, imagenet..., a run, a file
+    weights: str | None = None  # the file of a named init (imagenet, imagenet-simclr, imagenet-moco)
+    init_branch: str = "auto"  # a checkpoint's online or momentum network (models/checkpoints.py)
     epochs: int = 200
     batch_size: int = 64
     lr: float | None = None  # default: the method's
@@ -87,6 +91,11 @@ def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
 def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> dict[str, Any]:
     seed_everything(cfg.seed)
     method_cls = METHODS[cfg.method]
+    init = resolve_init(cfg.init, cfg.arch, cfg.runs_root, Path(cfg.weights) if cfg.weights else None,
+                        branch=cfg.init_branch)  # the file is read and checked before any data
+    cfg = replace(cfg, arch=init.arch)
+    if init.kind != "scratch":
+        say(f"init: {init.kind} ({init.describe()}), {init.arch}")
     sets = pool_datasets(cfg.store, cfg.preset, cfg.datasets, say)  # (dataset, key, manifest)
     foldsets = [FoldSet(cfg.store, ds, key, list(m["folds"])) for ds, key, m in sets]
     frames = min(int(m["shape"][-1]) for *_, m in sets)
@@ -101,7 +110,8 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     say(f"data: {inputs.describe()}")
     # The run folder is made (or checked, on --resume) before the pool is read: a resume with
     # other settings fails at once, not after minutes of loading.
-    settings = {**cfg.to_json(), "stage": "pretrain", "data_mode": inputs.mode.mode,
+    settings = {**cfg.to_json(), **(init.record(recorded) if init.kind != "scratch" else {}), "stage": "pretrain",
+                "data_mode": inputs.mode.mode,
                 "pool": {ds: key for ds, key, _ in sets}}
     run = open_run(ranks, cfg.runs_root, "pretrain", name, settings, cfg.resume,
                    later={"data_mode": MODE_MEMORY, **_recorded_before(method_cls)})
@@ -136,7 +146,8 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     kwargs: dict[str, Any] = {"temperature": cfg.temperature} if cfg.temperature else {}
-    method = prepare_model(method_cls(build_encoder(cfg.arch), n, torch.Generator().manual_seed(cfg.seed), **kwargs,
+    # the method copies the encoder it is given (MoCo's key encoder), so it gets the init's weights
+    method = prepare_model(method_cls(init.build(), n, torch.Generator().manual_seed(cfg.seed), **kwargs,
                                       **cfg.own_options()), device)
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr or method_cls.default_lr, momentum=0.9,
@@ -226,7 +237,7 @@ def check_options(cfg: PretrainConfig, recorded: dict[str, Any] | None = None) -
     run recorded: runs made before this check may hold one), a value below its minimum."""
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}", f"use one of {', '.join(METHODS)}")
-    if cfg.arch not in ARCHS:
+    if cfg.arch is not None and cfg.arch not in ARCHS:
         raise ConfigError(f"unknown architecture {cfg.arch!r}", f"use one of {', '.join(ARCHS)}")
     check_rates(lr=cfg.lr, weight_decay=cfg.weight_decay, temperature=cfg.temperature)
     owners = {o.name: (m, o) for m, o in method_options()}
@@ -249,7 +260,8 @@ def _recorded_before(method: type[Method]) -> dict[str, Any]:
     ``later``: the default views; the method's own options at what the method says (MoCo: one
     BatchNorm group), every other method's at their defaults."""
     views = {"time_crop": None, "time_shift": None, "spec_augment": True, "time_masks": 2, "freq_masks": 2}
-    return {**views, **{o.name: o.recorded_before if owner is method else o.default for owner, o in method_options()}}
+    starts = {"init": "scratch", "weights": None, "init_branch": "auto"}
+    return {**views, **starts, **{o.name: o.recorded_before if owner is method else o.default for owner, o in method_options()}}
 
 
 def _refuse_extension(cfg: PretrainConfig, recorded: dict[str, Any] | None, name: str) -> None:

@@ -1,9 +1,14 @@
-"""--init (and evaluate's --run): where a model's starting weights come from.
+"""--init (pretrain, finetune) and evaluate's --run: where a model's starting weights come from.
 
-scratch | imagenet (torchvision weights from the local torch cache or --weights FILE) |
-simclr | npid | moco (the newest pretrain run of that method) | METHOD:RUN (the pretrain run
-RUN, which must be of METHOD) | a pretrain run's name or folder | PATH (an encoder state
-dict, or an audiofx checkpoint: a pretrain run's final.pt or last.pt, a fine-tuned fold-K.pt).
+scratch | imagenet (torchvision's supervised weights from the local torch cache or --weights
+FILE) | imagenet-simclr, imagenet-moco (the upstream ImageNet checkpoints, --weights FILE or
+the cache; models/published.py) | simclr | npid | moco (the newest pretrain run of that
+method) | METHOD:RUN (the pretrain run RUN, which must be of METHOD) | a pretrain run's name
+or folder | PATH (a checkpoint of any layout models/checkpoints.py reads, audiofx's own
+included: a pretrain run's final.pt or last.pt, a fine-tuned fold-K.pt).
+
+Whatever the source, the file's layout, the number of tensors taken and its sha256 are
+recorded (``Init.record``) and printed in the run's first line (``Init.describe``).
 """
 
 from __future__ import annotations
@@ -14,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from audiofx.errors import ConfigError
-from audiofx.training.models.encoders import (
-    Encoder,
-    build_encoder,
-    imagenet_weights_file,
-    load_imagenet,
-)
+from audiofx.training.models.checkpoints import Backbone, find_backbone, sha256_of
+from audiofx.training.models.encoders import Encoder, build_encoder, fresh_prefixes
+from audiofx.training.models.published import NAMES as PUBLISHED_NAMES
+from audiofx.training.models.published import PUBLISHED, published_file
 from audiofx.training.models.ssl import METHODS
 from audiofx.training.models.state_files import load_state_file
 from audiofx.training.stages.runs import list_runs
@@ -38,20 +41,43 @@ def random_encoder_file(run_dir: Path) -> Path:
 
 @dataclass
 class Init:
-    kind: str  # scratch, imagenet, pretrain, file
+    kind: str  # scratch, imagenet, imagenet-simclr, imagenet-moco, pretrain, file
     arch: str
     source: str  # what to print and record: a path or "scratch"
-    encoder_state: dict[str, Any] | None = None
-    weights_file: Path | None = None
+    encoder_state: dict[str, Any] | None = None  # the encoder body's keys
     input_stats: tuple[Any, Any] | None = None  # (mean, std) the encoder was pretrained with
+    layout: str | None = None  # the checkpoint layout the weights were found in
+    tensors: int = 0
+    sha256: str | None = None
+    fresh: int = 0  # tensors the weights lack by design (ESResNet's attention branches on ResNet-50 weights)
 
     def build(self) -> Encoder:
         encoder = build_encoder(self.arch)
-        if self.kind == "imagenet":
-            load_imagenet(encoder, self.weights_file)
-        elif self.encoder_state is not None:
-            encoder.load_state_dict(self.encoder_state)
+        if self.encoder_state is not None:
+            missing, unexpected = encoder.body.load_state_dict(self.encoder_state, strict=not self.fresh)
+            stray = [k for k in missing if not k.startswith(fresh_prefixes(self.arch))] + list(unexpected)
+            if stray:  # find_backbone's state is the body's own keys; anything else is a bug here
+                raise RuntimeError(f"{self.source}: encoder keys {stray[:3]} do not fit {self.arch}")
         return encoder
+
+    def describe(self) -> str:
+        """What was loaded, for the run's first line."""
+        if self.encoder_state is None:
+            return self.source
+        fresh = f"; {self.fresh} tensors of {self.arch}'s attention start fresh" if self.fresh else ""
+        return f"{self.source}: {self.layout}, {self.tensors} tensors, sha256 {self.sha256[:16]}{fresh}"
+
+    def record(self, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What was loaded, for config.json (and so checked on --resume: other weights are
+        another run). A run recorded before the layout and hash were resumes without them."""
+        out = {"init_source": self.source, "init_layout": self.layout, "init_tensors": self.tensors,
+               "init_sha256": self.sha256, **({"init_fresh_tensors": self.fresh} if self.fresh else {})}
+        return out if recorded is None or "init_sha256" in recorded else {"init_source": self.source}
+
+
+def _from_file(kind: str, path: Path, backbone: Backbone, stats=None, layout: str | None = None) -> Init:
+    return Init(kind, backbone.arch, str(path), encoder_state=backbone.state, input_stats=stats,
+                layout=layout or backbone.layout, tensors=backbone.tensors, sha256=sha256_of(path), fresh=backbone.fresh)
 
 
 def pretrain_run_dir(spec: str, runs_root: str | Path, option: str = "--init") -> Path | None:
@@ -98,16 +124,21 @@ def _listing(runs_root: str | Path, method: str) -> str:
 
 
 def resolve_init(init: str, arch: str | None, runs_root: str | Path = "data/runs", weights: Path | None = None,
-                 option: str = "--init") -> Init:
+                 option: str = "--init", branch: str = "auto") -> Init:
     """Where the weights of ``init`` are and which architecture they fit; ``option`` is the
-    flag the user gave it with, for the errors."""
+    flag the user gave it with, for the errors. Every file is read and checked here, before
+    any data loads; ``branch`` picks between a file's online and momentum networks."""
     if init == "scratch":
         return Init("scratch", arch or "resnet50", "scratch")
-    if init == "imagenet":
-        arch = arch or "resnet50"
-        path = imagenet_weights_file(arch, weights)
-        found = Init("imagenet", arch, str(path), weights_file=path)
-        found.build()  # now, not after the run folder is made and minutes of loading
+    if init in PUBLISHED_NAMES:
+        path = published_file(init, arch or "resnet50", weights)
+        option = "--weights" if weights is not None else option
+        found = _from_file(init, path, find_backbone(load_state_file(path, option), path, arch or "resnet50",
+                                                     branch, option))
+        word = PUBLISHED[init].layout if init in PUBLISHED else None
+        if word and word not in (found.layout or ""):
+            raise ConfigError(f"{option} {path} is not a {word} checkpoint (it reads as {found.layout})",
+                              f"pass the file --init {init} names: {PUBLISHED[init].file}")
         return found
     run = pretrain_run_dir(init, runs_root, option)
     if run is not None:
@@ -115,28 +146,21 @@ def resolve_init(init: str, arch: str | None, runs_root: str | Path = "data/runs
         run_arch = json.loads((run / "config.json").read_text())["arch"]
         if arch and arch != run_arch:
             raise ConfigError(f"pretrain run {run.name} trained a {run_arch}, not a {arch}", f"drop --arch or pass --arch {run_arch}")
-        return Init("pretrain", run_arch, str(run), encoder_state=ckpt["states"]["encoder"],
-                    input_stats=_stats(ckpt["states"]))
+        backbone = find_backbone({"encoder": ckpt["states"]["encoder"]}, run / FINAL, run_arch, "auto", option)
+        found = _from_file("pretrain", run / FINAL, backbone, _stats(ckpt["states"]), "audiofx pretrain run")
+        found.source = str(run)
+        return found
     path = Path(init)
     if not path.is_file():
-        raise ConfigError(f"{option} {init!r} is neither scratch, imagenet, {', '.join(SSL_METHODS)}, METHOD:RUN, "
-                          "a pretrain run nor a file", "pass one of those, or the path of an encoder state dict")
+        raise ConfigError(f"{option} {init!r} is neither scratch, {', '.join(PUBLISHED_NAMES)}, {', '.join(SSL_METHODS)}, "
+                          "METHOD:RUN, a pretrain run nor a file", "pass one of those, or the path of a checkpoint")
     state = load_state_file(path, option)
-    if not isinstance(state, dict):
-        raise ConfigError(f"{option} {path} holds no state dict ({type(state).__name__})",
-                          "pass an encoder state dict or an audiofx checkpoint")
-    stats = None
-    if "states" in state:  # an audiofx checkpoint
+    if isinstance(state, dict) and "states" in state and "meta" in state:  # an audiofx checkpoint
         meta, states = state.get("meta", {}), state["states"]
-        state, stats = _encoder_state(states, path), _stats(states)
-        arch = arch or meta.get("arch")
-    found = Init("file", arch or "resnet50", str(path), encoder_state=state, input_stats=stats)
-    try:  # now, not after minutes of loading features
-        found.build()
-    except RuntimeError as e:  # load_state_dict: missing, unexpected or mis-shaped keys
-        raise ConfigError(f"{path} does not hold {found.arch} encoder weights ({str(e).splitlines()[0]})",
-                          "pass --arch with the network it was saved from") from None
-    return found
+        backbone = find_backbone({"encoder": _encoder_state(states, path)}, path, arch or meta.get("arch"), "auto",
+                                 option)
+        return _from_file("file", path, backbone, _stats(states), "audiofx checkpoint")
+    return _from_file("file", path, find_backbone(state, path, arch, branch, option))
 
 
 def _encoder_state(states: dict[str, Any], path: Path) -> dict[str, Any]:
