@@ -616,16 +616,30 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, arch, fold
 @click.option("--preset", default="shin2021", show_default=True)
 @click.option("--key", default=None)
 @click.option("--k", "k", type=click.IntRange(min=1), default=200, show_default=True, help="kNN neighbours (k by CV is also reported).")
-@click.option("--epochs", "linear_epochs", type=click.IntRange(min=1), default=100, show_default=True, help="Linear probe epochs.")
+@click.option("--space", type=click.Choice(["backbone", "projection"]), default=None,
+              help="Embeddings scored: backbone (pooled encoder features) or projection (the pretrain method's own "
+                   "space) [kNN of a pretrain run: projection, as NPID, Hornauer et al. and Lin vote; else backbone].")
+@click.option("--probe", type=click.Choice(["lbfgs", "sgd"]), default="lbfgs", show_default=True,
+              help="Linear probe: lbfgs (logistic regression on standardised embeddings, solved to convergence, its "
+                   "penalty cross-validated on the training folds) or sgd (the papers' recipe: Adam epochs, logged "
+                   "per epoch; always for multi-label sets).")
+@click.option("--epochs", "linear_epochs", type=click.IntRange(min=1), default=100, show_default=True,
+              help="--probe sgd: epochs.")
+@click.option("--lr", "linear_lr", type=float, default=1e-3, show_default=True, help="--probe sgd: Adam's learning rate.")
+@click.option("--weight-decay", "linear_weight_decay", type=float, default=None,
+              help="The probe's L2 penalty lambda [lbfgs: chosen by cross-validation on the training folds; sgd: 1e-6].")
 @run_options()
-def evaluate_cmd(run_spec, weights, init_branch, arch, dataset, mode, fold, store, preset, key, k, linear_epochs, memory_budget, seed, device,
+def evaluate_cmd(run_spec, weights, init_branch, arch, dataset, mode, fold, store, preset, key, k, space, probe,
+                 linear_epochs,
+                 linear_lr, linear_weight_decay, memory_budget, seed, device,
                  runs_root, name):
     """Frozen-encoder evaluation: linear probe or weighted kNN, per fold."""
     from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
     from audiofx.training.stages.tasks import METRIC_NAMES
 
     s = evaluate(EvaluateConfig(run=run_spec, arch=arch, weights=weights, init_branch=init_branch, dataset=dataset, mode=mode, fold=fold, store=store, preset=preset, key=key,
-                                k=k, linear_epochs=linear_epochs, memory_budget_gb=memory_budget, seed=seed,
+                                k=k, space=space, probe=probe, linear_epochs=linear_epochs, linear_lr=linear_lr,
+                                linear_weight_decay=linear_weight_decay, memory_budget_gb=memory_budget, seed=seed,
                                 device=device, runs_root=runs_root, name=name),
                  say=click.echo)
     m = s["metric"]

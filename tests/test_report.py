@@ -152,7 +152,7 @@ def test_accuracy_curve_is_the_mean_and_std_over_folds_per_epoch(runs):
 def test_a_linear_probe_is_plotted_per_epoch_and_knn_is_not(runs, tmp_path):
     """A linear probe logs a test score per epoch, so its curve joins fine-tuning's; kNN has no
     epochs. Here the report has no fine-tuning run at all: the figure comes from the probe."""
-    evaluate(EvaluateConfig(run="npid", dataset="demo", mode="linear", linear_epochs=4, store=str(runs["store"]),
+    evaluate(EvaluateConfig(run="npid", dataset="demo", mode="linear", probe="sgd", linear_epochs=4, store=str(runs["store"]),
                             runs_root=str(runs["base"] / "runs"), name="npid-linear"), **quiet)
     probe = runs["base"] / "runs" / "evaluate" / "npid-linear"
     curve = per_epoch(records(probe), "test_acc", "npid linear")

@@ -71,7 +71,8 @@ def test_finetune_fold_all_gives_one_result_per_fold_and_correct_mean_std(store,
 def test_pretrain_then_finetune_and_knn_from_it(store, npid_run, tmp_path):
     runs = npid_run
     ckpt = torch.load(runs / "pretrain" / "npid-a" / "checkpoints" / "final.pt", weights_only=True)
-    assert set(ckpt["states"]) == {"encoder", "mean", "std"} and ckpt["meta"]["method"] == "npid"
+    assert set(ckpt["states"]) == {"encoder", "projection", "mean", "std"} and ckpt["meta"]["method"] == "npid"
+    assert ckpt["states"]["projection"]["weight"].shape == (128, 128)  # NPID's embedding: tiny's 128-d to 128-d
     proc = run_cli("finetune", "--dataset", "demo", "--store", str(store), "--runs", str(runs), "--init", "npid",
                    "--fold", "2", "--epochs", "2", "--lr", "1e-3", "--name", "from-npid", "--no-progress")
     assert proc.returncode == 0, proc.stderr
@@ -153,7 +154,7 @@ def test_evaluate_random_init_baseline_is_seeded_and_kept(store, tmp_path):
             str(tmp_path), "--mode", "knn", "--fold", "1"]
     runs = {name: run_cli(*args, "--name", name, *seed) for name, seed in (("a", []), ("b", []), ("c", ["--seed", "1"]))}
     assert all(p.returncode == 0 for p in runs.values()), [p.stderr for p in runs.values()]
-    assert runs["a"].stdout.startswith("evaluate random init (tiny) on demo")
+    assert runs["a"].stdout.startswith("evaluate random init (tiny, backbone space) on demo")
 
     def encoder(name: str) -> dict:
         ckpt = torch.load(tmp_path / "evaluate" / name / "checkpoints" / "encoder.pt", weights_only=True)
@@ -186,7 +187,7 @@ def test_linear_probe_leaves_the_encoder_bit_identical(store, npid_run, monkeypa
         return embed(encoder, *args, **kwargs)
 
     monkeypatch.setattr(ev, "embed_rows", watched)
-    summary = ev.evaluate(ev.EvaluateConfig(run="npid:npid-a", dataset="demo", store=str(store), mode="linear",
+    summary = ev.evaluate(ev.EvaluateConfig(run="npid:npid-a", dataset="demo", store=str(store), mode="linear", probe="sgd",
                                             linear_epochs=20, fold="1", runs_root=str(npid_run), name="lin"),
                           say=lambda *a: None)
     after = seen["encoder"].state_dict()

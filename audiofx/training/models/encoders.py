@@ -206,3 +206,17 @@ class ProjectionHead(nn.Sequential):
     def __init__(self, in_dim: int, out_dim: int = 128, hidden: int | None = None):
         hidden = hidden or in_dim
         super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+def projection_from_state(state: dict[str, torch.Tensor]) -> nn.Module:
+    """A method's projection rebuilt from its saved weights: one linear layer (NPID's
+    embedding) or a ``ProjectionHead`` (SimCLR, MoCo); the shapes give the sizes."""
+    if set(state) == {"weight", "bias"}:
+        layer = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    elif set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}:
+        layer = ProjectionHead(state["0.weight"].shape[1], state["2.weight"].shape[0], state["0.weight"].shape[0])
+    else:
+        raise ConfigError(f"a saved projection with keys {sorted(state)[:4]} is neither a linear layer nor a "
+                          "2-layer head", "re-run the pretraining with this audiofx")
+    layer.load_state_dict(state)
+    return layer

@@ -1,5 +1,6 @@
-"""Frozen-encoder evaluation of a pretrained representation: a linear probe (Lin 2022, MoCo's
-recipe) and weighted kNN (NPID's: k = 200, weights exp(sim / 0.07), plus k chosen by
+"""Frozen-encoder evaluation of a pretrained representation: a linear probe (stages/probe.py:
+logistic regression on standardised embeddings, its penalty cross-validated on the training
+folds; or the papers' SGD recipe) and weighted kNN (NPID's: k = 200, weights exp(sim / 0.07), plus k chosen by
 cross-validation on the training folds), per fold, with per-class precision / recall / F1
 and a confusion matrix saved with the run.
 
@@ -17,7 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,12 +33,14 @@ from audiofx.training.data.featuresets import (
     split_folds,
 )
 from audiofx.training.data.inputs import open_inputs
+from audiofx.training.models.encoders import projection_from_state
 from audiofx.training.runtime.device import pick_device, seed_everything
 from audiofx.training.runtime.distributed import launched_ranks
 from audiofx.training.stages.embedding import embed_rows
 from audiofx.training.stages.knn import choose_k, knn_scores
 from audiofx.training.stages.metrics import mean_std, per_class_markdown
-from audiofx.training.stages.runs import Run, StageOptions, default_name
+from audiofx.training.stages.probe import PROBES, WEIGHT_DECAYS, choose_weight_decay, lbfgs_probe, sgd_probe
+from audiofx.training.stages.runs import Run, StageOptions, check_rates, default_name
 from audiofx.training.stages.tasks import METRIC_NAMES, Task
 from audiofx.training.models.published import NAMES as PUBLISHED_NAMES
 from audiofx.training.stages.weights import RANDOM, RANDOM_ENCODER, SSL_METHODS, resolve_init
@@ -57,8 +60,14 @@ class EvaluateConfig(StageOptions):
     key: str | None = None
     k: int = 200
     temperature: float = 0.07
-    linear_epochs: int = 100
-    linear_lr: float = 1e-3
+    # backbone (pooled encoder features) or projection (the pretrain method's own space);
+    # None: kNN on a pretrain run scores its projection (NPID's memory-bank space, where Wu et
+    # al., Hornauer et al. and Lin vote), everything else the backbone
+    space: str | None = None
+    probe: str = "lbfgs"  # lbfgs (logistic regression to convergence) or sgd (Adam epochs); stages/probe.py
+    linear_epochs: int = 100  # sgd
+    linear_lr: float = 1e-3  # sgd
+    linear_weight_decay: float | None = None  # None: lbfgs cross-validates it on the training folds; sgd 1e-6
     batch_size: int = 256
 
 
@@ -70,36 +79,12 @@ def state_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def linear_probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor, n_classes: int, epochs: int,
-                 lr: float, batch_size: int, seed: int, task: Task = Task(),
-                 on_epoch: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Train only a linear classifier on frozen embeddings; return test logits. After each
-    epoch ``on_epoch(epoch, mean training loss, test logits)`` (to log; nothing is selected)."""
-    g = torch.Generator(device=train.device).manual_seed(seed)
-    head = torch.nn.Linear(train.shape[1], n_classes).to(train.device)
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-6)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    for epoch in range(epochs):
-        perm = torch.randperm(train.shape[0], generator=g, device=train.device)
-        total = torch.zeros((), device=train.device)  # summed on the device: no sync per batch
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
-            loss = task.loss(head(train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach() * len(idx)
-        sched.step()
-        if on_epoch:
-            with torch.no_grad():
-                on_epoch(epoch + 1, float(total) / len(perm), head(test))
-    with torch.no_grad():
-        return head(test)
-
-
 def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode {cfg.mode!r}", f"use one of {', '.join(MODES)}")
+    if cfg.probe not in PROBES:
+        raise ConfigError(f"unknown --probe {cfg.probe!r}", f"use one of {', '.join(PROBES)}")
+    check_rates(lr=cfg.linear_lr, weight_decay=cfg.linear_weight_decay)
     if launched_ranks() > 1:  # every rank would write one run folder
         raise ConfigError("evaluate runs in one process, not under torchrun",
                           "run it as audiofx evaluate ... (embedding a set once takes one device)")
@@ -121,18 +106,21 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     folds = sorted({f for t, tr in plan for f in [t, *tr]}, key=fold_order)
     inputs = open_inputs([FoldSet(cfg.store, cfg.dataset, key, folds)], cfg.memory_budget_gb, device,
                          manifests=[manifest])
+    space = _space(cfg, init)
     encoder = init.build().to(device)  # before the run folder: an --arch that does not exist is refused first
+    embedder = torch.nn.Sequential(encoder, projection_from_state(init.projection_state)).to(device) \
+        if space == "projection" else encoder
     name = cfg.name or default_name(cfg.mode, f"{RANDOM}-{init.arch}" if random_init else Path(init.source).name,
                                     cfg.dataset)
     run = Run.create(cfg.runs_root, "evaluate", name, {**cfg.to_json(), "arch": init.arch, "key": key,
-                                                       "source": source, **init.record(),
+                                                       "source": source, "space": space, **init.record(),
                                                        "stage": "evaluate",
                                                        "data_mode": inputs.mode.mode})
-    say(f"evaluate {source if random_init else init.describe()} ({init.arch}) on {cfg.dataset} ({key}) by {cfg.mode}, {len(plan)} fold(s) on "
+    say(f"evaluate {source if random_init else init.describe()} ({init.arch}, {space} space) on {cfg.dataset} ({key}) by {cfg.mode}, {len(plan)} fold(s) on "
         f"{device}, features {inputs.describe()} -> {run.path}")
     if random_init:  # kept with the run: `audiofx report` embeds with it again
         run.save_checkpoint(RANDOM_ENCODER, {"encoder": encoder.state_dict()}, {"arch": init.arch})
-    before = state_hash(encoder)
+    before = state_hash(embedder)
     # Every clip embedded once (streaming: two passes over the store, the statistics unless
     # recorded, then the embeddings); inputs standardised with the statistics the encoder was
     # pretrained with, when recorded.
@@ -142,7 +130,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                          f"every clip there was skipped at extraction; {SKIPPED_HINT}")
     mean, std = init.input_stats or rows.statistics()
     mean, std = mean.to(device), std.to(device)
-    z = embed_rows(encoder, rows, mean, std, device)
+    z = embed_rows(embedder, rows, mean, std, device)
     y, clips, fold_list = rows.y.to(device), rows.clips, rows.fold_of
     del rows
     inputs.release()  # only the embeddings are needed from here on
@@ -162,15 +150,24 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                 cv_scores = scores if best_k == cfg.k else \
                     knn_scores(z[tr], y[tr], z[te], n_classes, best_k, cfg.temperature)
                 result.update({f"{m}_kcv": task.headline(cv_scores, y[te]), "k_cv": best_k, f"cv_{m}": cv})
-        else:
+        elif cfg.probe == "lbfgs" and not task.multilabel:
+            wd, cv = cfg.linear_weight_decay, None
+            if wd is None and len(train_folds) > 1:
+                wd, cv = choose_weight_decay(z[tr].cpu().numpy(), y[tr].cpu().numpy(), fold_of[tr.cpu().numpy()],
+                                             cfg.seed)
+            wd = WEIGHT_DECAYS[2] if wd is None else wd  # one training fold: nothing to cross-validate on
+            scores = task.outputs(lbfgs_probe(z[tr], y[tr], z[te], n_classes, wd, cfg.seed))
+            result = {**task.score(scores, y[te]), "weight_decay": wd, **({"cv_weight_decay": cv} if cv else {})}
+        else:  # the papers' recipe, and multi-label sets
             def log_epoch(epoch: int, loss: float, test_logits: torch.Tensor, fold: str = test_fold) -> None:
                 # One line per epoch per fold, as the training stages write (the curve of the
                 # probe; its result is the last epoch's, nothing is selected on the test fold).
                 run.log({"event": "epoch", "fold": fold, "epoch": epoch, "train_loss": loss,
                          f"test_{m}": task.headline(task.outputs(test_logits), y[te])})
 
-            logits = linear_probe(z[tr], y[tr], z[te], n_classes, cfg.linear_epochs, cfg.linear_lr, cfg.batch_size,
-                                  cfg.seed, task, on_epoch=log_epoch)
+            wd = 1e-6 if cfg.linear_weight_decay is None else cfg.linear_weight_decay
+            logits = sgd_probe(z[tr], y[tr], z[te], n_classes, cfg.linear_epochs, cfg.linear_lr, wd, cfg.batch_size,
+                               cfg.seed, task, on_epoch=log_epoch)
             scores = task.outputs(logits)
             result = task.score(scores, y[te])
         per_fold[test_fold] = result
@@ -179,12 +176,13 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                              y[te].cpu().numpy(), scores_np, task.predicted(scores_np))
         y_true.append(y[te].cpu().numpy())
         pooled.append(scores_np)
-        run.log({"event": "fold_done", "fold": test_fold, **{k: v for k, v in result.items() if k != f"cv_{m}"}})
+        run.log({"event": "fold_done", "fold": test_fold,
+                 **{k: v for k, v in result.items() if k not in (f"cv_{m}", "cv_weight_decay")}})
         say(f"fold {test_fold}: {cfg.mode} {task.metric_name} {100 * result[m]:.2f}%")
-    unchanged = state_hash(encoder) == before
+    unchanged = state_hash(embedder) == before
     # kNN with k chosen on each fold's training folds: a second, selection-free result
     by_cv = [f"{m}_kcv"] if all(f"{m}_kcv" in r for r in per_fold.values()) else []
-    summary = {"mode": cfg.mode, "metric": m, "folds": per_fold, "n_folds": len(per_fold),
+    summary = {"mode": cfg.mode, "space": space, "metric": m, "folds": per_fold, "n_folds": len(per_fold),
                **mean_std(per_fold, [*task.score_names, *by_cv]),
                "encoder_unchanged": unchanged, "run": str(run.path)}
     report = task.report(np.concatenate(y_true), np.concatenate(pooled), manifest["classes"])
@@ -196,12 +194,29 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     return summary
 
 
+SPACES = ("backbone", "projection")
+
+
+def _space(cfg: EvaluateConfig, init) -> str:
+    """The embedding space scored: as asked, else the method's projection for kNN on a
+    pretrain run that saved one, else the backbone."""
+    if cfg.space is not None and cfg.space not in SPACES:
+        raise ConfigError(f"unknown --space {cfg.space!r}", f"use one of {', '.join(SPACES)}")
+    if cfg.space == "projection" and init.projection_state is None:
+        raise ConfigError(f"--space projection: {init.source} holds no method projection (only audiofx pretrain runs "
+                          "made since it was saved do)", "use --space backbone, or pass such a pretrain run")
+    if cfg.space is not None:
+        return cfg.space
+    return "projection" if cfg.mode == "knn" and init.projection_state is not None else "backbone"
+
+
 def _markdown(cfg: EvaluateConfig, source: str, s: dict[str, Any], report: dict[str, Any]) -> str:
     m = s["metric"]
     name = METRIC_NAMES[m]
     cv = f"{m}_kcv_mean" in s  # kNN, k also chosen by cross-validation on the training folds
     head = f"{name} (k {cfg.k})" if cfg.mode == "knn" else name
-    lines = [f"# {cfg.mode} evaluation of {source} on {cfg.dataset}", "",
+    how = f"{s['space']} space" + (f", {cfg.probe} probe" if cfg.mode == "linear" else "")
+    lines = [f"# {cfg.mode} evaluation of {source} on {cfg.dataset} ({how})", "",
              f"| test fold | {head} |" + (f" {name}, k chosen on the training folds | k chosen |" if cv else ""),
              "|---|---|" + ("---|---|" if cv else "")]
     lines += [f"| {f} | {100 * r[m]:.2f} |" + (f" {100 * r[f'{m}_kcv']:.2f} | {r['k_cv']} |" if cv else "")

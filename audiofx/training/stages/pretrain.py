@@ -189,7 +189,9 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
                   "seconds": trained_pass.seconds()}
         if monitor:
             task = monitor["task"]
-            record[f"knn_{task.metric}"] = _monitor_knn(method.encoder, monitor, mean, std, device)
+            # evaluate's default space for a pretrain run: the method's projection (stages/evaluate.py)
+            record[f"knn_{task.metric}"] = _monitor_knn(torch.nn.Sequential(method.encoder, method.projection),
+                                                       monitor, mean, std, device)
             record.update(knn_dataset=monitor["dataset"], knn_fold=monitor["fold"])
         run.log(record)  # then the checkpoint: a kill between the two redoes this epoch and its line
         run.save_checkpoint("last", {"method": method.state_dict(), **optimiser_states(opt, sched),
@@ -198,7 +200,9 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         say(f"epoch {epoch + 1}: loss {loss_value:.4f}" +
             (f", kNN {monitor['task'].metric_name} {100 * record[f'knn_{task.metric}']:.1f}% on {monitor['dataset']} "
              f"{monitor['fold']} (monitoring only)" if monitor else ""))
-    run.save_checkpoint("final", {"encoder": method.encoder.state_dict(), "mean": mean.cpu(), "std": std.cpu()},
+    # the projection too: evaluate's kNN scores the space the method trained, as the papers did
+    run.save_checkpoint("final", {"encoder": method.encoder.state_dict(), "projection": method.projection.state_dict(),
+                                  "mean": mean.cpu(), "std": std.cpu()},
                         {"arch": cfg.arch, "method": cfg.method, "epochs": cfg.epochs})
     run.write_text("summary.md", f"# pretrain {cfg.method}\n\n{cfg.arch}, {cfg.epochs} epochs on "
                                  f"{', '.join(ds for ds, *_ in sets)} ({n} samples); final loss {loss_value:.4f}\n")

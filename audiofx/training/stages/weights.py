@@ -50,6 +50,7 @@ class Init:
     tensors: int = 0
     sha256: str | None = None
     fresh: int = 0  # tensors the weights lack by design (ESResNet's attention branches on ResNet-50 weights)
+    projection_state: dict[str, Any] | None = None  # a pretrain run's projection (the method's own space)
 
     def build(self) -> Encoder:
         encoder = build_encoder(self.arch)
@@ -148,7 +149,7 @@ def resolve_init(init: str, arch: str | None, runs_root: str | Path = "data/runs
             raise ConfigError(f"pretrain run {run.name} trained a {run_arch}, not a {arch}", f"drop --arch or pass --arch {run_arch}")
         backbone = find_backbone({"encoder": ckpt["states"]["encoder"]}, run / FINAL, run_arch, "auto", option)
         found = _from_file("pretrain", run / FINAL, backbone, _stats(ckpt["states"]), "audiofx pretrain run")
-        found.source = str(run)
+        found.source, found.projection_state = str(run), ckpt["states"].get("projection")
         return found
     path = Path(init)
     if not path.is_file():
@@ -159,7 +160,9 @@ def resolve_init(init: str, arch: str | None, runs_root: str | Path = "data/runs
         meta, states = state.get("meta", {}), state["states"]
         backbone = find_backbone({"encoder": _encoder_state(states, path)}, path, arch or meta.get("arch"), "auto",
                                  option)
-        return _from_file("file", path, backbone, _stats(states), "audiofx checkpoint")
+        found = _from_file("file", path, backbone, _stats(states), "audiofx checkpoint")
+        found.projection_state = states.get("projection")  # a pretrain run's final.pt
+        return found
     return _from_file("file", path, find_backbone(state, path, arch, branch, option))
 
 

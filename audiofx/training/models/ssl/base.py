@@ -73,6 +73,12 @@ class Method(nn.Module):
     def loss(self, x: torch.Tensor, index: torch.Tensor, view: Views, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def projection(self) -> nn.Module:
+        """The head from the encoder's features to the space the loss compares (NPID's memory
+        bank space, SimCLR's and MoCo's projection): where the papers' kNN looks."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor, index: torch.Tensor, view: Views, generator: torch.Generator) -> torch.Tensor:
         # forward is the loss, so DistributedDataParallel can wrap a method as it is.
         return self.loss(x, index, view, generator)

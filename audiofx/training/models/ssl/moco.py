@@ -68,6 +68,10 @@ class MoCo(Method):
         """BatchNorm groups for a batch: ``bn_splits``, fewer for a short batch (2 clips each at least)."""
         return max(1, min(self.bn_splits, batch // 2))
 
+    @property
+    def projection(self) -> nn.Module:
+        return self.head
+
     def loss(self, x, index, view, generator):
         groups = self.groups(x.shape[0])
         q = in_groups((self.encoder, self.head), view(x), groups)

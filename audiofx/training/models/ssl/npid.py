@@ -41,6 +41,10 @@ class NPID(Method):
         return [f"NCE's {k} noise samples are over 1/{NCE_K_SHARE} of the {samples} in the pool; NCE approximates "
                 "the softmax only for K much smaller than N, and --nce-k 0 (the exact softmax) is cheap here"]
 
+    @property
+    def projection(self) -> nn.Module:
+        return self.embed
+
     def loss(self, x, index, view, generator):
         f = F.normalize(self.embed(self.encoder(view(x))).float(), dim=1)
         if self.k > 0:

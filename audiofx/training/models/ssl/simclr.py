@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from audiofx.training.models.encoders import Encoder, ProjectionHead
 from audiofx.training.models.ssl.base import Method
 from audiofx.training.models.ssl.losses import nt_xent
@@ -17,6 +19,10 @@ class SimCLR(Method):
         super().__init__(encoder, n_data, generator)
         self.head = ProjectionHead(encoder.out_dim, dim)
         self.temperature = temperature
+
+    @property
+    def projection(self) -> nn.Module:
+        return self.head
 
     def loss(self, x, index, view, generator):
         z1 = self.head(self.encoder(view(x)))
