@@ -509,13 +509,15 @@ def _method_option(method, option) -> click.Option:
               help="Each view a random crop of N frames [the whole clip].")
 @click.option("--time-shift", type=click.IntRange(min=0), default=None,
               help="Random circular time shift of up to N frames; 0 is off [a quarter of the view's frames].")
+@click.option("--freq-shift", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Random shift of up to N frequency bins (edge bins repeated): a pitch-like change of each view.")
 @click.option("--spec-augment/--no-spec-augment", default=True, show_default=True,
               help="SpecAugment time and frequency masks (up to a tenth of the view's frames, an eighth of the bins).")
 @click.option("--time-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Time masks per view.")
 @click.option("--freq-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Frequency masks per view.")
 @run_options(resume_help="Continue an interrupted run (give its --name).")
 def pretrain(method, datasets, store, preset, arch, init, weights, init_branch, epochs, batch_size, lr, temperature, time_crop, time_shift,
-             spec_augment, time_masks, freq_masks, seed, device, runs_root, name, resume, memory_budget, no_progress,
+             freq_shift, spec_augment, time_masks, freq_masks, seed, device, runs_root, name, resume, memory_budget, no_progress,
              **options):
     """Learn a representation without labels from the cached features (NPID, SimCLR, MoCo v2)."""
     from audiofx.training.stages.pretrain import PretrainConfig
@@ -524,7 +526,7 @@ def pretrain(method, datasets, store, preset, arch, init, weights, init_branch, 
     result = run_pretrain(PretrainConfig(
         method=method, datasets=tuple(d for d in datasets.split(",") if d), store=store, preset=preset, arch=arch,
         init=init, weights=weights, init_branch=init_branch, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature, time_crop=time_crop,
-        time_shift=time_shift, spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks,
+        time_shift=time_shift, freq_shift=freq_shift, spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks,
         options=options, seed=seed, device=device, runs_root=runs_root, name=name, resume=resume,
         progress=not no_progress, memory_budget_gb=memory_budget),
         say=click.echo)
@@ -622,7 +624,7 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, arch, fold
 @click.option("--probe", type=click.Choice(["lbfgs", "sgd"]), default="lbfgs", show_default=True,
               help="Linear probe: lbfgs (logistic regression on standardised embeddings, solved to convergence, its "
                    "penalty cross-validated on the training folds) or sgd (the papers' recipe: Adam epochs, logged "
-                   "per epoch; always for multi-label sets).")
+                   "per epoch).")
 @click.option("--epochs", "linear_epochs", type=click.IntRange(min=1), default=100, show_default=True,
               help="--probe sgd: epochs.")
 @click.option("--lr", "linear_lr", type=float, default=1e-3, show_default=True, help="--probe sgd: Adam's learning rate.")

@@ -24,6 +24,7 @@ from audiofx.training.data.streaming import StreamingLoader
 from audiofx.training.models.augment import (
     Augment,
     mixup,
+    random_freq_shift,
     random_time_crop,
     random_time_shift,
     spec_augment,
@@ -370,6 +371,25 @@ def test_time_crop_and_shift():
         shifts.append(hits[0])
     assert len(set(shifts)) > 1
     assert torch.equal(shifted, random_time_shift(x, 10, generator=_gen(1)))
+
+
+def _shifted_bins(x: torch.Tensor, s: int) -> torch.Tensor:
+    """x moved s bins up the frequency axis, the bins shifted in repeating the edge bin."""
+    f = x.shape[-2]
+    return x[..., [min(max(i - s, 0), f - 1) for i in range(f)], :]
+
+
+def test_frequency_shift_moves_each_sample_by_its_own_bins_and_repeats_the_edge():
+    x = _batch(b=6)
+    shifted = random_freq_shift(x, 4, generator=_gen(2))
+    shifts = []
+    for i in range(6):
+        hits = [s for s in range(-4, 5) if torch.equal(shifted[i], _shifted_bins(x[i], s))]
+        assert len(hits) == 1
+        shifts.append(hits[0])
+    assert len(set(shifts)) > 1  # per sample, not one shift for the batch
+    assert torch.equal(shifted, random_freq_shift(x, 4, generator=_gen(2)))
+    assert torch.equal(random_freq_shift(x, 0), x) and Augment(freq_shift=3).changes(x.shape[-1])
 
 
 def test_mixup_targets_are_the_weights_used():

@@ -90,6 +90,19 @@ def random_time_shift(x: torch.Tensor, max_shift: int, generator: torch.Generato
     return torch.gather(x, 3, idx.view(b, 1, 1, t).expand(b, c, f, t))
 
 
+def random_freq_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Shift every sample along the frequency bins by its own integer, uniform in
+    [-max_shift, max_shift]; the bins shifted in repeat the edge bin. On mel bins a shift is
+    roughly a pitch and formant shift (a constant ratio in frequency): a view that changes the
+    voice or the tuning of a sound but not what is said or played."""
+    b, c, f, t = x.shape
+    if max_shift <= 0:
+        return x.clone()
+    shift = _randint(2 * max_shift + 1, (b,), generator, x.device) - max_shift
+    idx = (torch.arange(f, device=x.device).view(1, f) - shift.view(b, 1)).clamp(0, f - 1)
+    return torch.gather(x, 2, idx.view(b, 1, f, 1).expand(b, c, f, t))
+
+
 def _beta(alpha: float, n: int, generator: torch.Generator | None) -> np.ndarray:
     """n draws of Beta(alpha, alpha). torch's Beta takes no generator, so a numpy generator is
     seeded from ``generator``: the draws still follow its state exactly."""
@@ -130,7 +143,7 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float = 0.2, n_classes: int |
 @dataclass
 class Augment:
     """Which augmentations to apply to a training batch, in this order: time crop, time
-    shift, mixup, SpecAugment (masks last, so a masked band stays fully masked).
+    shift, frequency shift, mixup, SpecAugment (masks last, so a masked band stays fully masked).
 
     Every step is off by default. With ``mixup`` > 0 (its Beta alpha) the targets come back
     as float32 soft targets (B, n_classes); otherwise y is returned as given.
@@ -143,6 +156,7 @@ class Augment:
     freq_width: int = 16
     time_crop: int | None = None
     time_shift: int = 0
+    freq_shift: int = 0
     mixup: float = 0.0
     n_classes: int | None = None
 
@@ -156,7 +170,7 @@ class Augment:
         masked = self.spec_augment and ((self.time_masks > 0 and self.time_width > 0)
                                         or (self.freq_masks > 0 and self.freq_width > 0))
         cropped = self.time_crop is not None and (frames is None or self.time_crop < frames)
-        return bool(masked or cropped or self.time_shift > 0 or self.mixup > 0)
+        return bool(masked or cropped or self.time_shift > 0 or self.freq_shift > 0 or self.mixup > 0)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +178,8 @@ class Augment:
             x = random_time_crop(x, self.time_crop, generator)
         if self.time_shift > 0:
             x = random_time_shift(x, self.time_shift, generator)
+        if self.freq_shift > 0:
+            x = random_freq_shift(x, self.freq_shift, generator)
         if self.mixup > 0:
             x, y = mixup(x, y, self.mixup, self.n_classes, generator)
         if self.spec_augment:

@@ -150,15 +150,14 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                 cv_scores = scores if best_k == cfg.k else \
                     knn_scores(z[tr], y[tr], z[te], n_classes, best_k, cfg.temperature)
                 result.update({f"{m}_kcv": task.headline(cv_scores, y[te]), "k_cv": best_k, f"cv_{m}": cv})
-        elif cfg.probe == "lbfgs" and not task.multilabel:
+        elif cfg.probe == "lbfgs":
             wd, cv = cfg.linear_weight_decay, None
             if wd is None and len(train_folds) > 1:
-                wd, cv = choose_weight_decay(z[tr].cpu().numpy(), y[tr].cpu().numpy(), fold_of[tr.cpu().numpy()],
-                                             cfg.seed)
+                wd, cv = choose_weight_decay(z[tr], y[tr], fold_of[tr.cpu().numpy()], n_classes, task)
             wd = WEIGHT_DECAYS[2] if wd is None else wd  # one training fold: nothing to cross-validate on
-            scores = task.outputs(lbfgs_probe(z[tr], y[tr], z[te], n_classes, wd, cfg.seed))
+            scores = task.outputs(lbfgs_probe(z[tr], y[tr], z[te], n_classes, wd, task))
             result = {**task.score(scores, y[te]), "weight_decay": wd, **({"cv_weight_decay": cv} if cv else {})}
-        else:  # the papers' recipe, and multi-label sets
+        else:  # the papers' recipe
             def log_epoch(epoch: int, loss: float, test_logits: torch.Tensor, fold: str = test_fold) -> None:
                 # One line per epoch per fold, as the training stages write (the curve of the
                 # probe; its result is the last epoch's, nothing is selected on the test fold).

@@ -1,0 +1,159 @@
+"""Does self-supervised pretraining beat random init on real sound? NPID, SimCLR and MoCo on
+the real recordings of ../shared/realdev, against the same network at random init.
+
+    python benchmarks/ssl_check.py [--set speech|mridangam] [--methods npid,simclr,moco] [--seeds 3]
+                                   [--epochs 15] [--finetune-epochs 10] [--arch tiny] [--work DIR]
+
+The set's clips are extracted once (5 folds grouped by speaker, or by the drum's tonic, so
+one voice or tuning is never on both sides), then for each seed:
+  random init  the network at random init (seeded): kNN (k 200 and k chosen on the training
+               folds) and the linear probe (logistic regression, penalty chosen on the
+               training folds), all on the backbone's pooled features;
+  METHOD       pretrained on every clip without labels for --epochs, then the same kNN and
+               probe (kNN also in the method's own projection space, evaluate's default), and
+               fine-tuned on every fold for --finetune-epochs against scratch at equal epochs.
+Printed: mean ± std over seeds of each figure, and each method's margin over random init in
+units of the larger standard deviation (target: over 2 for kNN and probe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+REALDEV = REPO.parent / "shared" / "realdev"
+SETS = {  # folder, label column, group column, the group name in the printout
+    "speech": ("speech_commands_v002_test", "label", "speaker_id", "speaker"),
+    "mridangam": ("mridangam_stroke", "label", "tonic", "tonic"),
+}
+FOLDS = 5
+FEATURES = {"sample_rate": 16000, "clip_seconds": 1.0, "frames": 100}
+
+
+def grouped_split(root: Path, label: str, group: str, out: Path) -> Path:
+    """path,label,fold with whole groups per fold, the largest groups first to the smallest fold."""
+    rows = list(csv.DictReader(open(root / "labels.csv")))
+    sizes: dict[str, int] = defaultdict(int)
+    for r in rows:
+        sizes[r[group]] += 1
+    fold_of, load = {}, [0] * FOLDS
+    for g in sorted(sizes, key=lambda g: (-sizes[g], g)):
+        f = min(range(FOLDS), key=lambda i: (load[i], i))
+        fold_of[g], load[f] = f + 1, load[f] + sizes[g]
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "fold"])
+        for r in rows:
+            w.writerow([r["path"], r[label], fold_of[r[group]]])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--set", choices=list(SETS), default="speech")
+    p.add_argument("--methods", default="npid,simclr,moco")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=15, help="pretraining epochs")
+    p.add_argument("--batch-size", type=int, default=64, help="pretraining batch size")
+    p.add_argument("--finetune-epochs", type=int, default=10, help="0: no fine-tuning comparison")
+    p.add_argument("--arch", default="tiny")
+    p.add_argument("--work", type=Path, help="working folder (default: a temp dir); its store is reused")
+    args = p.parse_args(argv)
+    folder, label, group, group_name = SETS[args.set]
+    root = REALDEV / folder
+    if not (root / "labels.csv").is_file():
+        print(f"skipped: the real recordings are not at {root} (../shared/realdev, see its README)", file=sys.stderr)
+        return 0
+
+    from audiofx.pipeline.extract import ExtractRequest, extract
+    from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
+    from audiofx.training.stages.finetune import FinetuneConfig, finetune
+    from audiofx.training.stages.pretrain import PretrainConfig, pretrain
+
+    quiet = {"say": lambda *a, **k: None}
+    work = args.work or Path(tempfile.mkdtemp(prefix="audiofx-ssl-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    store = str(work / "features")
+    split = grouped_split(root, label, group, work / f"{args.set}-split.csv")
+    started = time.perf_counter()
+    summary = extract(ExtractRequest(dataset="folder", root=root, store=store, progress=False,
+                                     overrides={**FEATURES, "split": str(split)}), on_event=lambda m: None)
+    dataset = summary.dataset
+    print(f"extracted the {args.set} clips into {store} ({time.perf_counter() - started:.0f} s), 5 folds grouped "
+          f"by {group_name}", file=sys.stderr)
+    runs = str(work / "runs")
+    results: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+    def frozen(row: str, run: str, seed: int, name: str, spaces=("backbone",)) -> None:
+        for space in spaces:
+            s = evaluate(EvaluateConfig(run=run, arch=args.arch, dataset=dataset, mode="knn", space=space, store=store,
+                                        runs_root=runs, name=f"{name}-knn-{space}", seed=seed, device="cpu"), **quiet)
+            results[row][f"kNN k200 ({space})"].append(s["acc_mean"])
+            results[row][f"kNN k by CV ({space})"].append(s["acc_kcv_mean"])
+        s = evaluate(EvaluateConfig(run=run, arch=args.arch, dataset=dataset, mode="linear", space="backbone",
+                                    store=store, runs_root=runs, name=f"{name}-probe", seed=seed, device="cpu"), **quiet)
+        results[row]["probe (backbone)"].append(s["acc_mean"])
+
+    def tuned(row: str, init: str, seed: int, name: str) -> None:
+        if args.finetune_epochs:
+            s = finetune(FinetuneConfig(dataset=dataset, init=init, arch=args.arch, epochs=args.finetune_epochs,
+                                        lr=1e-3, store=store, runs_root=runs, name=name, seed=seed, device="cpu",
+                                        progress=False), **quiet)
+            results[row]["fine-tune, last epoch"].append(s["last_acc_mean"])
+
+    for seed in range(args.seeds):
+        t = time.perf_counter()
+        frozen("random init", "random", seed, f"random-{seed}")
+        tuned("random init", "scratch", seed, f"scratch-{seed}")
+        for method in [m for m in args.methods.split(",") if m]:
+            name = f"{method}-{seed}"
+            pretrain(PretrainConfig(method=method, datasets=(dataset,), arch=args.arch, epochs=args.epochs,
+                                    batch_size=args.batch_size, store=store, runs_root=runs, name=name, seed=seed,
+                                    device="cpu", progress=False,
+                                    options={"nce_k": 0} if method == "npid" else {}), **quiet)
+            frozen(method, f"{method}:{name}", seed, name, spaces=("backbone", "projection"))
+            tuned(method, f"{method}:{name}", seed, f"{name}-ft")
+        print(f"seed {seed} done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+
+    print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
+    print(f"set: {args.set} ({dataset}), arch {args.arch}, {args.seeds} seed(s), pretraining {args.epochs} epochs "
+          f"batch {args.batch_size}, fine-tuning {args.finetune_epochs} epochs; mean ± std over seeds of the "
+          "5-fold means; margin = (method - random init) / the larger std")
+    columns = sorted({c for r in results.values() for c in r}, key=lambda c: (not c.startswith("kNN"), c))
+    print("| run | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    base = results["random init"]
+    for row, cells in results.items():
+        out = []
+        for c in columns:
+            v = np.array(cells.get(c, []))
+            if not len(v):
+                out.append("-")
+                continue
+            text = f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1) if len(v) > 1 else 0:.1f}"
+            ref = base.get(c) or base.get(c.replace("(projection)", "(backbone)"))
+            if row != "random init" and ref and len(v) > 1 and len(ref) > 1:  # one seed has no spread
+                r = np.array(ref)
+                spread = max(v.std(ddof=1) if len(v) > 1 else 0, r.std(ddof=1) if len(r) > 1 else 0, 1e-9)
+                text += f" ({(v.mean() - r.mean()) / spread:+.1f})"
+            out.append(text)
+        print(f"| {row} | " + " | ".join(out) + " |")
+    (work / "ssl-check.json").write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
