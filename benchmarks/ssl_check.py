@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             if not len(v):
                 out.append("-")
                 continue
-            text = f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1) if len(v) > 1 else 0:.1f}"
+            text = f"{100 * v.mean():.1f}" + (f" ± {100 * v.std(ddof=1):.1f}" if len(v) > 1 else "")
             ref = base.get(c) or base.get(c.replace("(projection)", "(backbone)"))
             if row != "random init" and ref and len(v) > 1 and len(ref) > 1:  # one seed has no spread
                 r = np.array(ref)
