@@ -97,6 +97,9 @@ HORNAUER2021 = Recipe(
     pretrain=(Pretrain("npid", ("--nce-k", "64", "--temperature", "0.4", "--epochs", "200", "--batch-size", "64")),),
     settings=(
         _ft("NPID init, all layers fine-tuned", "npid", "npid", SHIN_FINETUNE),
+        # Fig. 4: "The average accuracy pretrained with DLS is on par with ImageNet pre-training
+        # and significantly better than training from scratch"
+        _ft("ImageNet init (ResNet-50 part; attention fresh)", "imagenet", "imagenet", SHIN_FINETUNE),
         _ft("from scratch (reference)", "scratch", "scratch", SHIN_FINETUNE),
     ),
     notes=(
@@ -166,6 +169,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (SHIN2021, HORNAUER2021, ZHOU20
 # store's manifest is used once it exists). Named splits (train/evaluate) are one test fold.
 DEFAULT_FOLDS = {"esc50": 5, "esc10": 5, "urbansound8k": 10, "gtzan": 10, "dcase2013": 5, "tut2018": 1,
                  "tau2019": 1, "fsd50k": 1}
+
+# A dataset whose clips are all in another's: a pretraining pool holding both takes them once
+# (Hornauer et al.: "ESC-50, its subset ESC-10").
+SUBSET_OF = {"esc10": "esc50"}
 
 # Datasets `audiofx download NAME` fetches (ESC-10 comes with ESC-50).
 DOWNLOAD_AS = {"esc50": "esc50", "esc10": "esc50", "urbansound8k": "urbansound8k", "gtzan": "gtzan",

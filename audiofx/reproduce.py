@@ -25,7 +25,7 @@ import click
 
 from audiofx.errors import AudiofxError, ConfigError, StoreError
 from audiofx.pipeline.datasets.base import default_root
-from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, Recipe, Setting
+from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, SUBSET_OF, Recipe, Setting
 from audiofx.training.data.featuresets import resolve_featureset, split_folds
 from audiofx.training.models.encoders import imagenet_arch
 from audiofx.training.models.published import PUBLISHED, published_file
@@ -203,6 +203,10 @@ def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
     if arch != recipe.arch or opts.epochs_scale != 1:
         notes.append(f"smoke settings (backbone {arch}, epochs x {opts.epochs_scale}): not comparable with the paper")
     settings = recipe.settings
+    for p in recipe.pretrain:
+        for d in set(p.pool or datasets) - set(unique_clips(p.pool or datasets)):
+            notes.append(f"{d}'s clips are all in {SUBSET_OF[d]}'s: the {p.method} pool takes them once, from "
+                         f"{SUBSET_OF[d]}")
     if imagenet_arch(arch) is None and any(s.source == "imagenet" for s in settings):
         settings = tuple(s for s in settings if s.source != "imagenet")
         notes.append(f"no ImageNet weights exist for arch {arch}: the ImageNet rows are left out")
@@ -242,6 +246,12 @@ def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
                 Path(opts.runs) / f"reproduce-{recipe.name}")
 
 
+def unique_clips(pool: tuple[str, ...]) -> tuple[str, ...]:
+    """The pool without a dataset whose clips another of it already holds (ESC-10 beside
+    ESC-50): each clip is pretrained on once."""
+    return tuple(d for d in pool if SUBSET_OF.get(d) not in pool)
+
+
 def _weights_of(opts: ReproduceOptions, source: str) -> str | None:
     """The file given for a named init's weights (None: the torch hub cache)."""
     return {"imagenet": opts.weights, "imagenet-simclr": opts.simclr_weights}.get(source)
@@ -268,7 +278,7 @@ def _training_steps(opts: ReproduceOptions, cli: click.Group, recipe: Recipe, ar
 
     pretrain_of: dict[str, str] = {}  # method -> run name, for --init METHOD:RUN / --run METHOD:RUN
     for p in recipe.pretrain:
-        pool = p.pool or datasets
+        pool = unique_clips(p.pool or datasets)
         name = pretrain_name(recipe, pool, p.method)
         pretrain_of[p.method] = name
         add("pretrain", ["pretrain", "--method", p.method, "--datasets", ",".join(pool), "--preset", recipe.preset,

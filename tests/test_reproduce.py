@@ -19,7 +19,7 @@ from tests.conftest import assert_one_line_error, run_cli, run_process
 
 EXPECTED_RUNS = {  # (pretrain, finetune, evaluate) runs per recipe
     "shin2021": (1, 12, 6),  # SimCLR in-domain; 4 inits x 3 datasets; linear (ImageNet SimCLR, in-domain) x 3
-    "hornauer2021": (1, 8, 0),  # NPID on the pool; npid + scratch x 4 datasets
+    "hornauer2021": (1, 12, 0),  # NPID on the pool; npid + imagenet + scratch x 4 datasets
     "zhou2019": (0, 5, 0),  # five rows on TUT 2018
     "lin2022": (2, 16, 16),  # NPID + MoCo; 4 inits x 4 datasets; linear + kNN of both x 4
 }
@@ -91,8 +91,9 @@ def test_dry_run_commands_carry_the_papers_settings(tmp_path, monkeypatch):
     (hornauer,) = [p for k, p in commands(dry_run("hornauer2021")) if k == "pretrain"]
     assert hornauer["arch"] == "esresnet50"  # "the best performing ESResNet with attention"
     assert (hornauer["method"], hornauer["nce_k"], hornauer["temperature"], hornauer["epochs"], hornauer["batch_size"],
-            hornauer["datasets"], hornauer["preset"]) == ("npid", 64, 0.4, 200, 64, "esc10,esc50,urbansound8k,dcase2013",
-                                                         "hornauer2021")
+            hornauer["datasets"], hornauer["preset"]) == ("npid", 64, 0.4, 200, 64, "esc50,urbansound8k,dcase2013",
+                                                         "hornauer2021")  # ESC-10's clips once, from ESC-50
+    assert any("esc10's clips are all in esc50's" in line for line in dry_run("hornauer2021"))
 
     zhou = [p for k, p in commands(dry_run("zhou2019")) if k == "finetune"]
     assert [(p["init"], p["fragments"], p["channel_fusion"], p["head"]) for p in zhou] == [

@@ -34,6 +34,7 @@ from audiofx.training.data.featuresets import (
 )
 from audiofx.training.data.inputs import open_inputs
 from audiofx.training.models.encoders import projection_from_state
+from audiofx.training.models.published import NAMES as PUBLISHED_NAMES
 from audiofx.training.runtime.device import pick_device, seed_everything
 from audiofx.training.runtime.distributed import launched_ranks
 from audiofx.training.stages.embedding import embed_rows
@@ -42,7 +43,6 @@ from audiofx.training.stages.metrics import mean_std, per_class_markdown
 from audiofx.training.stages.probe import PROBES, WEIGHT_DECAYS, choose_weight_decay, lbfgs_probe, sgd_probe
 from audiofx.training.stages.runs import Run, StageOptions, check_rates, default_name
 from audiofx.training.stages.tasks import METRIC_NAMES, Task
-from audiofx.training.models.published import NAMES as PUBLISHED_NAMES
 from audiofx.training.stages.weights import RANDOM, RANDOM_ENCODER, SSL_METHODS, resolve_init
 
 MODES = ("knn", "linear")
@@ -116,8 +116,8 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                                                        "source": source, "space": space, **init.record(),
                                                        "stage": "evaluate",
                                                        "data_mode": inputs.mode.mode})
-    say(f"evaluate {source if random_init else init.describe()} ({init.arch}, {space} space) on {cfg.dataset} ({key}) by {cfg.mode}, {len(plan)} fold(s) on "
-        f"{device}, features {inputs.describe()} -> {run.path}")
+    say(f"evaluate {source if random_init else init.describe()} ({init.arch}, {space} space) on {cfg.dataset} "
+        f"({key}) by {cfg.mode}, {len(plan)} fold(s) on {device}, features {inputs.describe()} -> {run.path}")
     if random_init:  # kept with the run: `audiofx report` embeds with it again
         run.save_checkpoint(RANDOM_ENCODER, {"encoder": encoder.state_dict()}, {"arch": init.arch})
     before = state_hash(embedder)
