@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -68,6 +69,23 @@ def test_file_names_and_metadata_that_cannot_be_read(folder, tmp_path):
         split.write_bytes(text)
         assert_one_line_error(extract(root, tmp_path / "split-store", "--split", str(split)), str(split), needle)
     assert not (tmp_path / "split-store").exists() or not any((tmp_path / "split-store").rglob("manifest.json"))
+
+
+def test_symbolic_links_that_lead_nowhere_are_listed_as_skipped(folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "linked"
+    shutil.copytree(folder, root)
+    (root / "class0" / "gone.wav").symlink_to(tmp_path / "no-such-file.wav")  # dangling
+    (root / "class0" / "loop.wav").symlink_to(root / "class0" / "loop.wav")  # a loop
+    (root / "class1" / "alias.wav").symlink_to(root / "class0" / "class0-000.wav")  # a good link: a clip
+    before = extract(folder, tmp_path / "plain", "--set", "folds=2")
+    proc = extract(root, tmp_path / "store", "--set", "folds=2")
+    assert before.returncode == 0 and proc.returncode == 0, proc.stderr
+    for name in ("class0/gone.wav", "class0/loop.wav"):
+        assert f"{name}: a symbolic link that leads to no file (dangling, or a loop)" in proc.stdout, proc.stdout
+    clips = lambda out: int(re.search(r"(\d+) usable of (\d+)", out).group(1))  # noqa: E731
+    assert clips(proc.stdout) == clips(before.stdout) + 1  # the good link is a clip
 
 
 def test_audio_without_finite_features_is_skipped_with_the_reason(folder, tmp_path):

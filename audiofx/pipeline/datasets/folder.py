@@ -29,15 +29,23 @@ from audiofx.pipeline.datasets.base import (
 HINT = "put each class's audio in its own subfolder (<root>/<class>/*.wav) or pass --set split=<csv of path,label,fold>"
 
 
-def _audio_files(class_dir: Path) -> list[str]:
-    """Audio files under class_dir as POSIX paths relative to its parent, sorted."""
-    out = []
+BROKEN_LINK = "a symbolic link that leads to no file (dangling, or a loop): left out; fix or remove the link"
+
+
+def _audio_files(class_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Audio files under class_dir as POSIX paths relative to its parent, sorted, and the
+    audio-named symbolic links that lead nowhere, as (path, reason): said, never silently dropped."""
+    out, broken = [], []
     for p in class_dir.rglob("*"):
         rel = p.relative_to(class_dir.parent)
         # Hidden entries include macOS "._x.wav" resource forks, which are not audio.
-        if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS and not any(s.startswith(".") for s in rel.parts):
+        if p.suffix.lower() not in AUDIO_EXTENSIONS or any(s.startswith(".") for s in rel.parts):
+            continue
+        if p.is_file():  # follows links: a link to an audio file is that file
             out.append(rel.as_posix())
-    return sorted(out)
+        elif p.is_symlink() and not p.exists():  # exists() is False for a dangling link and for a loop
+            broken.append((rel.as_posix(), BROKEN_LINK))
+    return sorted(out), sorted(broken)
 
 
 def _from_split(root: Path, split_path: Path) -> DatasetIndex:
@@ -80,12 +88,15 @@ def index(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
         return _from_split(root, Path(split).expanduser())
 
     found: list[tuple[str, str]] = []
+    broken: list[tuple[str, str]] = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         # Subfolders without audio (notes, a previous run's output) are not classes.
-        found += [(path, class_dir.name) for path in _audio_files(class_dir)]
+        files, links = _audio_files(class_dir)
+        found += [(path, class_dir.name) for path in files]
+        broken += links
     if not found:
         raise DatasetError(f"folder: {root} has no class subfolder with audio ({', '.join(AUDIO_EXTENSIONS)})", HINT)
-    return stratified_index(ADAPTER.name, root, found, options, 5, {"split": None})
+    return stratified_index(ADAPTER.name, root, found, options, 5, {"split": None}, skipped=broken)
 
 
 ADAPTER = register(
