@@ -362,6 +362,35 @@ def test_members_escaping_the_root_are_refused(server, tmp_path, monkeypatch, ki
     assert not list(tmp_path.rglob("evil.txt"))
 
 
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_link_members_are_not_extracted(tmp_path, kind):
+    """A symbolic link inside an archive (here one pointing out of the root) is left out: a zip
+    would otherwise write it as a file holding the target's path; tar's data filter refuses it."""
+    import stat
+
+    path = tmp_path / f"a.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            link = zipfile.ZipInfo("top/audio/link.wav")
+            link.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(link, "../../../etc/passwd")
+            zf.writestr("top/audio/a.wav", b"RIFF")
+    else:
+        with tarfile.open(path, "w") as tf:
+            link = tarfile.TarInfo("top/audio/link.wav")
+            link.type, link.linkname = tarfile.SYMTYPE, "../../../etc/passwd"
+            tf.addfile(link)
+            info = tarfile.TarInfo("top/audio/a.wav")
+            info.size = 4
+            tf.addfile(info, io.BytesIO(b"RIFF"))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    dl._EXTRACTORS[kind]([path], staging, False)
+    assert (staging / "top" / "audio" / "a.wav").read_bytes() == b"RIFF"
+    assert not (staging / "top" / "audio" / "link.wav").exists()
+    assert not (staging / "top" / "audio" / "link.wav").is_symlink()
+
+
 def test_several_archives_share_one_top_folder(server, tmp_path, monkeypatch):
     """TAU 2019: audio zips and a metadata zip, all under one top folder."""
     top = "TAU-urban-acoustic-scenes-2019-development"

@@ -32,6 +32,7 @@ import re
 import shutil
 import socket
 import sys
+import stat
 import tarfile
 import time
 import urllib.error
@@ -378,7 +379,10 @@ def _extract_zip(parts: list[Path], staging: Path, progress: bool) -> None:
                 _checked(info.filename, parts[-1], staging)
             for info in tqdm(members, unit="file", desc=f"extract {parts[-1].name}", disable=not progress,
                              file=sys.stderr):
-                zf.extract(info, staging)
+                # A link member (Unix mode bits in the high 16 bits) would be written as a file
+                # holding its target's path: datasets need no links, as with tar archives.
+                if not stat.S_ISLNK(info.external_attr >> 16):
+                    zf.extract(info, staging)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise DatasetError(f"{parts[-1].name} is not a readable zip archive ({e})",
                            f"delete {', '.join(str(p) for p in parts)} and rerun") from None
