@@ -35,6 +35,8 @@ from audiofx.training.stages.runs import Run, headline
 TRAINING = ("pretrain", "finetune", "evaluate")
 # Options whose value may differ between a finished run and a rerun without changing its result.
 _TRANSIENT = {"device", "name", "resume", "no_progress", "store", "runs_root", "key", "weights"}
+# The named inits whose file reproduce takes: its ReproduceOptions field and its flag.
+WEIGHTS_OPTIONS = {"imagenet": ("weights", "--weights"), "imagenet-simclr": ("simclr_weights", "--simclr-weights")}
 
 
 @dataclass
@@ -233,7 +235,7 @@ def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
             given = _weights_of(opts, source)
             try:
                 published_file(source, arch, Path(given) if given else None,
-                               "--simclr-weights" if source == "imagenet-simclr" else "--weights")
+                               WEIGHTS_OPTIONS.get(source, ("", "--weights"))[1])
             except AudiofxError as err:
                 problems.append(f"{err.message} ({err.hint})")
     for step in pending:  # an option this audiofx lacks stops the run before anything trains
@@ -254,7 +256,7 @@ def unique_clips(pool: tuple[str, ...]) -> tuple[str, ...]:
 
 def _weights_of(opts: ReproduceOptions, source: str) -> str | None:
     """The file given for a named init's weights (None: the torch hub cache)."""
-    return {"imagenet": opts.weights, "imagenet-simclr": opts.simclr_weights}.get(source)
+    return getattr(opts, WEIGHTS_OPTIONS[source][0]) if source in WEIGHTS_OPTIONS else None
 
 
 def _training_steps(opts: ReproduceOptions, cli: click.Group, recipe: Recipe, arch: str, datasets: tuple[str, ...],

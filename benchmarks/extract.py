@@ -259,12 +259,18 @@ def parity(store: Path, summary, baseline_dir: Path) -> float:
 
 # -- one set, the report ------------------------------------------------------------------------
 
-def bench_set(spec: SetSpec, clips: int, workers: int, device: str, work: Path, say) -> dict:
+def feature_config(spec: SetSpec):
+    """The features extract computes for a set: the folder adapter's defaults, preset shin2021,
+    the set's feature options."""
     from audiofx.config import FEATURE_FIELDS, resolve_feature_config
     from audiofx.pipeline.datasets import get_adapter
 
     feature_overrides = {k: v for k, v in spec.overrides.items() if k in FEATURE_FIELDS}
-    config = resolve_feature_config(get_adapter("folder").defaults, "shin2021", feature_overrides)
+    return resolve_feature_config(get_adapter("folder").defaults, "shin2021", feature_overrides)
+
+
+def bench_set(spec: SetSpec, clips: int, workers: int, device: str, work: Path, say) -> dict:
+    config = feature_config(spec)
     classes = class_count(clips)
     seed = SEED + SETS.index(spec)
 

@@ -70,21 +70,13 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-def feature_config(spec: extract_bench.SetSpec):
-    from audiofx.config import FEATURE_FIELDS, resolve_feature_config
-    from audiofx.pipeline.datasets import get_adapter
-
-    overrides = {k: v for k, v in spec.overrides.items() if k in FEATURE_FIELDS}
-    return resolve_feature_config(get_adapter("folder").defaults, "shin2021", overrides)
-
-
 def parity(device: torch.device, clips: int) -> dict:
     """Max |CUDA - CPU| over the stored (float16) features of the same clips, per set."""
     from audiofx.features.melspec import compute_features
 
     result = {}
     for spec in extract_bench.SETS:
-        config = feature_config(spec)
+        config = extract_bench.feature_config(spec)
         rng = np.random.default_rng(extract_bench.SEED)
         audio = np.stack([extract_bench.synth_clip(extract_bench.CLASSES[i % 4], spec.seconds, config.sample_rate, rng)
                           for i in range(clips)])[:, None, :config.clip_samples]

@@ -247,7 +247,7 @@ def test_named_imagenet_inits_say_what_to_fetch_and_check_the_file(tmp_path, mon
 def test_finetune_and_evaluate_say_and_record_what_they_loaded(demo_store, tmp_path):
     """Through the CLI: the same weights as a MoCo file and as a torchvision file give the same
     frozen kNN predictions; the first line names the layout, the tensors and the sha256."""
-    from audiofx.training.models.checkpoints import sha256_of
+    from audiofx.pipeline.datasets.base import file_sha256 as sha256_of
 
     runs, store = tmp_path / "runs", str(demo_store)
     for name, ckpt in (("moco", LAYOUTS["MoCo v1/v2"][0]), ("tv", ONLINE)):
@@ -267,7 +267,7 @@ def test_finetune_and_evaluate_say_and_record_what_they_loaded(demo_store, tmp_p
 
 
 def test_pretrain_starts_from_given_weights_records_them_and_resume_keeps_them(demo_store, tmp_path):
-    from audiofx.training.models.checkpoints import sha256_of
+    from audiofx.pipeline.datasets.base import file_sha256 as sha256_of
     from audiofx.training.models.encoders import build_encoder
 
     def lightly_file(seed: int) -> Path:  # a tiny backbone saved as lightly saves one

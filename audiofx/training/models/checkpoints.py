@@ -33,7 +33,6 @@ mis-shaped key.
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ MAX_DEPTH = 3  # containers nest at most this deep (Lightning: state_dict -> mod
 class Backbone:
     arch: str
     layout: str  # e.g. "MoCo v1/v2, online network (state_dict/module.encoder_q.*)"
-    state: dict[str, torch.Tensor] | None  # the encoder body's keys for Encoder.body.load_state_dict (strict
+    state: dict[str, torch.Tensor]  # the encoder body's keys for Encoder.body.load_state_dict (strict
     # unless ``fresh``: then the parts the file lacks keep the new network's initialisation)
     tensors: int  # tensors taken from the file (BatchNorm counters a file lacks are not counted)
     fresh: int = 0  # tensors the file lacks by design (ESResNet's attention on ImageNet ResNet-50 weights)
@@ -99,14 +98,6 @@ class _Match:
         return not self.missing and not self.misshaped
 
 
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @functools.lru_cache(maxsize=None)
 def _body_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     """Body key -> shape, built on the meta device (no memory, no compute)."""
@@ -125,7 +116,7 @@ def _torchvision_name(arch: str, key: str) -> str | None:
     if arch in TORCHVISION:
         return f"features.{key}"  # VGG-16, AlexNet: the conv stack is the body
     if arch in EXTENDED:
-        return key  # built with torchvision's module names
+        return key  # built with torchvision's module names: the same as its own
     return None
 
 
@@ -133,8 +124,9 @@ def _namings(arch: str) -> dict[str, dict[str, str]]:
     """naming -> {body key: name in a checkpoint}."""
     keys = list(_body_shapes(arch))
     out = {"sequential": {k: k for k in keys}}
-    if _torchvision_name(arch, keys[0]) is not None:
-        out["torchvision"] = {k: _torchvision_name(arch, k) for k in keys}
+    names = {k: _torchvision_name(arch, k) for k in keys} if _torchvision_name(arch, keys[0]) is not None else None
+    if names is not None and names != out["sequential"]:  # ESResNet keeps torchvision's names: one naming
+        out["torchvision"] = names
     return out
 
 
@@ -157,7 +149,7 @@ def _is_counter(key: str) -> bool:
 
 def _matches(arch: str, containers) -> list[_Match]:
     shapes = _body_shapes(arch)
-    fresh = {k for k in shapes if k.startswith(fresh_prefixes(arch))} if fresh_prefixes(arch) else set()
+    fresh = {k for k in shapes if k.startswith(fresh_prefixes(arch))}
     needed = [k for k in shapes if not _is_counter(k) and k not in fresh]
     out = []
     for naming, names in _namings(arch).items():
@@ -167,16 +159,14 @@ def _matches(arch: str, containers) -> list[_Match]:
             prefixes = {key[:-len(a)] for key in flat if isinstance(key, str) for a in anchors
                         if key.endswith(a) and (len(key) == len(a) or key[-len(a) - 1] == ".")}
             for prefix in prefixes:
-                source = {k: prefix + names[k] for k in shapes if prefix + names[k] in flat}
+                source = {k: prefix + names[k] for k in shapes
+                          if isinstance(flat.get(prefix + names[k]), torch.Tensor)}
                 missing = tuple(k for k in needed if k not in source)
                 fresh_missing = tuple(k for k in sorted(fresh) if k not in source and not _is_counter(k))
                 if any(k in source for k in fresh) and fresh_missing:  # parts of them: a damaged file
                     missing, fresh_missing = missing + fresh_missing, ()
-                bad = tuple((source[k], tuple(flat[source[k]].shape), shapes[k]) for k in needed
-                            if k in source and isinstance(flat[source[k]], torch.Tensor)
-                            and tuple(flat[source[k]].shape) != shapes[k])
-                bad += tuple((source[k], tuple(flat[source[k]].shape), shapes[k]) for k in fresh
-                             if k in source and tuple(flat[source[k]].shape) != shapes[k])
+                bad = tuple((name, tuple(flat[name].shape), shapes[k]) for k, name in source.items()
+                            if tuple(flat[name].shape) != shapes[k])
                 out.append(_Match(arch, path, prefix, naming, source, missing, fresh_missing, bad, len(needed)))
     return out
 

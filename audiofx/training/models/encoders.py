@@ -30,10 +30,13 @@ TORCHVISION = {
     "vgg16": ("vgg16", "VGG16_Weights", 512),
     "alexnet": ("alexnet", "AlexNet_Weights", 256),
 }
-# Networks built around a torchvision one: its ImageNet weights load into them (the rest starts fresh).
+# Networks built around a torchvision one: its ImageNet weights load into them, and the parts
+# under these key prefixes start fresh.
 EXTENDED = {"esresnet50": "resnet50"}
+FRESH = {"esresnet50": FRESH_PREFIXES}
 ARCHS = tuple(TORCHVISION) + tuple(EXTENDED) + ("tiny",)
-OUT_DIM = {**{arch: spec[2] for arch, spec in TORCHVISION.items()}, "esresnet50": 2048, "tiny": 128}
+OUT_DIM = {**{arch: spec[2] for arch, spec in TORCHVISION.items()},
+           **{arch: TORCHVISION[base][2] for arch, base in EXTENDED.items()}, "tiny": 128}
 
 
 def imagenet_arch(arch: str) -> str | None:
@@ -43,7 +46,7 @@ def imagenet_arch(arch: str) -> str | None:
 
 def fresh_prefixes(arch: str) -> tuple[str, ...]:
     """Body key prefixes a checkpoint of ``imagenet_arch(arch)`` lacks: they start fresh."""
-    return FRESH_PREFIXES if arch == "esresnet50" else ()
+    return FRESH.get(arch, ())
 
 
 class Encoder(nn.Module):

@@ -40,7 +40,13 @@ from audiofx.training.runtime.distributed import launched_ranks
 from audiofx.training.stages.embedding import embed_rows
 from audiofx.training.stages.knn import choose_k, knn_scores
 from audiofx.training.stages.metrics import mean_std, per_class_markdown
-from audiofx.training.stages.probe import PROBES, WEIGHT_DECAYS, choose_weight_decay, lbfgs_probe, sgd_probe
+from audiofx.training.stages.probe import (
+    DEFAULT_WEIGHT_DECAY,
+    PROBES,
+    choose_weight_decay,
+    lbfgs_probe,
+    sgd_probe,
+)
 from audiofx.training.stages.runs import Run, StageOptions, check_rates, default_name
 from audiofx.training.stages.tasks import METRIC_NAMES, Task
 from audiofx.training.stages.weights import RANDOM, RANDOM_ENCODER, SSL_METHODS, resolve_init
@@ -154,7 +160,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
             wd, cv = cfg.linear_weight_decay, None
             if wd is None and len(train_folds) > 1:
                 wd, cv = choose_weight_decay(z[tr], y[tr], fold_of[tr.cpu().numpy()], n_classes, task)
-            wd = WEIGHT_DECAYS[2] if wd is None else wd  # one training fold: nothing to cross-validate on
+            wd = DEFAULT_WEIGHT_DECAY if wd is None else wd
             scores = task.outputs(lbfgs_probe(z[tr], y[tr], z[te], n_classes, wd, task))
             result = {**task.score(scores, y[te]), "weight_decay": wd, **({"cv_weight_decay": cv} if cv else {})}
         else:  # the papers' recipe

@@ -28,6 +28,7 @@ from audiofx.training.stages.tasks import Task
 
 PROBES = ("lbfgs", "sgd")
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # cross-validated unless --weight-decay is given
+DEFAULT_WEIGHT_DECAY = 1e-2  # with one training fold there is nothing to cross-validate on
 MAX_ITER = 1000  # L-BFGS iterations; it stops earlier once converged
 
 

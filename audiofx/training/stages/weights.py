@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from audiofx.errors import ConfigError
-from audiofx.training.models.checkpoints import Backbone, find_backbone, sha256_of
+from audiofx.pipeline.datasets.base import file_sha256
+from audiofx.training.models.checkpoints import Backbone, find_backbone
 from audiofx.training.models.encoders import Encoder, build_encoder, fresh_prefixes
 from audiofx.training.models.published import NAMES as PUBLISHED_NAMES
 from audiofx.training.models.published import PUBLISHED, published_file
@@ -76,9 +77,11 @@ class Init:
         return out if recorded is None or "init_sha256" in recorded else {"init_source": self.source}
 
 
-def _from_file(kind: str, path: Path, backbone: Backbone, stats=None, layout: str | None = None) -> Init:
-    return Init(kind, backbone.arch, str(path), encoder_state=backbone.state, input_stats=stats,
-                layout=layout or backbone.layout, tensors=backbone.tensors, sha256=sha256_of(path), fresh=backbone.fresh)
+def _from_file(kind: str, path: Path, backbone: Backbone, stats=None, layout: str | None = None,
+               source: str | None = None, projection: dict[str, Any] | None = None) -> Init:
+    return Init(kind, backbone.arch, source or str(path), encoder_state=backbone.state, input_stats=stats,
+                layout=layout or backbone.layout, tensors=backbone.tensors, sha256=file_sha256(path),
+                fresh=backbone.fresh, projection_state=projection)
 
 
 def pretrain_run_dir(spec: str, runs_root: str | Path, option: str = "--init") -> Path | None:
@@ -148,9 +151,8 @@ def resolve_init(init: str, arch: str | None, runs_root: str | Path = "data/runs
         if arch and arch != run_arch:
             raise ConfigError(f"pretrain run {run.name} trained a {run_arch}, not a {arch}", f"drop --arch or pass --arch {run_arch}")
         backbone = find_backbone({"encoder": ckpt["states"]["encoder"]}, run / FINAL, run_arch, "auto", option)
-        found = _from_file("pretrain", run / FINAL, backbone, _stats(ckpt["states"]), "audiofx pretrain run")
-        found.source, found.projection_state = str(run), ckpt["states"].get("projection")
-        return found
+        return _from_file("pretrain", run / FINAL, backbone, _stats(ckpt["states"]), "audiofx pretrain run",
+                          source=str(run), projection=ckpt["states"].get("projection"))
     path = Path(init)
     if not path.is_file():
         raise ConfigError(f"{option} {init!r} is neither scratch, {', '.join(PUBLISHED_NAMES)}, {', '.join(SSL_METHODS)}, "
@@ -160,9 +162,8 @@ def resolve_init(init: str, arch: str | None, runs_root: str | Path = "data/runs
         meta, states = state.get("meta", {}), state["states"]
         backbone = find_backbone({"encoder": _encoder_state(states, path)}, path, arch or meta.get("arch"), "auto",
                                  option)
-        found = _from_file("file", path, backbone, _stats(states), "audiofx checkpoint")
-        found.projection_state = states.get("projection")  # a pretrain run's final.pt
-        return found
+        return _from_file("file", path, backbone, _stats(states), "audiofx checkpoint",
+                          projection=states.get("projection"))  # a pretrain run's final.pt has one
     return _from_file("file", path, find_backbone(state, path, arch, branch, option))
 
 
