@@ -33,6 +33,13 @@ def store_option(f):
     return click.option("--store", default="data/features", show_default=True, help=STORE_HELP)(f)
 
 
+def set_option(f):
+    """--set on a training stage: which stored set, by the --set values extract was given."""
+    return click.option("--set", "set_options", multiple=True, metavar="KEY=VALUE",
+                        help="The stored set extract made with this --set (a protocol: folds=2, ratios=70/15/15; "
+                             "or a feature option: n_mels=64) [the preset at the dataset's default options].")(f)
+
+
 def run_options(resume_help: str | None = None):
     """The options of a stage's run (runs.StageOptions): --memory-budget, --seed, --device,
     --runs, --name; and, for the training stages (resume_help given), --resume and
@@ -552,6 +559,7 @@ Examples:
 @read_cache_options
 @click.option("--preset", default="shin2021", show_default=True)
 @click.option("--key", default=None, help="A feature key (prefix), when several feature sets match.")
+@set_option
 @click.option("--arch", default=None,
               help="resnet18/34/50, esresnet50 (ESResNet with attention), densenet201, vgg16, alexnet (fully "
                    "convolutional + GAP), tiny "
@@ -577,7 +585,7 @@ Examples:
 @click.option("--head", type=click.Choice(["linear", "mlp-attn"]), default="linear", show_default=True,
               help="linear: global average pool + linear; mlp-attn: Zhou et al.'s MLP attention.")
 @run_options(resume_help="Continue an interrupted run (give its --name); a larger --epochs extends it.")
-def finetune(dataset, init, weights, init_branch, store, preset, key, arch, fold, epochs, batch_size, lr, weight_decay, spec_augment,
+def finetune(dataset, init, weights, init_branch, store, preset, key, set_options, arch, fold, epochs, batch_size, lr, weight_decay, spec_augment,
              time_masks, freq_masks, time_crop, time_shift, mixup, fragments, channel_fusion, head, memory_budget, seed, device, runs_root, name, resume,
              no_progress):
     """Fine-tune a classifier with k-fold cross-validation on the official folds."""
@@ -587,7 +595,8 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, arch, fold
     from audiofx.training.stages.tasks import METRIC_NAMES
 
     s = run_finetune(FinetuneConfig(
-        dataset=dataset, init=init, weights=weights, init_branch=init_branch, store=store, preset=preset, key=key, arch=arch, fold=fold,
+        dataset=dataset, init=init, weights=weights, init_branch=init_branch, store=store, preset=preset, key=key,
+        set_options=parse_overrides(set_options), arch=arch, fold=fold,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         augment=Augment(spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks, time_crop=time_crop,
                         time_shift=time_shift, mixup=mixup), fragments=fragments,
@@ -616,7 +625,8 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, arch, fold
 @store_option
 @read_cache_options
 @click.option("--preset", default="shin2021", show_default=True)
-@click.option("--key", default=None)
+@click.option("--key", default=None, help="A feature key (prefix), when several feature sets match.")
+@set_option
 @click.option("--k", "k", type=click.IntRange(min=1), default=200, show_default=True, help="kNN neighbours (k by CV is also reported).")
 @click.option("--space", type=click.Choice(["backbone", "projection"]), default=None,
               help="Embeddings scored: backbone (pooled encoder features) or projection (the pretrain method's own "
@@ -631,7 +641,7 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, arch, fold
 @click.option("--weight-decay", "linear_weight_decay", type=float, default=None,
               help="The probe's L2 penalty lambda [lbfgs: chosen by cross-validation on the training folds; sgd: 1e-6].")
 @run_options()
-def evaluate_cmd(run_spec, weights, init_branch, arch, dataset, mode, fold, store, preset, key, k, space, probe,
+def evaluate_cmd(run_spec, weights, init_branch, arch, dataset, mode, fold, store, preset, key, set_options, k, space, probe,
                  linear_epochs,
                  linear_lr, linear_weight_decay, memory_budget, seed, device,
                  runs_root, name):
@@ -640,7 +650,7 @@ def evaluate_cmd(run_spec, weights, init_branch, arch, dataset, mode, fold, stor
     from audiofx.training.stages.tasks import METRIC_NAMES
 
     s = evaluate(EvaluateConfig(run=run_spec, arch=arch, weights=weights, init_branch=init_branch, dataset=dataset, mode=mode, fold=fold, store=store, preset=preset, key=key,
-                                k=k, space=space, probe=probe, linear_epochs=linear_epochs, linear_lr=linear_lr,
+                                set_options=parse_overrides(set_options), k=k, space=space, probe=probe, linear_epochs=linear_epochs, linear_lr=linear_lr,
                                 linear_weight_decay=linear_weight_decay, memory_budget_gb=memory_budget, seed=seed,
                                 device=device, runs_root=runs_root, name=name),
                  say=click.echo)

@@ -235,6 +235,22 @@ def _coerce(name: str, value: Any) -> Any:
     return str(value)
 
 
+def split_overrides(overrides: Mapping[str, Any], dataset_options: Mapping[str, Any]) -> tuple[dict, dict]:
+    """--set values as (feature options, dataset options); a key that is neither is a ConfigError."""
+    features, options = {}, {}
+    for key, value in overrides.items():
+        if key in FEATURE_FIELDS:
+            features[key] = value
+        elif key in dataset_options:
+            options[key] = value
+        else:
+            raise ConfigError(
+                f"unknown option {key!r} for --set",
+                f"feature options: {', '.join(sorted(FEATURE_FIELDS))}; dataset options: {', '.join(dataset_options) or 'none'}",
+            )
+    return features, options
+
+
 def resolve_feature_config(
     dataset_defaults: Mapping[str, Any],
     preset: str = "shin2021",

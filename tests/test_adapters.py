@@ -92,6 +92,30 @@ def test_gtzan_published_split_is_another_feature_set(tmp_path):
     assert default.key != summary.key  # another split is another key, never an overwrite
 
 
+def test_gtzan_70_15_15_is_another_set_chosen_by_the_same_set_option(tmp_path):
+    from audiofx.errors import ConfigError, StoreError
+    from audiofx.training.data.featuresets import resolve_featureset
+
+    root = L.make_gtzan(tmp_path / "gtzan", per_genre=20)
+    store = tmp_path / "store"
+    folds, _ = run("gtzan", root, store)
+    holdout, manifest = run("gtzan", root, store, ratios="70/15/15")  # the newer set
+    assert holdout.key != folds.key
+    assert {f: v["ok"] for f, v in manifest["folds"].items()} == {"train": 42, "val": 9, "test": 9}
+    assert manifest["dataset_options"]["ratios"] == "70/15/15"
+    assert_store_matches_index("gtzan", root, store, manifest, {"ratios": "70/15/15"})
+    # Without --set the dataset's default protocol is taken, though the split is newer.
+    assert resolve_featureset(str(store), "gtzan", overrides=FAST)[0] == folds.key
+    assert resolve_featureset(str(store), "gtzan", overrides={**FAST, "ratios": (70, 15, 15)})[0] == holdout.key
+    assert resolve_featureset(str(store), "gtzan", overrides={**FAST, "folds": 10})[0] == folds.key
+    with pytest.raises(StoreError, match=r"--set folds=5 .*sets there: ") as refused:
+        resolve_featureset(str(store), "gtzan", overrides={**FAST, "folds": 5})
+    assert f"{folds.key} (folds=10, seed=0)" in str(refused.value)
+    assert f"{holdout.key} (seed=0, ratios=70/15/15)" in str(refused.value)
+    with pytest.raises(ConfigError, match="unknown option 'nope'"):
+        resolve_featureset(str(store), "gtzan", overrides={"nope": 1})
+
+
 def test_dcase2013_stereo_scenes(tmp_path):
     root = L.make_dcase2013(tmp_path / "dcase", per_scene=5, subdir="audio")
     _, manifest = run("dcase2013", root, tmp_path / "store")

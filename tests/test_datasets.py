@@ -252,6 +252,27 @@ def test_gtzan_split_file(tmp_path):
         index("gtzan", root, split=str(split))
 
 
+def test_gtzan_70_15_15_split_is_stratified_seeded_and_recorded(tmp_path):
+    root = make_gtzan(tmp_path, per_genre=20)  # 60 clips: 42 / 9 / 9, 3 of each genre in val and test
+    idx = index("gtzan", root, ratios="70/15/15")
+    assert idx.folds == ["train", "val", "test"]
+    assert by_fold(idx) == {"train": 42, "val": 9, "test": 9}
+    per = collections.Counter((c.fold, c.label) for c in idx.clips)
+    assert {per[(part, g)] for part in ("val", "test") for g in range(3)} == {3}
+    assert idx.options == {"folds": None, "seed": 0, "ratios": "70/15/15", "split": None}
+    assert index("gtzan", root, ratios=(70, 15, 15)).clips == idx.clips  # --set ratios=70,15,15: the same split
+    other = index("gtzan", root, ratios="70/15/15", seed=3)
+    assert other.clips != idx.clips and by_fold(other) == by_fold(idx)
+    assert by_fold(index("gtzan", root, ratios="80/0/20")) == {"train": 48, "test": 12}
+    for bad in ("70/15", "70/20/20", "x/y/z", "100/0/0"):
+        with pytest.raises(ConfigError, match="ratios"):
+            index("gtzan", root, ratios=bad)
+    split = tmp_path / "split.csv"
+    split.write_text("genres/blues/blues.00000.au,1\n")
+    with pytest.raises(ConfigError, match="both say where clips go"):
+        index("gtzan", root, ratios="70/15/15", split=str(split))
+
+
 def test_gtzan_empty_genres(tmp_path):
     (tmp_path / "genres" / "blues").mkdir(parents=True)
     with pytest.raises(DatasetError, match="no audio"):

@@ -26,6 +26,7 @@ from audiofx.config import (
     FeatureConfig,
     feature_key,
     resolve_feature_config,
+    split_overrides,
 )
 from audiofx.errors import AudioSkip, ConfigError, DatasetError
 from audiofx.pipeline.datasets import get_adapter
@@ -157,21 +158,6 @@ def run_unit(job: UnitJob) -> dict[str, Any]:
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def split_overrides(overrides: dict[str, Any], dataset_options: dict[str, Any]) -> tuple[dict, dict]:
-    features, options = {}, {}
-    for key, value in overrides.items():
-        if key in FEATURE_FIELDS:
-            features[key] = value
-        elif key in dataset_options:
-            options[key] = value
-        else:
-            raise ConfigError(
-                f"unknown option {key!r} for --set",
-                f"feature options: {', '.join(sorted(FEATURE_FIELDS))}; dataset options: {', '.join(dataset_options) or 'none'}",
-            )
-    return features, options
 
 
 def check_device(device: str) -> str:

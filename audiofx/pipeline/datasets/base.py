@@ -165,10 +165,49 @@ def fold_order(names: list[str]) -> list[str]:
     return sorted(unique, key=int) if all(n.isdigit() for n in unique) else unique
 
 
+def parse_ratios(value: Any) -> tuple[int, int, int]:
+    """``--set ratios=70/15/15`` (or 70,15,15): train/validation/test percentages, whole
+    numbers that sum to 100, validation may be 0."""
+    parts = value if isinstance(value, (tuple, list)) else str(value).replace(",", "/").split("/")
+    try:
+        numbers = tuple(int(str(p).strip()) for p in parts)
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 3 or sum(numbers) != 100 or min(numbers) < 0 or not numbers[0] or not numbers[2]:
+        raise ConfigError(f"ratios {value!r} is not train/validation/test percentages that sum to 100",
+                          "write --set ratios=70/15/15 (train and test above 0)")
+    return numbers  # type: ignore[return-value]
+
+
+def stratified_holdout(labels: Sequence[int], ratios: tuple[int, int, int], seed: int) -> list[str]:
+    """train / val / test of every item, stratified by label and deterministic for a seed:
+    the test share is drawn first, then the validation share of the rest (scikit-learn's
+    train_test_split is the reference; counts are rounded as it rounds them)."""
+    from sklearn.model_selection import train_test_split
+
+    y = np.asarray(labels)
+    n = len(y)
+    n_test = round(n * ratios[2] / 100)
+    n_val = round(n * ratios[1] / 100)
+    counts = np.bincount(y)
+    if counts[counts > 0].min() < 2 + bool(n_val) or n_test + n_val >= n:
+        raise DatasetError(f"{n} clips cannot be split {'/'.join(map(str, ratios))} with every class in each part",
+                           "use k folds instead (--set folds=N) or other ratios")
+    split = np.full(n, "train", dtype=object)
+    rest, test = train_test_split(np.arange(n), test_size=n_test, stratify=y, random_state=seed)
+    split[test] = "test"
+    if n_val:
+        _, val = train_test_split(rest, test_size=n_val, stratify=y[rest], random_state=seed)
+        split[val] = "val"
+    return split.tolist()
+
+
 def stratified_index(name: str, root: Path, found: list[tuple[str, str]], options: Mapping[str, Any],
                      default_folds: int, extra_options: Mapping[str, Any] | None = None,
                      skipped: list[tuple[str, str]] | None = None) -> DatasetIndex:
-    """Index of (path, class name) pairs with seeded stratified k folds (``folds``, ``seed``).
+    """Index of (path, class name) pairs with seeded stratified k folds (``folds``, ``seed``),
+    or with one seeded stratified train/val/test split when ``ratios`` is given (Lin 2022's
+    GTZAN: 70/15/15).
 
     For datasets without official folds (GTZAN, DCASE 2013, a folder of your own): classes
     are the sorted names, labels their positions. ``found`` must already be in a stable order
@@ -176,13 +215,27 @@ def stratified_index(name: str, root: Path, found: list[tuple[str, str]], option
     """
     classes = sorted({cls for _, cls in found})
     label = {cls: i for i, cls in enumerate(classes)}
-    k = int_option(options, "folds", default_folds)
     seed = int_option(options, "seed", 0)
-    fold = stratified_folds([label[cls] for _, cls in found], k, seed)
+    labels = [label[cls] for _, cls in found]
+    if options.get("ratios") is not None:
+        ratios = parse_ratios(options["ratios"])
+        split = stratified_holdout(labels, ratios, seed)
+        # Recorded as given, and only when given: the key of every k-fold store stays as it was.
+        return DatasetIndex(
+            name=name,
+            root=root,
+            clips=[Clip(path, y, part) for (path, _), y, part in zip(found, labels, split)],
+            classes=classes,
+            folds=["train", "val", "test"] if ratios[1] else ["train", "test"],
+            options={"folds": None, "seed": seed, "ratios": "/".join(map(str, ratios)), **(extra_options or {})},
+            skipped=list(skipped or []),
+        )
+    k = int_option(options, "folds", default_folds)
+    fold = stratified_folds(labels, k, seed)
     return DatasetIndex(
         name=name,
         root=root,
-        clips=[Clip(path, label[cls], str(f)) for (path, cls), f in zip(found, fold)],
+        clips=[Clip(path, y, str(f)) for (path, _), y, f in zip(found, labels, fold)],
         classes=classes,
         folds=[str(i) for i in range(1, k + 1)],
         options={"folds": k, "seed": seed, **(extra_options or {})},

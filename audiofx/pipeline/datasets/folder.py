@@ -11,7 +11,7 @@ import csv
 from pathlib import Path
 from typing import Any, Mapping
 
-from audiofx.errors import DatasetError
+from audiofx.errors import ConfigError, DatasetError
 from audiofx.pipeline.datasets.base import (
     AUDIO_EXTENSIONS,
     Clip,
@@ -84,6 +84,8 @@ def index(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
     root = Path(root)
     require_root(ADAPTER, root, [])
     split = options.get("split")
+    if split and options.get("ratios") is not None:
+        raise ConfigError("--split (a split file) and --set ratios=... both say where clips go", "give one of them")
     if split:
         return _from_split(root, Path(split).expanduser())
 
@@ -107,6 +109,6 @@ ADAPTER = register(
         source="your own audio",
         defaults={"sample_rate": 22050, "clip_seconds": 5.0, "frames": 250},
         index=index,
-        options={"folds": 5, "seed": 0, "split": None},
+        options={"folds": 5, "seed": 0, "split": None, "ratios": None},
     )
 )

@@ -1,7 +1,9 @@
 """GTZAN genre collection (Tzanetakis & Cook 2002): 1000 thirty-second excerpts, 10 genres.
 
 There is no metadata file and no official split: the genre is the folder, and folds are
-either stratified k-fold (seeded) or read from a published split file (path,fold CSV).
+either stratified k-fold (seeded), one stratified seeded train/val/test split
+(``--set ratios=70/15/15``, Lin 2022's protocol), or read from a published split file
+(path,fold CSV).
 The original release is ``.au``; converted copies (``.wav`` and others) index the same way
 and, because clips are ordered by genre and file stem, get the same folds.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from audiofx.errors import DatasetError
+from audiofx.errors import ConfigError, DatasetError
 from audiofx.pipeline.datasets.base import (
     AUDIO_EXTENSIONS,
     Clip,
@@ -60,6 +62,8 @@ def index(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
     classes = sorted({genre for _, genre in found})
     label = {name: i for i, name in enumerate(classes)}
     split = options.get("split")
+    if split and options.get("ratios") is not None:
+        raise ConfigError("--split (a split file) and --set ratios=... both say where clips go", "give one of them")
 
     if split:
         split_path = Path(split).expanduser()
@@ -83,11 +87,11 @@ def index(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
 ADAPTER = register(
     DatasetAdapter(
         name="gtzan",
-        description="GTZAN: 1000 music excerpts (30 s), 10 genres; stratified k folds or a split file",
+        description="GTZAN: 1000 music excerpts (30 s), 10 genres; stratified k folds, ratios=70/15/15 or a split file",
         layout="<root>/genres/<genre>/<genre>.000NN.au (or .wav copies)",
         source="http://marsyas.info/downloads/datasets.html",
         defaults={"sample_rate": 22050, "clip_seconds": 30.0, "frames": 1500},
         index=index,
-        options={"folds": 10, "seed": 0, "split": None},
+        options={"folds": 10, "seed": 0, "split": None, "ratios": None},
     )
 )

@@ -5,24 +5,35 @@ the ``FoldSet`` every loader is given."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from audiofx.config import canonical_json, resolve_feature_config
+from audiofx.config import canonical_json, resolve_feature_config, split_overrides
 from audiofx.errors import StoreError
 from audiofx.pipeline.datasets import get_adapter
+from audiofx.pipeline.datasets.base import parse_ratios
 from audiofx.pipeline.store import FeatureStore
 
 
-def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: str | None = None) -> tuple[str, dict[str, Any]]:
-    """(key, manifest) of the complete feature set of `dataset` extracted with `preset` (at
-    the dataset's default rate, length and frames), or of the given key prefix.
+def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: str | None = None,
+                       overrides: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """(key, manifest) of the complete feature set of `dataset` extracted with `preset`, or of
+    the given key prefix.
 
-    Several matches (e.g. two GTZAN splits) take the newest; --key chooses another. When no
-    set has the preset's exact config (features extracted with --set overrides), the newest
-    complete set of the dataset is used.
+    ``overrides`` are the ``--set KEY=VALUE`` that extract was given: feature options change
+    the config looked for and must match; dataset options (folds=2, ratios=70/15/15) must be
+    the ones the set was extracted with, its config the preset's when one such set has it;
+    no match is a StoreError listing the sets there are. Without them the set at the preset
+    and the dataset's default options is preferred (a DCASE 2013 store holding 5 and 2 folds
+    gives the 5), then the preset's config with other options, then the default options with
+    another config (features extracted with --set overrides), then any; among equals the
+    newest; --key chooses another.
     """
+    adapter = get_adapter(dataset)
+    feature_options, dataset_options = split_overrides(overrides or {}, adapter.options)
+    if dataset_options.get("ratios") is not None:  # 70,15,15 and 70/15/15 are one split, recorded as the latter
+        dataset_options["ratios"] = "/".join(map(str, parse_ratios(dataset_options["ratios"])))
     fs = FeatureStore(store)
     complete = []
     for ds, k, _ in fs.groups():
@@ -33,17 +44,45 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
         except StoreError:
             continue
     if not key:
-        # Prefer the preset at the dataset's defaults; features extracted with --set overrides
-        # are still found (the newest), and the caller prints the key it uses.
-        wanted = canonical_json(resolve_feature_config(get_adapter(dataset).defaults, preset).to_dict())
-        exact = [(k, m) for k, m in complete if canonical_json(m["feature_config"]) == wanted]
-        complete = exact or complete
+        wanted = canonical_json(resolve_feature_config(adapter.defaults, preset, feature_options).to_dict())
+
+        def config_is(m: dict[str, Any]) -> bool:
+            return canonical_json(m["feature_config"]) == wanted
+
+        def options_are(m: dict[str, Any], options: Mapping[str, Any]) -> bool:
+            recorded = m.get("dataset_options", {})
+            return all(canonical_json(recorded.get(k)) == canonical_json(v) for k, v in options.items())
+
+        if feature_options or dataset_options:  # asked for: nothing else will do
+            found = [(k, m) for k, m in complete if options_are(m, dataset_options)]
+            # Dataset options alone keep the preference for the preset's config (sets extracted
+            # with feature --set overrides are found too); feature options must match.
+            found = [(k, m) for k, m in found if config_is(m)] or ([] if feature_options else found)
+            if not found:
+                asked = " ".join(f"--set {k}={v}" for k, v in (overrides or {}).items())
+                there = "; ".join(f"{k} ({_options_text(m)})"
+                                  for k, m in sorted(complete, key=lambda km: km[1]["created_at"])) or "none"
+                raise StoreError(f"no complete {dataset} features with preset {preset} and {asked} in store {fs} "
+                                 f"(sets there: {there})",
+                                 f"extract them: audiofx extract --dataset {dataset} --preset {preset} {asked} "
+                                 f"--store {store}, or give the --set a set there was extracted with")
+            complete = found
+        else:
+            complete = ([(k, m) for k, m in complete if config_is(m) and options_are(m, adapter.options)]
+                        or [(k, m) for k, m in complete if config_is(m)]
+                        or [(k, m) for k, m in complete if options_are(m, adapter.options)] or complete)
     if not complete:
         what = f"key {key}" if key else f"preset {preset}"
         raise StoreError(f"no complete {dataset} features ({what}) in store {fs}",
                          f"extract them first: audiofx extract --dataset {dataset} --preset {preset} --store {store}")
     complete.sort(key=lambda km: km[1]["created_at"])
     return complete[-1]
+
+
+def _options_text(manifest: dict[str, Any]) -> str:
+    """A set's dataset options as --set would give them, e.g. folds=5, seed=0."""
+    options = {k: v for k, v in manifest.get("dataset_options", {}).items() if v is not None}
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or "no dataset options"
 
 
 def fold_order(fold: str) -> tuple[bool, str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class EvaluateConfig(StageOptions):
     mode: str = "knn"
     fold: str = "all"
     key: str | None = None
+    set_options: dict[str, Any] = field(default_factory=dict)  # --set: the stored set extract made with these
     k: int = 200
     temperature: float = 0.07
     # backbone (pooled encoder features) or projection (the pretrain method's own space);
@@ -104,7 +105,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                           f"pass {', '.join(PUBLISHED_NAMES)}, {', '.join(SSL_METHODS)}, METHOD:RUN, a run or a "
                           f"checkpoint (or {RANDOM} for the baseline)")
     source = f"{RANDOM} init" if random_init else init.source
-    key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key)
+    key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key, cfg.set_options)
     task = Task.of(manifest)
     m = task.metric
     plan = split_folds(list(manifest["folds"]), cfg.fold)

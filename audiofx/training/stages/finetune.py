@@ -68,6 +68,7 @@ class FinetuneConfig(TrainingOptions):
     dataset: str
     init: str = "scratch"
     key: str | None = None
+    set_options: dict[str, Any] = field(default_factory=dict)  # --set: the stored set extract made with these
     arch: str | None = None  # default resnet50, or the pretrain run's arch
     weights: str | None = None  # the file of a named init (imagenet, imagenet-simclr, imagenet-moco)
     init_branch: str = "auto"  # a checkpoint's online or momentum network (models/checkpoints.py)
@@ -94,7 +95,7 @@ def predict(model: torch.nn.Module, data, mean: torch.Tensor, std: torch.Tensor,
 # The options added after the first runs, at the values runs started before them behaved as
 # (no such key in their config.json): such a run may resume with them at these values.
 _LATER_OPTIONS = {"fragments": 1, "channel_fusion": False, "head": "linear", "data_mode": MODE_MEMORY,
-                  "init_branch": "auto"}
+                  "init_branch": "auto", "set_options": {}}
 
 
 def summarize(per_fold: dict[str, dict[str, float]], metric: str = "acc") -> dict[str, Any]:
@@ -109,7 +110,7 @@ def finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
 
 
 def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> dict[str, Any]:
-    key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key)
+    key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key, cfg.set_options)
     task = Task.of(manifest)
     # Checked here because the data load below may take minutes; the layers check again.
     if cfg.head not in HEADS:

@@ -1,0 +1,46 @@
+"""The papers' split protocols through the real CLI (in process): a stored set is chosen by the
+same --set its extraction was given, and a train/val/test split selects epochs on val."""
+
+from __future__ import annotations
+
+import json
+
+from tests import layouts as L
+from tests.conftest import assert_one_line_error, run_cli
+
+FAST = ("--set", "clip_seconds=0.5", "--set", "frames=20")
+
+
+def summary_of(run_dir) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in records if r.get("event") == "summary")
+
+
+def test_gtzan_70_15_15_finetunes_on_train_selects_on_val_and_tests_once(tmp_path):
+    root = L.make_gtzan(tmp_path / "gtzan", per_genre=10)
+    store, runs = str(tmp_path / "store"), str(tmp_path / "runs")
+    for protocol in ((), ("--set", "ratios=70/15/15")):
+        done = run_cli("extract", "--dataset", "gtzan", "--root", str(root), "--store", store, *FAST, *protocol,
+                       "--workers", "1", "--no-progress")
+        assert done.returncode == 0, done.stderr
+    common = ("--dataset", "gtzan", "--store", store, "--runs", runs, "--arch", "tiny", "--device", "cpu")
+    split = run_cli("finetune", *common, "--set", "ratios=70,15,15", "--epochs", "2", "--lr", "1e-3",
+                    "--no-progress", "--name", "split")
+    assert split.returncode == 0, split.stderr
+    assert "epochs selected on val" in split.stdout
+    s = summary_of(tmp_path / "runs/finetune/split")
+    assert s["n_folds"] == 1 and "selected_acc_mean" in s and "val_acc_mean" in s
+    config = json.loads((tmp_path / "runs/finetune/split/config.json").read_text())
+    assert config["set_options"] == {"ratios": [70, 15, 15]}
+    # The default protocol (10 folds) is taken without --set; evaluate takes --set as finetune does.
+    knn = run_cli("evaluate", "--run", "random", *common, "--mode", "knn", "--k", "5", "--set", "ratios=70/15/15",
+                  "--name", "knn")
+    assert knn.returncode == 0, knn.stderr
+    assert summary_of(tmp_path / "runs/evaluate/knn")["n_folds"] == 1
+    tenfold = run_cli("evaluate", "--run", "random", *common, "--mode", "knn", "--k", "5", "--fold", "3",
+                      "--name", "tenfold")
+    assert tenfold.returncode == 0, tenfold.stderr
+    assert "fold 3:" in tenfold.stdout
+    missing = run_cli("finetune", *common, "--set", "folds=4", "--epochs", "1", "--name", "none")
+    assert_one_line_error(missing, "no complete gtzan features", "--set folds=4", "sets there:")
+    assert not (tmp_path / "runs/finetune/none").exists()
