@@ -121,6 +121,12 @@ def test_dcase2013_stereo_scenes(tmp_path):
     _, manifest = run("dcase2013", root, tmp_path / "store")
     assert manifest["clips"] == 50 and len(manifest["folds"]) == 5 and len(manifest["classes"]) == 10
     assert_store_matches_index("dcase2013", root, tmp_path / "store", manifest)
+    # The official two folds (development, evaluation) are another set beside the five.
+    L.make_dcase2013(tmp_path / "dcase", per_scene=3, subdir="test")
+    two, official = run("dcase2013", root, tmp_path / "store", folds=2)
+    assert two.key != manifest["feature_key"]
+    assert {f: v["ok"] for f, v in official["folds"].items()} == {"1": 50, "2": 30}
+    assert_store_matches_index("dcase2013", root, tmp_path / "store", official, {"folds": 2})
 
 
 @pytest.mark.parametrize("name", ["tut2018", "tau2019"])

@@ -309,6 +309,31 @@ def test_dcase2013_folds_do_not_depend_on_location(tmp_path):
     assert [(c.label, c.fold) for c in flat.clips] == [(c.label, c.fold) for c in nested.clips]
 
 
+def test_dcase2013_official_two_folds_are_development_and_evaluation(tmp_path):
+    root = make_dcase2013(tmp_path, subdir="audio")
+    make_dcase2013(tmp_path, subdir="test", per_scene=10)  # the evaluation set: the same names, another folder
+    idx = index("dcase2013", root, folds=2)
+    assert idx.folds == ["1", "2"] and len(idx.clips) == 200
+    assert {c.fold for c in idx.clips if c.path.startswith("audio/")} == {"1"}
+    assert {c.fold for c in idx.clips if c.path.startswith("test/")} == {"2"}
+    assert set(collections.Counter((c.fold, c.label) for c in idx.clips).values()) == {10}
+    assert idx.options == {"folds": 2, "seed": None, "audio_dir": "audio", "test_dir": "test"}
+    # The default protocol stays the development set's 5 stratified folds, the evaluation set unread.
+    five = index("dcase2013", root)
+    assert len(five.clips) == 100 and five.options == {"folds": 5, "seed": 0, "audio_dir": "audio"}
+    assert five.clips == index("dcase2013", make_dcase2013(tmp_path / "dev-only", subdir="audio")).clips
+
+
+def test_dcase2013_two_folds_need_the_evaluation_set(tmp_path):
+    root = make_dcase2013(tmp_path, per_scene=3)
+    with pytest.raises(DatasetError, match=r"folds=2 .*needs the evaluation set") as refused:
+        index("dcase2013", root, folds=2)
+    assert "scenes_stereo_testset.zip" in refused.value.hint and str(root / "test") in refused.value.hint
+    make_dcase2013(tmp_path, per_scene=3, scenes=["bus", "library"], subdir="test")
+    with pytest.raises(DatasetError, match="scenes the development set has not: library"):
+        index("dcase2013", root, folds=2)
+
+
 def test_dcase2013_both_locations_or_none(tmp_path):
     root = make_dcase2013(tmp_path, per_scene=5, scenes=["bus", "park"])
     make_dcase2013(tmp_path, per_scene=5, scenes=["bus", "park"], subdir="audio")
