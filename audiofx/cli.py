@@ -40,6 +40,14 @@ def set_option(f):
                              "or a feature option: n_mels=64) [the preset at the dataset's default options].")(f)
 
 
+def input_channel_option(f):
+    """--input-channel on finetune and evaluate: one stored channel as the network's input."""
+    return click.option("--input-channel", default=None, metavar="SOURCE|INDEX",
+                        help="One stored channel alone as the network's input, repeated on its 3 input channels: a "
+                             "source (left, right, mid: Zhou et al.'s average channel) or an index from 0 [the "
+                             "stack as stored; a one-channel set is repeated].")(f)
+
+
 def run_options(resume_help: str | None = None):
     """The options of a stage's run (runs.StageOptions): --memory-budget, --seed, --device,
     --runs, --name; and, for the training stages (resume_help given), --resume and
@@ -584,10 +592,11 @@ Examples:
               help="Each channel (zhou2019: left, right, mid) its own sample; posteriors averaged per clip.")
 @click.option("--head", type=click.Choice(["linear", "mlp-attn"]), default="linear", show_default=True,
               help="linear: global average pool + linear; mlp-attn: Zhou et al.'s MLP attention.")
+@input_channel_option
 @run_options(resume_help="Continue an interrupted run (give its --name); a larger --epochs extends it.")
 def finetune(dataset, init, weights, init_branch, store, preset, key, set_options, arch, fold, epochs, batch_size, lr, weight_decay, spec_augment,
-             time_masks, freq_masks, time_crop, time_shift, mixup, fragments, channel_fusion, head, memory_budget, seed, device, runs_root, name, resume,
-             no_progress):
+             time_masks, freq_masks, time_crop, time_shift, mixup, fragments, channel_fusion, head, input_channel,
+             memory_budget, seed, device, runs_root, name, resume, no_progress):
     """Fine-tune a classifier with k-fold cross-validation on the official folds."""
     from audiofx.training.models.augment import Augment
     from audiofx.training.stages.finetune import FinetuneConfig
@@ -600,7 +609,8 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, set_option
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         augment=Augment(spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks, time_crop=time_crop,
                         time_shift=time_shift, mixup=mixup), fragments=fragments,
-        channel_fusion=channel_fusion, head=head, memory_budget_gb=memory_budget, seed=seed, device=device,
+        channel_fusion=channel_fusion, head=head, input_channel=input_channel, memory_budget_gb=memory_budget,
+        seed=seed, device=device,
         runs_root=runs_root, name=name, resume=resume, progress=not no_progress), say=click.echo)
     if not _main_rank():
         return
@@ -640,10 +650,10 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, set_option
 @click.option("--lr", "linear_lr", type=float, default=1e-3, show_default=True, help="--probe sgd: Adam's learning rate.")
 @click.option("--weight-decay", "linear_weight_decay", type=float, default=None,
               help="The probe's L2 penalty lambda [lbfgs: chosen by cross-validation on the training folds; sgd: 1e-6].")
+@input_channel_option
 @run_options()
 def evaluate_cmd(run_spec, weights, init_branch, arch, dataset, mode, fold, store, preset, key, set_options, k, space, probe,
-                 linear_epochs,
-                 linear_lr, linear_weight_decay, memory_budget, seed, device,
+                 linear_epochs, linear_lr, linear_weight_decay, input_channel, memory_budget, seed, device,
                  runs_root, name):
     """Frozen-encoder evaluation: linear probe or weighted kNN, per fold."""
     from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
@@ -651,7 +661,8 @@ def evaluate_cmd(run_spec, weights, init_branch, arch, dataset, mode, fold, stor
 
     s = evaluate(EvaluateConfig(run=run_spec, arch=arch, weights=weights, init_branch=init_branch, dataset=dataset, mode=mode, fold=fold, store=store, preset=preset, key=key,
                                 set_options=parse_overrides(set_options), k=k, space=space, probe=probe, linear_epochs=linear_epochs, linear_lr=linear_lr,
-                                linear_weight_decay=linear_weight_decay, memory_budget_gb=memory_budget, seed=seed,
+                                linear_weight_decay=linear_weight_decay, input_channel=input_channel,
+                                memory_budget_gb=memory_budget, seed=seed,
                                 device=device, runs_root=runs_root, name=name),
                  say=click.echo)
     m = s["metric"]

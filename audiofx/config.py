@@ -172,14 +172,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "window": "blackmanharris",
         "bands": 3,
     },
-    # Zhou et al. 2019: one 128-band log-mel with a 2048-sample frame (46.4 ms) and 1024-sample
-    # shift (23.2 ms) at 44.1 kHz, computed on the left, right and mid channels.
+    # Zhou et al. 2019: "The sampling rate is 48 kHz ... The frame length is 46.4ms while the
+    # frame shift is 23.2ms ... we calculate the amplitude of each bin ... 128-bank mel-scale
+    # filter banks followed by the logarithm" (section 4.1): magnitude (power 1) at 48 kHz,
+    # one log-mel on each of the left, right and average ("mid") channels, natural frames.
     "zhou2019": {
-        "sample_rate": 44100,
-        "windows_ms": (2048 / 44.1,) * 3,
-        "hops_ms": (1024 / 44.1,) * 3,
+        "sample_rate": 48000,
+        "windows_ms": (46.4,) * 3,
+        "hops_ms": (23.2,) * 3,
         "sources": ("left", "right", "mid"),
+        "power": 1.0,
         "frames": 0,
+    },
+    # Lin 2022: "for simplicity, I just stack the three log-Mel spectrograms for the three input
+    # channels" (section 2.1): one log-mel, stored once and repeated on the network's 3 input
+    # channels (models/encoders.py). Lin follows ESResNet's STFT otherwise and gives no mel
+    # settings: its 2048-point FFT, 1654-sample window and 561-sample hop at 44.1 kHz, 128
+    # HTK mel bands (audiofx's choice where the text is silent).
+    "lin2022": {
+        "sample_rate": 44100,
+        "windows_ms": (1654 / 44.1,),
+        "hops_ms": (561 / 44.1,),
+        "sources": ("mono",),
+        "n_fft": 2048,
     },
 }
 

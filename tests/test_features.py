@@ -83,16 +83,24 @@ def test_batch_equals_single_clips():
 
 
 def test_zhou2019_left_right_mid_channels():
-    cfg = resolve_feature_config({"sample_rate": 48000, "clip_seconds": 2.0, "frames": 500}, "zhou2019")
-    assert cfg.sample_rate == 44100 and cfg.fft_size == 2048 and cfg.samples(cfg.hops_ms[0]) == 1024
+    cfg = resolve_feature_config({"sample_rate": 44100, "clip_seconds": 2.0, "frames": 500}, "zhou2019")
+    # 48 kHz, 46.4 / 23.2 ms, the amplitude of each bin (power 1)
+    assert (cfg.sample_rate, cfg.fft_size, cfg.samples(cfg.hops_ms[0]), cfg.power) == (48000, 2227, 1114, 1.0)
     stereo = real_signal(cfg.sample_rate, cfg.clip_seconds, seed=6, channels=2).T.copy()  # (2, N)
     ours = torch_features(stereo, cfg)
     assert ours.shape == (3, 128, cfg.natural_frames(0))  # frames=0 keeps the natural count
-    mono_cfg = resolve_feature_config({"sample_rate": 44100, "clip_seconds": 2.0, "frames": 0},
-                                      overrides={"windows_ms": 2048 / 44.1, "hops_ms": 1024 / 44.1, "sources": "mono"})
+    mono_cfg = resolve_feature_config({"sample_rate": 48000, "clip_seconds": 2.0, "frames": 0},
+                                      overrides={"windows_ms": 46.4, "hops_ms": 23.2, "sources": "mono", "power": 1.0})
     for c, wave in enumerate([stereo[0], stereo[1], stereo.mean(axis=0)]):
         ref = librosa_features(wave, mono_cfg)[0]
         assert np.abs(ours[c] - ref).max() < TOL
+
+
+def test_lin2022_one_log_mel_stored_once():
+    cfg = resolve_feature_config({"sample_rate": 22050, "clip_seconds": 1.0, "frames": 60}, "lin2022")
+    assert cfg.shape == (1, 128, 60) and (cfg.sample_rate, cfg.fft_size, cfg.samples(cfg.hops_ms[0])) == (44100, 2048, 561)
+    wave = real_signal(cfg.sample_rate, cfg.clip_seconds, seed=8)
+    assert np.abs(torch_features(wave[None], cfg) - librosa_features(wave, cfg)).max() < TOL
 
 
 def test_hornauer2021_bands_of_one_log_power_stft():

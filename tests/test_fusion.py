@@ -190,6 +190,45 @@ def test_finetune_with_fragments_channel_fusion_and_mlp_attention_predicts_per_c
             assert torch.allclose(torch.cat(posteriors).mean(0), torch.from_numpy(pred["scores"][i]), atol=1e-4)
 
 
+def test_encoder_takes_one_chosen_channel_or_a_one_channel_set_repeated_on_its_three_inputs():
+    enc = build_encoder("tiny").eval()
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        whole = enc(x)
+        enc.input_channel = 2
+        mid = enc(x)
+        enc.input_channel = None
+        assert torch.equal(mid, enc(x[:, 2:3]))  # one channel chosen or stored: the same input
+        assert torch.equal(mid, enc(x[:, 2:3].repeat(1, 3, 1, 1)))
+        assert torch.equal(whole, enc(x)) and not torch.allclose(whole, mid)
+
+
+def test_finetune_on_the_average_channel_alone(stereo_store, tmp_path):
+    """Zhou et al.'s one-channel rows: "The system uses only the average channel" (mid)."""
+    common = ("finetune", "--dataset", "folder", "--store", str(stereo_store), "--preset", "zhou2019",
+              "--runs", str(tmp_path), "--arch", "tiny", "--epochs", "1", "--fold", "1", "--no-progress")
+    proc = run_cli(*common, "--input-channel", "mid", "--name", "mid")
+    assert proc.returncode == 0, proc.stderr
+    assert "input channel mid alone" in proc.stdout
+    run = Run(tmp_path / "finetune" / "mid")
+    assert (run.config["input_channel"], run.config["input_channel_index"]) == ("mid", 2)
+    x, _, _ = load_fold(FeatureStore(stereo_store), "folder", run.config["key"], "1")
+    ckpt = torch.load(run.checkpoint_path("fold-1"), weights_only=True)["states"]
+    model = Classifier(build_encoder("tiny"), 3)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    xs = ((torch.from_numpy(np.asarray(x)).float() - ckpt["mean"]) / ckpt["std"]).half().float()
+    with torch.no_grad():
+        by_hand = model(xs[:, 2:3].repeat(1, 3, 1, 1))  # whole clips: the scores are the logits
+    assert torch.allclose(by_hand, torch.from_numpy(run.predictions()["1"]["scores"]), atol=1e-4)
+    for bad, says in ((("--input-channel", "centre"), "'centre' is not one channel of the 3 stored (0: left"),
+                      (("--input-channel", "3"), "'3' is not one channel"),
+                      (("--input-channel", "0", "--channel-fusion"), "both say which channels")):
+        refused = run_cli(*common, *bad, "--name", "bad")
+        assert refused.returncode == 2 and says in refused.stderr, refused.stderr
+    assert not (tmp_path / "finetune" / "bad").exists()
+
+
 def test_a_run_from_before_these_options_resumes_only_with_them_at_their_defaults(tmp_path):
     from audiofx.training.stages.finetune import _LATER_OPTIONS, FinetuneConfig
 

@@ -44,3 +44,27 @@ def test_gtzan_70_15_15_finetunes_on_train_selects_on_val_and_tests_once(tmp_pat
     missing = run_cli("finetune", *common, "--set", "folds=4", "--epochs", "1", "--name", "none")
     assert_one_line_error(missing, "no complete gtzan features", "--set folds=4", "sets there:")
     assert not (tmp_path / "runs/finetune/none").exists()
+
+
+def test_one_mel_on_three_channels_lin2022_through_every_stage(tmp_path):
+    """Lin 2022's input: one log-mel, stored once (1 channel), repeated on the network's 3."""
+    from tests.conftest import make_class_folder
+
+    make_class_folder(tmp_path / "raw", classes=2, per_class=6, seconds=0.5)
+    store, runs = str(tmp_path / "store"), str(tmp_path / "runs")
+    done = run_cli("extract", "--dataset", "folder", "--root", str(tmp_path / "raw"), "--store", store, "--preset",
+                   "lin2022", "--set", "clip_seconds=0.5", "--set", "frames=32", "--set", "folds=2", "--workers", "1",
+                   "--no-progress")
+    assert done.returncode == 0, done.stderr
+    common = ("--preset", "lin2022", "--store", store, "--runs", runs, "--arch", "tiny", "--device", "cpu")
+    for stage in (("pretrain", "--method", "moco", "--datasets", "folder", "--epochs", "1", "--batch-size", "4",
+                   "--no-progress", "--name", "moco"),
+                  ("finetune", "--dataset", "folder", "--init", "moco", "--epochs", "1", "--no-progress", "--name", "ft"),
+                  ("evaluate", "--run", "moco", "--dataset", "folder", "--mode", "knn", "--k", "3", "--name", "knn")):
+        proc = run_cli(*stage, *common)
+        assert proc.returncode == 0, proc.stderr
+    key = json.loads((tmp_path / "runs/finetune/ft/config.json").read_text())["key"]
+    from audiofx.pipeline.reading import load_fold
+    from audiofx.pipeline.store import FeatureStore
+
+    assert load_fold(FeatureStore(store), "folder", key, "1")[0].shape[1:] == (1, 128, 32)

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from audiofx.config import canonical_json, resolve_feature_config, split_overrides
-from audiofx.errors import StoreError
+from audiofx.errors import ConfigError, StoreError
 from audiofx.pipeline.datasets import get_adapter
 from audiofx.pipeline.datasets.base import parse_ratios
 from audiofx.pipeline.store import FeatureStore
@@ -83,6 +83,24 @@ def _options_text(manifest: dict[str, Any]) -> str:
     """A set's dataset options as --set would give them, e.g. folds=5, seed=0."""
     options = {k: v for k, v in manifest.get("dataset_options", {}).items() if v is not None}
     return ", ".join(f"{k}={v}" for k, v in options.items()) or "no dataset options"
+
+
+def input_channel(manifest: dict[str, Any], spec: str | None) -> int | None:
+    """``--input-channel``: the stored channel a network takes alone (repeated on its 3 input
+    channels), named by its source (left, right, mid: Zhou et al.'s average channel is mid)
+    or by its index from 0; None: the whole stack."""
+    if spec is None:
+        return None
+    channels = int(manifest["shape"][0])
+    config = manifest.get("feature_config", {})
+    sources = list(config.get("sources", ())) if config.get("kind", "logmel") == "logmel" else []
+    if str(spec).isdigit() and int(spec) < channels:
+        return int(spec)
+    if sources.count(spec) == 1:
+        return sources.index(spec)
+    named = f" ({', '.join(f'{i}: {s}' for i, s in enumerate(sources))})" if sources else ""
+    raise ConfigError(f"--input-channel {spec!r} is not one channel of the {channels} stored{named}",
+                      f"give an index from 0 to {channels - 1}" + (", or a source that names one channel" if sources else ""))
 
 
 def fold_order(fold: str) -> tuple[bool, str]:

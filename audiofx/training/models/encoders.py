@@ -1,4 +1,6 @@
-"""Encoders and heads. An encoder maps a batch of features (B, 3, bins, T) to vectors (B, D).
+"""Encoders and heads. An encoder maps a batch of features (B, 3, bins, T) to vectors (B, D);
+a one-channel set's features (B, 1, bins, T), or one chosen channel of a stack
+(``Encoder.input_channel``), are repeated on the 3 input channels.
 
 torchvision's ImageNet CNNs are used as the papers did (Shin, Lin: ResNet-50; Zhou: VGG-16
 and AlexNet as fully convolutional networks with global average pooling: the `features`
@@ -64,11 +66,21 @@ class Encoder(nn.Module):
         self.out_dim = out_dim
         self.arch = arch
         self.min_size = min_size  # smallest input height and width that leave a non-empty map
+        # One stored channel as the network's input (Zhou et al.'s average channel), repeated
+        # on the 3 input channels like a one-channel set's (Lin 2022); None: the stack as it is.
+        self.input_channel: int | None = None
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The stored channels (B, C, bins, T) as the body's 3 input channels: the chosen
+        channel, or a one-channel set's, repeated 3 times (a view: no copy)."""
+        if self.input_channel is not None:
+            x = x[:, self.input_channel:self.input_channel + 1]
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] < self.min_size or x.shape[-1] < self.min_size:
             raise _too_small(self.arch, self.min_size, x.shape[-2], x.shape[-1])
-        return self.body(x)
+        return self.body(self.network_input(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.features(x)).flatten(1)

@@ -289,6 +289,7 @@ def tsne_inputs(run: RunData, store: str | None) -> tuple[np.ndarray, np.ndarray
             raise Skip(f"its pretrained encoder has no checkpoint {ckpt_path}")
         init = resolve_init(str(ckpt_path), run.config.get("arch"))
         encoder = init.build().to(device)
+        encoder.input_channel = run.config.get("input_channel_index")
         data = _load_fold(run, fold, store, device)
         y_pred = _saved_labels(predictions[fold], data.clips)
         if y_pred is None:
@@ -313,8 +314,9 @@ def _finetuned_embeddings(run: RunData, ckpt: dict[str, Any], data, device):
     et al.'s fragments or channel fusion embed every sample and average the embeddings of
     each clip, as their predictions average the samples' posteriors."""
     cfg, states = run.config, ckpt["states"]
-    model = Classifier(build_encoder(ckpt["meta"].get("arch") or cfg["arch"]), len(data.classes),
-                       head=cfg.get("head", "linear"))
+    encoder = build_encoder(ckpt["meta"].get("arch") or cfg["arch"])
+    encoder.input_channel = cfg.get("input_channel_index")
+    model = Classifier(encoder, len(data.classes), head=cfg.get("head", "linear"))
     model.load_state_dict(states["model"])
     model.to(device).eval()
     mean, std = states["mean"].to(device), states["std"].to(device)

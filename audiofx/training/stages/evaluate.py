@@ -29,6 +29,7 @@ from audiofx.training.data.featuresets import (
     FoldSet,
     check_usable,
     fold_order,
+    input_channel,
     resolve_featureset,
     split_folds,
 )
@@ -65,6 +66,7 @@ class EvaluateConfig(StageOptions):
     fold: str = "all"
     key: str | None = None
     set_options: dict[str, Any] = field(default_factory=dict)  # --set: the stored set extract made with these
+    input_channel: str | None = None  # one stored channel (a source name or an index) as the input, repeated to 3
     k: int = 200
     temperature: float = 0.07
     # backbone (pooled encoder features) or projection (the pretrain method's own space);
@@ -114,14 +116,16 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     inputs = open_inputs([FoldSet(cfg.store, cfg.dataset, key, folds)], cfg.memory_budget_gb, device,
                          manifests=[manifest])
     space = _space(cfg, init)
-    encoder = init.build().to(device)  # before the run folder: an --arch that does not exist is refused first
+    channel = input_channel(manifest, cfg.input_channel)
+    encoder = init.build().to(device)
+    encoder.input_channel = channel  # before the run folder: an --arch that does not exist is refused first
     embedder = torch.nn.Sequential(encoder, projection_from_state(init.projection_state)).to(device) \
         if space == "projection" else encoder
     name = cfg.name or default_name(cfg.mode, f"{RANDOM}-{init.arch}" if random_init else Path(init.source).name,
                                     cfg.dataset)
     run = Run.create(cfg.runs_root, "evaluate", name, {**cfg.to_json(), "arch": init.arch, "key": key,
                                                        "source": source, "space": space, **init.record(),
-                                                       "stage": "evaluate",
+                                                       "stage": "evaluate", "input_channel_index": channel,
                                                        "data_mode": inputs.mode.mode})
     say(f"evaluate {source if random_init else init.describe()} ({init.arch}, {space} space) on {cfg.dataset} "
         f"({key}) by {cfg.mode}, {len(plan)} fold(s) on {device}, features {inputs.describe()} -> {run.path}")

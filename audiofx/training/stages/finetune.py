@@ -44,6 +44,7 @@ from audiofx.training.data.featuresets import (
     FoldSet,
     check_usable,
     fold_order,
+    input_channel,
     resolve_featureset,
     split_folds,
     validation_fold,
@@ -83,6 +84,7 @@ class FinetuneConfig(TrainingOptions):
     fragments: int = 1  # Zhou et al.: N time fragments per clip, posteriors averaged per clip
     channel_fusion: bool = False  # Zhou et al.: one sample per channel (left/right/mid), posteriors averaged
     head: str = "linear"  # linear (GAP + linear) or mlp-attn
+    input_channel: str | None = None  # one stored channel (a source name or an index) as the input, repeated to 3
 
 
 @torch.no_grad()
@@ -95,7 +97,7 @@ def predict(model: torch.nn.Module, data, mean: torch.Tensor, std: torch.Tensor,
 # The options added after the first runs, at the values runs started before them behaved as
 # (no such key in their config.json): such a run may resume with them at these values.
 _LATER_OPTIONS = {"fragments": 1, "channel_fusion": False, "head": "linear", "data_mode": MODE_MEMORY,
-                  "init_branch": "auto", "set_options": {}}
+                  "init_branch": "auto", "set_options": {}, "input_channel": None, "input_channel_index": None}
 
 
 def summarize(per_fold: dict[str, dict[str, float]], metric: str = "acc") -> dict[str, Any]:
@@ -130,6 +132,10 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
             raise ConfigError(f"--time-crop {crop} is not within the {frames // cfg.fragments} frames of a training "
                               "sample", f"use --time-crop 1 to {frames // cfg.fragments}")
         check_input_size(init.arch, bins, crop, crop=True)
+    channel = input_channel(manifest, cfg.input_channel)
+    if channel is not None and cfg.channel_fusion:
+        raise ConfigError("--input-channel and --channel-fusion both say which channels the network sees",
+                          "give one of them")
     plan = split_folds(list(manifest["folds"]), cfg.fold)
     val_fold = validation_fold(list(manifest["folds"]), plan)
     check_usable(manifest, cfg.dataset, plan, val_fold)
@@ -143,7 +149,7 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
                          recorded=recorded, manifests=[manifest], needs_memory=zhou)
     # The mode is recorded: it changes the batch order, so a resume must keep it.
     config = {**cfg.to_json(), "arch": init.arch, "key": key, **init.record(recorded), "stage": "finetune",
-              "data_mode": inputs.mode.mode}
+              "data_mode": inputs.mode.mode, "input_channel_index": channel}
     # --resume --epochs N with N larger than the run's: the step schedule does not depend on
     # the total, so the extended run is the run that N epochs would have been from the start.
     run = open_run(ranks, cfg.runs_root, "finetune", name, config, cfg.resume, extendable=("epochs",),
@@ -171,7 +177,7 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
         train = inputs.folds(sorted(train_folds, key=fold_order))
         test = inputs.resident([test_fold])
         per_fold[test_fold] = _train_fold(cfg, init, run, task, train, test, val, n_classes, test_fold, device, ranks,
-                                          say)
+                                          say, channel)
     summary = summarize(per_fold, task.metric)
     predictions = run.predictions()
     if ranks.main and predictions:  # last-epoch predictions of every test fold, pooled
@@ -196,6 +202,7 @@ def _fold_epochs(run: Run, fold: str, record: dict[str, Any]) -> int:
 def _zhou_note(cfg: FinetuneConfig) -> str:
     """What the printed and written summaries say about the non-default Zhou et al. options."""
     parts = [f"{cfg.head} head"] if cfg.head != "linear" else []
+    parts += [f"input channel {cfg.input_channel} alone"] if cfg.input_channel is not None else []
     parts += [f"{cfg.fragments} fragments"] if cfg.fragments > 1 else []
     parts += ["channel fusion"] if cfg.channel_fusion else []
     fused = "; posteriors averaged per clip" if cfg.fragments > 1 or cfg.channel_fusion else ""
@@ -203,9 +210,11 @@ def _zhou_note(cfg: FinetuneConfig) -> str:
 
 
 def _train_fold(cfg, init, run: Run, task: Task, train, test, val, n_classes: int, fold: str, device, ranks: Ranks,
-                say) -> dict[str, float]:
+                say, channel: int | None = None) -> dict[str, float]:
     seed_everything(cfg.seed)
-    model = prepare_model(Classifier(init.build(), n_classes, head=cfg.head), device)
+    encoder = init.build()
+    encoder.input_channel = channel
+    model = prepare_model(Classifier(encoder, n_classes, head=cfg.head), device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     y_test = test.y.cpu()  # per clip, whatever the samples are
