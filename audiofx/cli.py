@@ -469,6 +469,25 @@ Examples:
 """
 
 
+class KList(click.ParamType):
+    """--k 200 or --k 5,35,200: one number of neighbours (an int, as runs have recorded it) or
+    several (a tuple), each 1 or more, none twice."""
+
+    name = "k"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, tuple)):
+            return value
+        try:
+            ks = tuple(int(part) for part in str(value).split(","))
+        except ValueError:
+            ks = ()
+        if not ks or min(ks) < 1 or len(set(ks)) != len(ks):
+            self.fail(f"{value!r} is not one or more distinct whole numbers of neighbours, 1 or more (e.g. 5,35,200)",
+                      param, ctx)
+        return ks[0] if len(ks) == 1 else ks
+
+
 class MethodsCommand(click.Command):
     """A command whose help names the registered SSL methods (``{methods}`` and
     ``{temperatures}`` in an option's help) and, with ``method_options``, that takes each
@@ -637,7 +656,9 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, set_option
 @click.option("--preset", default="shin2021", show_default=True)
 @click.option("--key", default=None, help="A feature key (prefix), when several feature sets match.")
 @set_option
-@click.option("--k", "k", type=click.IntRange(min=1), default=200, show_default=True, help="kNN neighbours (k by CV is also reported).")
+@click.option("--k", "k", type=KList(), default="200", show_default=True, metavar="K[,K...]",
+              help="kNN neighbours; a list reports each, the first as the headline (k chosen by cross-validation on "
+                   "the training folds is reported too).")
 @click.option("--space", type=click.Choice(["backbone", "projection"]), default=None,
               help="Embeddings scored: backbone (pooled encoder features) or projection (the pretrain method's own "
                    "space) [kNN of a pretrain run: projection, as NPID, Hornauer et al. and Lin vote; else backbone].")

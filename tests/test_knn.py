@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from audiofx.training.stages.knn import choose_k, knn_scores
+from audiofx.training.stages.knn import choose_k, cv_groups, knn_scores
 
 
 def test_weighted_votes_by_hand():
@@ -23,3 +23,18 @@ def test_choose_k_uses_training_folds_only():
     groups = np.arange(60) % 3
     k, acc = choose_k(feats, labels, groups, 3, candidates=(1, 5, 200))
     assert set(acc) == {1, 5, 200} and acc[k] == max(acc.values()) and acc[k] > 0.9
+
+
+def test_cv_groups_are_the_training_folds_or_stratified_seeded_parts_of_one():
+    labels = torch.arange(40) % 4  # 10 of each class
+    folds = np.array(["1", "2"] * 20)
+    assert np.array_equal(cv_groups(["1", "2"], folds, labels), folds)
+    one = cv_groups(["train"], np.array(["train"] * 40), labels, seed=3)
+    assert sorted(np.unique(one).tolist()) == [0, 1, 2, 3, 4]
+    assert all(np.bincount(labels.numpy()[one == g]).tolist() == [2, 2, 2, 2] for g in range(5))  # stratified
+    assert np.array_equal(one, cv_groups(["train"], np.array(["train"] * 40), labels, seed=3))
+    assert not np.array_equal(one, cv_groups(["train"], np.array(["train"] * 40), labels, seed=4))
+    multi = torch.zeros(12, 3, dtype=torch.long)  # multi-hot rows: plain parts
+    assert sorted(np.unique(cv_groups(["train"], np.array(["train"] * 12), multi)).tolist()) == [0, 1, 2, 3, 4]
+    k, _ = choose_k(torch.randn(40, 8), labels, one, 4)  # one training fold: k is still cross-validated
+    assert k >= 1

@@ -33,10 +33,17 @@ def test_gtzan_70_15_15_finetunes_on_train_selects_on_val_and_tests_once(tmp_pat
     config = json.loads((tmp_path / "runs/finetune/split/config.json").read_text())
     assert config["set_options"] == {"ratios": [70, 15, 15]}
     # The default protocol (10 folds) is taken without --set; evaluate takes --set as finetune does.
-    knn = run_cli("evaluate", "--run", "random", *common, "--mode", "knn", "--k", "5", "--set", "ratios=70/15/15",
+    knn = run_cli("evaluate", "--run", "random", *common, "--mode", "knn", "--k", "5,3", "--set", "ratios=70/15/15",
                   "--name", "knn")
     assert knn.returncode == 0, knn.stderr
-    assert summary_of(tmp_path / "runs/evaluate/knn")["n_folds"] == 1
+    s = summary_of(tmp_path / "runs/evaluate/knn")
+    # Each k reported, the first the headline; k also cross-validated on stratified parts of the one training split.
+    assert s["n_folds"] == 1 and s["k"] == [5, 3] and s["acc_mean"] == s["acc_k5_mean"] and "acc_k3_mean" in s
+    assert "acc_kcv_mean" in s
+    assert "| accuracy (k 5) | accuracy (k 3) |" in (tmp_path / "runs/evaluate/knn/summary.md").read_text()
+    for bad in ("5,5", "0", "x"):
+        refused = run_cli("evaluate", "--run", "random", *common, "--mode", "knn", "--k", bad, "--name", "bad")
+        assert refused.returncode == 2 and "not one or more distinct whole numbers" in refused.stderr
     tenfold = run_cli("evaluate", "--run", "random", *common, "--mode", "knn", "--k", "5", "--fold", "3",
                       "--name", "tenfold")
     assert tenfold.returncode == 0, tenfold.stderr

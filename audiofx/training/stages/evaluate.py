@@ -1,8 +1,10 @@
 """Frozen-encoder evaluation of a pretrained representation: a linear probe (stages/probe.py:
 logistic regression on standardised embeddings, its penalty cross-validated on the training
-folds; or the papers' SGD recipe) and weighted kNN (NPID's: k = 200, weights exp(sim / 0.07), plus k chosen by
-cross-validation on the training folds), per fold, with per-class precision / recall / F1
-and a confusion matrix saved with the run.
+folds; or the papers' SGD recipe) and weighted kNN (NPID's: k = 200, weights exp(sim / 0.07); any list of k,
+the first the headline; and k chosen by cross-validation on the training folds), per fold,
+with per-class precision / recall / F1 and a confusion matrix saved with the run. With one
+training fold (DCASE 2013's official two, a train/val/test split) cross-validation leaves out
+stratified fifths of it instead of folds.
 
 The encoder is frozen in eval mode and never receives gradients, so embeddings are computed
 once and the probe trains on them; its weights are hashed before and after to prove it.
@@ -39,7 +41,7 @@ from audiofx.training.models.published import NAMES as PUBLISHED_NAMES
 from audiofx.training.runtime.device import pick_device, seed_everything
 from audiofx.training.runtime.distributed import launched_ranks
 from audiofx.training.stages.embedding import embed_rows
-from audiofx.training.stages.knn import choose_k, knn_scores
+from audiofx.training.stages.knn import choose_k, cv_groups, knn_scores
 from audiofx.training.stages.metrics import mean_std, per_class_markdown
 from audiofx.training.stages.probe import (
     DEFAULT_WEIGHT_DECAY,
@@ -67,7 +69,7 @@ class EvaluateConfig(StageOptions):
     key: str | None = None
     set_options: dict[str, Any] = field(default_factory=dict)  # --set: the stored set extract made with these
     input_channel: str | None = None  # one stored channel (a source name or an index) as the input, repeated to 3
-    k: int = 200
+    k: int | tuple[int, ...] = 200  # several: each is reported, the first is the headline
     temperature: float = 0.07
     # backbone (pooled encoder features) or projection (the pretrain method's own space);
     # None: kNN on a pretrain run scores its projection (NPID's memory-bank space, where Wu et
@@ -94,6 +96,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     if cfg.probe not in PROBES:
         raise ConfigError(f"unknown --probe {cfg.probe!r}", f"use one of {', '.join(PROBES)}")
     check_rates(lr=cfg.linear_lr, weight_decay=cfg.linear_weight_decay)
+    ks = knn_ks(cfg.k)
     if launched_ranks() > 1:  # every rank would write one run folder
         raise ConfigError("evaluate runs in one process, not under torchrun",
                           "run it as audiofx evaluate ... (embedding a set once takes one device)")
@@ -151,20 +154,22 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     for test_fold, train_folds in plan:
         tr = torch.from_numpy(np.isin(fold_of, train_folds)).to(device)
         te = torch.from_numpy(fold_of == test_fold).to(device)
+        groups = cv_groups(train_folds, fold_of[tr.cpu().numpy()], y[tr], cfg.seed)
         if cfg.mode == "knn":
             # Votes (multi-label: the weighted fraction of neighbours with each class, already in [0, 1]).
-            scores = knn_scores(z[tr], y[tr], z[te], n_classes, cfg.k, cfg.temperature)
+            by_k = {k: knn_scores(z[tr], y[tr], z[te], n_classes, k, cfg.temperature) for k in ks}
+            scores = by_k[ks[0]]
             result = task.score(scores, y[te])
-            if len(train_folds) > 1:  # one training fold (TUT/TAU, FSD50K splits): nothing to cross-validate k on
-                best_k, cv = choose_k(z[tr], y[tr], fold_of[tr.cpu().numpy()], n_classes, temperature=cfg.temperature,
-                                      score=task.headline)
-                cv_scores = scores if best_k == cfg.k else \
-                    knn_scores(z[tr], y[tr], z[te], n_classes, best_k, cfg.temperature)
-                result.update({f"{m}_kcv": task.headline(cv_scores, y[te]), "k_cv": best_k, f"cv_{m}": cv})
+            if len(ks) > 1:
+                result.update({f"{m}_k{k}": task.headline(v, y[te]) for k, v in by_k.items()})
+            best_k, cv = choose_k(z[tr], y[tr], groups, n_classes, temperature=cfg.temperature, score=task.headline)
+            cv_scores = by_k[best_k] if best_k in by_k else \
+                knn_scores(z[tr], y[tr], z[te], n_classes, best_k, cfg.temperature)
+            result.update({f"{m}_kcv": task.headline(cv_scores, y[te]), "k_cv": best_k, f"cv_{m}": cv})
         elif cfg.probe == "lbfgs":
             wd, cv = cfg.linear_weight_decay, None
-            if wd is None and len(train_folds) > 1:
-                wd, cv = choose_weight_decay(z[tr], y[tr], fold_of[tr.cpu().numpy()], n_classes, task)
+            if wd is None:
+                wd, cv = choose_weight_decay(z[tr], y[tr], groups, n_classes, task)
             wd = DEFAULT_WEIGHT_DECAY if wd is None else wd
             scores = task.outputs(lbfgs_probe(z[tr], y[tr], z[te], n_classes, wd, task))
             result = {**task.score(scores, y[te]), "weight_decay": wd, **({"cv_weight_decay": cv} if cv else {})}
@@ -192,8 +197,10 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     unchanged = state_hash(embedder) == before
     # kNN with k chosen on each fold's training folds: a second, selection-free result
     by_cv = [f"{m}_kcv"] if all(f"{m}_kcv" in r for r in per_fold.values()) else []
+    by_k = [f"{m}_k{k}" for k in ks] if cfg.mode == "knn" and len(ks) > 1 else []
     summary = {"mode": cfg.mode, "space": space, "metric": m, "folds": per_fold, "n_folds": len(per_fold),
-               **mean_std(per_fold, [*task.score_names, *by_cv]),
+               **({"k": list(ks)} if cfg.mode == "knn" else {}),
+               **mean_std(per_fold, [*task.score_names, *by_k, *by_cv]),
                "encoder_unchanged": unchanged, "run": str(run.path)}
     report = task.report(np.concatenate(y_true), np.concatenate(pooled), manifest["classes"])
     run.write_text("per_class.json", json.dumps(report, indent=1))
@@ -202,6 +209,15 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     if not unchanged:  # a bug, not a user error: the encoder must stay frozen
         raise RuntimeError("the encoder's weights changed during a frozen evaluation")
     return summary
+
+
+def knn_ks(k: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """--k as a tuple of distinct k, the headline's first; each at least 1."""
+    ks = (k,) if isinstance(k, int) else tuple(k)
+    if not ks or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in ks) or len(set(ks)) != len(ks):
+        raise ConfigError(f"--k {k!r} is not a list of distinct whole numbers of neighbours, 1 or more",
+                          "e.g. --k 200 or --k 5,35,200")
+    return ks
 
 
 SPACES = ("backbone", "projection")
@@ -224,15 +240,19 @@ def _markdown(cfg: EvaluateConfig, source: str, s: dict[str, Any], report: dict[
     m = s["metric"]
     name = METRIC_NAMES[m]
     cv = f"{m}_kcv_mean" in s  # kNN, k also chosen by cross-validation on the training folds
-    head = f"{name} (k {cfg.k})" if cfg.mode == "knn" else name
+    ks = s.get("k", [])
+    more = [(f"{name} (k {k})", f"{m}_k{k}") for k in ks[1:]]  # the first k is the headline's column
+    head = f"{name} (k {ks[0]})" if ks else name
     how = f"{s['space']} space" + (f", {cfg.probe} probe" if cfg.mode == "linear" else "")
     lines = [f"# {cfg.mode} evaluation of {source} on {cfg.dataset} ({how})", "",
-             f"| test fold | {head} |" + (f" {name}, k chosen on the training folds | k chosen |" if cv else ""),
-             "|---|---|" + ("---|---|" if cv else "")]
-    lines += [f"| {f} | {100 * r[m]:.2f} |" + (f" {100 * r[f'{m}_kcv']:.2f} | {r['k_cv']} |" if cv else "")
-              for f, r in s["folds"].items()]
+             f"| test fold | {head} |" + "".join(f" {h} |" for h, _ in more)
+             + (f" {name}, k chosen on the training folds | k chosen |" if cv else ""),
+             "|---|---|" + "---|" * len(more) + ("---|---|" if cv else "")]
+    lines += [f"| {f} | {100 * r[m]:.2f} |" + "".join(f" {100 * r[key]:.2f} |" for _, key in more)
+              + (f" {100 * r[f'{m}_kcv']:.2f} | {r['k_cv']} |" if cv else "") for f, r in s["folds"].items()]
     folds = f"{s['n_folds']} fold{'s' if s['n_folds'] != 1 else ''}"
     lines += [f"| **mean ± std** ({folds}) | **{100 * s[f'{m}_mean']:.2f} ± {100 * s[f'{m}_std']:.2f}** |"
+              + "".join(f" {100 * s[f'{key}_mean']:.2f} ± {100 * s[f'{key}_std']:.2f} |" for _, key in more)
               + (f" {100 * s[f'{m}_kcv_mean']:.2f} ± {100 * s[f'{m}_kcv_std']:.2f} | |" if cv else ""), "",
               *per_class_markdown(report), "", f"Encoder weights unchanged by the evaluation: {s['encoder_unchanged']}."]
     return "\n".join(lines) + "\n"

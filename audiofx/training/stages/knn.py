@@ -45,8 +45,35 @@ def _accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((scores.argmax(1) == labels).float().mean())
 
 
+# The k tried by cross-validation: a grid dense enough to find the K of each paper's own search
+# (Lin 2022: 18 to 200) within a few percent of it.
+K_CANDIDATES = (1, 2, 3, 5, 7, 10, 15, 20, 25, 35, 50, 70, 100, 150, 200)
+
+
+def cv_groups(train_folds: list[str], fold_of: np.ndarray, labels: torch.Tensor, seed: int = 0,
+              splits: int = 5) -> np.ndarray:
+    """The groups that cross-validation on the training rows leaves out one at a time: their
+    folds when there are several; for one training fold (DCASE 2013's official two, a
+    train/val/test split) ``splits`` stratified seeded parts of it (plain parts for
+    multi-label rows, or when a class has fewer rows than parts)."""
+    if len(train_folds) > 1:
+        return fold_of
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    y = labels.cpu().numpy()
+    n = len(y)
+    splits = max(2, min(splits, n))
+    counts = np.bincount(y) if y.ndim == 1 else np.zeros(1)
+    stratify = y.ndim == 1 and counts[counts > 0].min() >= splits
+    splitter = (StratifiedKFold if stratify else KFold)(n_splits=splits, shuffle=True, random_state=seed)
+    groups = np.zeros(n, dtype=int)
+    for i, (_, held) in enumerate(splitter.split(np.zeros(n), y if stratify else None)):
+        groups[held] = i
+    return groups
+
+
 def choose_k(train: torch.Tensor, labels: torch.Tensor, groups: np.ndarray, n_classes: int,
-             candidates: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200), temperature: float = 0.07,
+             candidates: tuple[int, ...] = K_CANDIDATES, temperature: float = 0.07,
              score: Callable[[torch.Tensor, torch.Tensor], float] = _accuracy, chunk: int = 1024) -> tuple[int, dict[int, float]]:
     """k chosen by cross-validation on the training folds only: leave one training fold out,
     predict it from the others, average ``score`` (accuracy; mAP for multi-label sets) over
