@@ -612,10 +612,14 @@ Examples:
 @click.option("--head", type=click.Choice(["linear", "mlp-attn"]), default="linear", show_default=True,
               help="linear: global average pool + linear; mlp-attn: Zhou et al.'s MLP attention.")
 @input_channel_option
+@click.option("--val-split", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+              help="A stratified seeded share of each test fold's training folds held out (not trained on) to select "
+                   "epochs on, per fold and on the fold-averaged curve; sets with a validation split of their own "
+                   "(FSD50K, ratios=70/15/15) use theirs.")
 @run_options(resume_help="Continue an interrupted run (give its --name); a larger --epochs extends it.")
 def finetune(dataset, init, weights, init_branch, store, preset, key, set_options, arch, fold, epochs, batch_size, lr, weight_decay, spec_augment,
              time_masks, freq_masks, time_crop, time_shift, mixup, fragments, channel_fusion, head, input_channel,
-             memory_budget, seed, device, runs_root, name, resume, no_progress):
+             val_split, memory_budget, seed, device, runs_root, name, resume, no_progress):
     """Fine-tune a classifier with k-fold cross-validation on the official folds."""
     from audiofx.training.models.augment import Augment
     from audiofx.training.stages.finetune import FinetuneConfig
@@ -628,7 +632,8 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, set_option
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         augment=Augment(spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks, time_crop=time_crop,
                         time_shift=time_shift, mixup=mixup), fragments=fragments,
-        channel_fusion=channel_fusion, head=head, input_channel=input_channel, memory_budget_gb=memory_budget,
+        channel_fusion=channel_fusion, head=head, input_channel=input_channel, val_split=val_split,
+        memory_budget_gb=memory_budget,
         seed=seed, device=device,
         runs_root=runs_root, name=name, resume=resume, progress=not no_progress), say=click.echo)
     if not _main_rank():
@@ -636,6 +641,9 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, set_option
     m = s["metric"]
     selected = (f", {100 * s[f'selected_{m}_mean']:.2f} ± {100 * s[f'selected_{m}_std']:.2f}% at the epoch the "
                 "validation split selects" if f"selected_{m}_mean" in s else "")
+    selected += (f" ({100 * s[f'curve_selected_{m}_mean']:.2f} ± {100 * s[f'curve_selected_{m}_std']:.2f}% at epoch "
+                 f"{s['curve_selected_epoch']}, best on the fold-averaged validation curve)"
+                 if f"curve_selected_{m}_mean" in s else "")
     click.echo(f"{METRIC_NAMES[m]} over {s['n_folds']} fold(s): last epoch {100 * s[f'last_{m}_mean']:.2f} ± "
                f"{100 * s[f'last_{m}_std']:.2f}%, best epoch {100 * s[f'best_{m}_mean']:.2f} ± "
                f"{100 * s[f'best_{m}_std']:.2f}% (selected on the test fold){selected}; {s['run']}/summary.md")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests import layouts as L
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -75,3 +77,43 @@ def test_one_mel_on_three_channels_lin2022_through_every_stage(tmp_path):
     from audiofx.pipeline.store import FeatureStore
 
     assert load_fold(FeatureStore(store), "folder", key, "1")[0].shape[1:] == (1, 128, 32)
+
+
+def test_val_split_held_out_of_the_training_folds_selects_epochs_on_the_fold_averaged_curve(tmp_path):
+    import numpy as np
+    import torch
+
+    from audiofx.training.data.memory import InMemoryData, hold_out
+    from tests.conftest import make_class_folder
+
+    # hold_out: disjoint, stratified, seeded
+    data = InMemoryData(x=torch.arange(40.0).reshape(40, 1, 1, 1), y=torch.arange(40) % 4, index=torch.arange(40),
+                        clips=[str(i) for i in range(40)], fold_of=["1"] * 40)
+    rest, held = hold_out(data, 0.2, seed=0)
+    assert len(held) == 8 and len(rest) == 32 and not set(held.clips) & set(rest.clips)
+    assert np.bincount(held.y.numpy()).tolist() == [2, 2, 2, 2]
+    assert hold_out(data, 0.2, seed=0)[1].clips == held.clips != hold_out(data, 0.2, seed=1)[1].clips
+
+    make_class_folder(tmp_path / "raw", classes=2, per_class=9, seconds=0.5)
+    store, runs = str(tmp_path / "store"), str(tmp_path / "runs")
+    assert run_cli("extract", "--dataset", "folder", "--root", str(tmp_path / "raw"), "--store", store, *FAST,
+                   "--set", "folds=3", "--workers", "1", "--no-progress").returncode == 0
+    proc = run_cli("finetune", "--dataset", "folder", "--store", store, "--runs", runs, "--arch", "tiny", "--device",
+                   "cpu", "--epochs", "3", "--lr", "1e-3", "--val-split", "0.25", "--no-progress", "--name", "v")
+    assert proc.returncode == 0, proc.stderr
+    assert "epochs selected on 0.25 of the training folds held out" in proc.stdout
+    assert "best on the fold-averaged validation curve" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "runs/finetune/v/metrics.jsonl").read_text().splitlines()]
+    s = summary_of(tmp_path / "runs/finetune/v")
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    val = np.array([[r["val_acc"] for r in epochs if r["fold"] == f] for f in "123"])
+    test = np.array([[r["test_acc"] for r in epochs if r["fold"] == f] for f in "123"])
+    chosen = int(np.argmax(val.mean(0)))  # the first of equal maxima, as np.argmax takes
+    assert s["curve_selected_epoch"] == chosen + 1
+    assert s["curve_selected_acc_mean"] == pytest.approx(test[:, chosen].mean())
+    assert s["best_mean_test_acc"] == pytest.approx(test.mean(0).max())
+    assert s["selected_acc_mean"] == pytest.approx(np.mean([test[i, int(np.argmax(val[i]))] for i in range(3)]))
+    assert "averaged over folds" in (tmp_path / "runs/finetune/v/summary.md").read_text()
+    refused = run_cli("finetune", "--dataset", "folder", "--store", store, "--runs", runs, "--arch", "tiny",
+                      "--epochs", "1", "--val-split", "0.25", "--memory-budget", "0", "--name", "streamed")
+    assert_one_line_error(refused, "--val-split 0.25 needs the training folds in memory")

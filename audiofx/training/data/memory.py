@@ -224,3 +224,22 @@ def subset(data: InMemoryData, mask: torch.Tensor) -> InMemoryData:
         x, y, index = data.x[mask], data.y[mask], data.index[mask]
     return dataclasses.replace(data, x=x, y=y, index=index, clips=[data.clips[i] for i in keep],
                                fold_of=[data.fold_of[i] for i in keep])
+
+
+def hold_out(data: InMemoryData, fraction: float, seed: int) -> tuple[InMemoryData, InMemoryData]:
+    """(rest, held out): a seeded share of the rows, stratified by class where every class has
+    two rows or more (scikit-learn's train_test_split; multi-label rows are drawn plainly):
+    a validation split carved out of the training folds, so that an epoch can be selected
+    without looking at the test fold."""
+    from sklearn.model_selection import train_test_split
+
+    y = data.y.cpu().numpy()
+    n = len(y)
+    counts = np.bincount(y) if y.ndim == 1 and n else np.zeros(1)
+    stratify = y if y.ndim == 1 and counts[counts > 0].min() >= 2 and round(n * fraction) >= len(counts[counts > 0]) \
+        else None
+    _, held = train_test_split(np.arange(n), test_size=fraction, random_state=seed, stratify=stratify)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.from_numpy(np.sort(held))] = True
+    mask = mask.to(data.x.device)
+    return subset(data, ~mask), subset(data, mask)

@@ -2,8 +2,12 @@
 2021 after Palanisamy et al. 2020): for each test fold, train on the other folds and
 evaluate on it after every epoch. The headline is the last-epoch score; the best-epoch
 score is reported too, labelled as selected on the test fold (it is optimistic). A set with
-an official validation split that neither trains nor tests (FSD50K's val) is scored every
-epoch as well, and the test score of the epoch it selects is reported beside them.
+an official validation split that neither trains nor tests (FSD50K's val, GTZAN's 70/15/15)
+is scored every epoch as well, or ``val_split`` carves a stratified seeded share out of each
+test fold's training folds; then the test score of the epoch the validation split selects is
+reported beside them, per fold and at the epoch with the best validation score averaged over
+folds (an honest form of Lin 2022's "best average validation accuracy", which selects on the
+held-out folds themselves).
 
 Single-label sets train with cross-entropy and are scored by accuracy; multi-label sets
 (FSD50K) train with binary cross-entropy on independent sigmoids and are scored by mAP, with
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,7 @@ from audiofx.training.data.featuresets import (
     validation_fold,
 )
 from audiofx.training.data.inputs import open_inputs
+from audiofx.training.data.memory import hold_out
 from audiofx.training.data.mode import MODE_MEMORY
 from audiofx.training.models.augment import Augment
 from audiofx.training.models.encoders import HEADS, Classifier, check_input_size
@@ -85,6 +91,7 @@ class FinetuneConfig(TrainingOptions):
     channel_fusion: bool = False  # Zhou et al.: one sample per channel (left/right/mid), posteriors averaged
     head: str = "linear"  # linear (GAP + linear) or mlp-attn
     input_channel: str | None = None  # one stored channel (a source name or an index) as the input, repeated to 3
+    val_split: float = 0.0  # a share of the training folds held out to select epochs on (sets without a val split)
 
 
 @torch.no_grad()
@@ -97,7 +104,8 @@ def predict(model: torch.nn.Module, data, mean: torch.Tensor, std: torch.Tensor,
 # The options added after the first runs, at the values runs started before them behaved as
 # (no such key in their config.json): such a run may resume with them at these values.
 _LATER_OPTIONS = {"fragments": 1, "channel_fusion": False, "head": "linear", "data_mode": MODE_MEMORY,
-                  "init_branch": "auto", "set_options": {}, "input_channel": None, "input_channel_index": None}
+                  "init_branch": "auto", "set_options": {}, "input_channel": None, "input_channel_index": None,
+                  "val_split": 0.0}
 
 
 def summarize(per_fold: dict[str, dict[str, float]], metric: str = "acc") -> dict[str, Any]:
@@ -120,6 +128,9 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
     if cfg.fragments < 1:
         raise ConfigError(f"--fragments must be at least 1, got {cfg.fragments}", "pass 1 (whole clips) or more")
     check_rates(lr=cfg.lr, weight_decay=cfg.weight_decay, mixup=cfg.augment.mixup, lr_gamma=cfg.lr_gamma)
+    if not 0 <= cfg.val_split < 1:
+        raise ConfigError(f"--val-split must be a share of the training folds from 0 to below 1, got {cfg.val_split}",
+                          "e.g. --val-split 0.15 (0: none)")
     init = resolve_init(cfg.init, cfg.arch, cfg.runs_root, Path(cfg.weights) if cfg.weights else None,
                         branch=cfg.init_branch)
     _, bins, frames = (int(v) for v in manifest["shape"])
@@ -145,8 +156,10 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
     # Zhou et al.'s options cut and copy the training set in memory, so they refuse to stream.
     zhou = (f"--fragments {cfg.fragments}" if cfg.fragments > 1 else "--channel-fusion") \
         if cfg.fragments > 1 or cfg.channel_fusion else None
+    carve = bool(cfg.val_split) and val_fold is None  # a set with its own validation split keeps it
     inputs = open_inputs([FoldSet(cfg.store, cfg.dataset, key, all_folds)], cfg.memory_budget_gb, device, ranks=ranks,
-                         recorded=recorded, manifests=[manifest], needs_memory=zhou)
+                         recorded=recorded, manifests=[manifest],
+                         needs_memory=zhou or (f"--val-split {cfg.val_split}" if carve else None))
     # The mode is recorded: it changes the batch order, so a resume must keep it.
     config = {**cfg.to_json(), "arch": init.arch, "key": key, **init.record(recorded), "stage": "finetune",
               "data_mode": inputs.mode.mode, "input_channel_index": channel}
@@ -156,7 +169,9 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
                    later=_LATER_OPTIONS)
     say(f"finetune {cfg.dataset} ({key}) from {init.kind} ({init.describe()}), {init.arch}{_zhou_note(cfg)}, "
         f"{len(plan)} fold(s), {cfg.epochs} epochs on {device}{f' x {ranks.world} ranks' if ranks.active else ''}"
-        f"{f', epochs selected on {val_fold}' if val_fold else ''}, features {inputs.describe()} -> {run.path}")
+        f"{f', epochs selected on {val_fold}' if val_fold else ''}"
+        f"{f', epochs selected on {cfg.val_split:g} of the training folds held out' if carve else ''}"
+        f", features {inputs.describe()} -> {run.path}")
 
     # The training folds of each test fold come through the door (streamed, or rows of the set
     # in memory); the test fold and the validation split, each a fraction of the set, are in memory.
@@ -176,18 +191,51 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
             continue
         train = inputs.folds(sorted(train_folds, key=fold_order))
         test = inputs.resident([test_fold])
-        per_fold[test_fold] = _train_fold(cfg, init, run, task, train, test, val, n_classes, test_fold, device, ranks,
-                                          say, channel)
-    summary = summarize(per_fold, task.metric)
+        fold_val = val
+        if carve:  # the same rows on every resume: a seeded split of the same training rows
+            train, fold_val = hold_out(train, cfg.val_split, cfg.seed)
+        per_fold[test_fold] = _train_fold(cfg, init, run, task, train, test, fold_val, n_classes, test_fold, device,
+                                          ranks, say, channel)
+    summary = {**summarize(per_fold, task.metric), **curve_selection(run.metrics(), [t for t, _ in plan], task.metric)}
     predictions = run.predictions()
     if ranks.main and predictions:  # last-epoch predictions of every test fold, pooled
         report = task.report(np.concatenate([p["y_true"] for p in predictions.values()]),
                              np.concatenate([p["scores"] for p in predictions.values()]), manifest["classes"])
         run.write_text("per_class.json", json.dumps(report, indent=1))
     run.log({"event": "summary", **{k: v for k, v in summary.items() if k != "folds"}})
-    run.write_text("summary.md", summary_markdown(cfg, init.arch, key, summary, val_fold))
+    run.write_text("summary.md", summary_markdown(cfg, init.arch, key, summary,
+                                                  val_fold or (f"held-out {cfg.val_split:g}" if carve else None)))
     summary["run"] = str(run.path)
     return summary
+
+
+def curve_selection(records: list[dict[str, Any]], folds: list[str], metric: str = "acc") -> dict[str, Any]:
+    """Selection on the validation curve averaged over folds: the epoch whose validation score,
+    averaged over the test folds' runs, is best (the earliest on ties), and the test scores
+    there (mean and ddof=1 std over folds); beside it, the best of the averaged test curve,
+    which is what a "best average validation accuracy" on the held-out folds themselves
+    reports (optimistic). Empty without a validation curve for every fold."""
+    val, test = {}, {}
+    for r in records:
+        if r.get("event") == "epoch" and r.get("fold") in folds and f"val_{metric}" in r:
+            val.setdefault(r["fold"], {})[r["epoch"]] = r[f"val_{metric}"]
+            test.setdefault(r["fold"], {})[r["epoch"]] = r[f"test_{metric}"]
+    if set(val) != set(folds):
+        return {}
+    epochs = sorted(set.intersection(*(set(v) for v in val.values())))
+    if not epochs:
+        return {}
+    v = np.array([[val[f][e] for e in epochs] for f in folds], dtype=float)
+    t = np.array([[test[f][e] for e in epochs] for f in folds], dtype=float)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an epoch of NaN scores (no positive): never chosen
+        mean_val, mean_test = np.nanmean(v, axis=0), np.nanmean(t, axis=0)
+    chosen = _best(mean_val.tolist())
+    at = t[:, chosen]
+    return {f"curve_selected_{metric}_mean": float(np.mean(at)),
+            f"curve_selected_{metric}_std": float(np.std(at, ddof=1)) if len(at) > 1 else 0.0,
+            "curve_selected_epoch": epochs[chosen], f"best_mean_val_{metric}": float(mean_val[chosen]),
+            f"best_mean_test_{metric}": float(np.nanmax(mean_test))}
 
 
 def _fold_epochs(run: Run, fold: str, record: dict[str, Any]) -> int:
@@ -337,4 +385,10 @@ def summary_markdown(cfg: FinetuneConfig, arch: str, key: str, s: dict[str, Any]
     if selected:
         lines += [f"The {val_fold}-selected column takes each fold's epoch with the best {name} on the {val_fold} split "
                   "(which is never trained on) and reports its test score: a fair model selection."]
+    if f"curve_selected_{m}_mean" in s:
+        lines += ["", f"At the epoch with the best {name} on the {val_fold} split averaged over folds (epoch "
+                      f"{s['curve_selected_epoch']}: {pct(s[f'best_mean_val_{m}'])} there): test {name} "
+                      f"**{pct(s[f'curve_selected_{m}_mean'])} ± {pct(s[f'curve_selected_{m}_std'])}**. The best "
+                      f"epoch of the test {name} averaged over folds, selected on the test folds themselves "
+                      f"(optimistic), is {pct(s[f'best_mean_test_{m}'])}."]
     return "\n".join(lines) + "\n"
