@@ -532,6 +532,13 @@ def _method_option(method, option) -> click.Option:
 @store_option
 @read_cache_options
 @click.option("--preset", default="shin2021", show_default=True, help="Which extracted features to use.")
+@click.option("--set", "set_options", multiple=True, metavar="[DATASET:]KEY=VALUE",
+              help="Which stored set of each pooled dataset: the --set extract was given (folds=2 for every dataset "
+                   "with that option, dcase2013:folds=2 for one; feature options for all) [the preset at each "
+                   "dataset's default options].")
+@click.option("--hold-out-fold", default=None, metavar="FOLD",
+              help="Leave this fold of every pooled dataset out of pretraining (the fold a per-dataset protocol tests "
+                   "on: Hornauer et al.'s phase 1).")
 @click.option("--arch", default=None, help="resnet18/34/50, esresnet50 (ESResNet with attention), densenet201, vgg16, alexnet, tiny [the --init weights', else resnet50].")
 @click.option("--init", default="scratch", show_default=True, help="Where the encoder starts: " + INIT_HELP)
 @weights_options
@@ -550,7 +557,7 @@ def _method_option(method, option) -> click.Option:
 @click.option("--time-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Time masks per view.")
 @click.option("--freq-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Frequency masks per view.")
 @run_options(resume_help="Continue an interrupted run (give its --name).")
-def pretrain(method, datasets, store, preset, arch, init, weights, init_branch, epochs, batch_size, lr, temperature, time_crop, time_shift,
+def pretrain(method, datasets, store, preset, set_options, hold_out_fold, arch, init, weights, init_branch, epochs, batch_size, lr, temperature, time_crop, time_shift,
              freq_shift, spec_augment, time_masks, freq_masks, seed, device, runs_root, name, resume, memory_budget, no_progress,
              **options):
     """Learn a representation without labels from the cached features (NPID, SimCLR, MoCo v2)."""
@@ -558,7 +565,8 @@ def pretrain(method, datasets, store, preset, arch, init, weights, init_branch, 
     from audiofx.training.stages.pretrain import pretrain as run_pretrain
 
     result = run_pretrain(PretrainConfig(
-        method=method, datasets=tuple(d for d in datasets.split(",") if d), store=store, preset=preset, arch=arch,
+        method=method, datasets=tuple(d for d in datasets.split(",") if d), store=store, preset=preset,
+        set_options=parse_overrides(set_options), hold_out_fold=hold_out_fold, arch=arch,
         init=init, weights=weights, init_branch=init_branch, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature, time_crop=time_crop,
         time_shift=time_shift, freq_shift=freq_shift, spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks,
         options=options, seed=seed, device=device, runs_root=runs_root, name=name, resume=resume,

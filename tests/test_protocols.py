@@ -117,3 +117,42 @@ def test_val_split_held_out_of_the_training_folds_selects_epochs_on_the_fold_ave
     refused = run_cli("finetune", "--dataset", "folder", "--store", store, "--runs", runs, "--arch", "tiny",
                       "--epochs", "1", "--val-split", "0.25", "--memory-budget", "0", "--name", "streamed")
     assert_one_line_error(refused, "--val-split 0.25 needs the training folds in memory")
+
+
+def test_pretrain_picks_each_pooled_set_by_set_and_leaves_out_a_held_out_fold(tmp_path):
+    """Hornauer et al.'s phase 1: NPID trained on a dataset's training folds, scored on its fold 1
+    by weighted 5-NN; DCASE 2013 pooled as its official two folds."""
+    from audiofx.errors import ConfigError
+    from audiofx.training.data.featuresets import pool_overrides
+
+    assert pool_overrides(["dcase2013", "esc50"], {"folds": 2, "n_mels": 64, "esc50:x": 1}) == \
+        {"dcase2013": {"folds": 2, "n_mels": 64}, "esc50": {"n_mels": 64, "x": 1}}
+    with pytest.raises(ConfigError, match="no dataset of the pool"):
+        pool_overrides(["esc50"], {"ratios": "70/15/15"})
+    with pytest.raises(ConfigError, match="gtzan is not in the pool"):
+        pool_overrides(["esc50"], {"gtzan:folds": 2})
+
+    root = L.make_dcase2013(tmp_path / "dcase", per_scene=5, scenes=["bus", "park"])
+    L.make_dcase2013(tmp_path / "dcase", per_scene=2, scenes=["bus", "park"], subdir="test")
+    store, runs = str(tmp_path / "store"), str(tmp_path / "runs")
+    for folds in ("2", "5"):  # the 5-fold set is extracted last, so it is the newer
+        done = run_cli("extract", "--dataset", "dcase2013", "--root", str(root), "--store", store, *FAST, "--set",
+                       f"folds={folds}", "--workers", "1", "--no-progress")
+        assert done.returncode == 0, done.stderr
+    common = ("--store", store, "--runs", runs, "--arch", "tiny", "--device", "cpu")
+    proc = run_cli("pretrain", "--method", "npid", "--datasets", "dcase2013", "--set", "folds=2", "--hold-out-fold",
+                   "1", "--nce-k", "0", "--epochs", "1", "--batch-size", "4", "--no-progress", "--name", "p1", *common)
+    assert proc.returncode == 0, proc.stderr
+    assert "without fold 1 (4 samples" in proc.stdout  # fold 2 (the evaluation set, 4 clips) only
+    config = json.loads((tmp_path / "runs/pretrain/p1/config.json").read_text())
+    assert config["hold_out_fold"] == "1" and config["set_options"] == {"folds": 2}
+    knn = run_cli("evaluate", "--run", "npid:p1", "--dataset", "dcase2013", "--set", "folds=2", "--fold", "1",
+                  "--mode", "knn", "--k", "5", "--name", "phase1", *common)
+    assert knn.returncode == 0, knn.stderr
+    assert summary_of(tmp_path / "runs/evaluate/phase1")["n_folds"] == 1
+    whole = run_cli("pretrain", "--method", "npid", "--datasets", "dcase2013", "--nce-k", "0", "--epochs", "1",
+                    "--batch-size", "4", "--no-progress", "--name", "p5", *common)
+    assert whole.returncode == 0 and "(10 samples" in whole.stdout  # the default protocol: the development set
+    bad = run_cli("pretrain", "--method", "npid", "--datasets", "dcase2013", "--hold-out-fold", "7", "--epochs", "1",
+                  "--name", "p7", *common)
+    assert_one_line_error(bad, "--hold-out-fold 7", "has folds 1, 2, 3, 4, 5")

@@ -209,16 +209,43 @@ def open_foldset(store: str, dataset: str, key: str, folds: list[str] | str | No
     return FoldSet(str(store), dataset, key, names)
 
 
-def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print) -> list[tuple[str, str, dict]]:
+def pool_overrides(datasets: list[str], overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``--set`` of a pretraining pool, per dataset: ``DATASET:KEY=VALUE`` for that
+    dataset, a feature option for every one, a plain dataset option (``folds=2``) for each
+    dataset that has it. A key that applies to no pooled dataset is a ConfigError."""
+    from audiofx.config import FEATURE_FIELDS
+
+    out: dict[str, dict[str, Any]] = {ds: {} for ds in datasets}
+    for key, value in overrides.items():
+        ds, sep, name = key.rpartition(":")
+        if sep:
+            if ds not in out:
+                raise ConfigError(f"--set {key}: {ds} is not in the pool ({', '.join(datasets) or 'none'})",
+                                  "name a pooled dataset, or add it to --datasets")
+            out[ds][name] = value
+            continue
+        takers = [d for d in datasets if name in FEATURE_FIELDS or name in get_adapter(d).options]
+        if not takers:
+            raise ConfigError(f"--set {key}: no dataset of the pool ({', '.join(datasets) or 'none'}) has an option "
+                              f"{name!r}", "give a feature option, or DATASET:KEY=VALUE for one dataset's option")
+        for d in takers:
+            out[d][name] = value
+    return out
+
+
+def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print,
+                  overrides: Mapping[str, Any] | None = None) -> list[tuple[str, str, dict]]:
     """(dataset, key, manifest) of every dataset in the pool: the named ones (of one size), or
     by default every dataset with usable clips in the store whose features have the preset's
     channels and mel bins, or the most common ones when none has (one network takes them all
-    in one batch; the number of frames may differ)."""
+    in one batch; the number of frames may differ). ``overrides``: the ``--set`` that picks
+    each dataset's stored set (``pool_overrides``)."""
     names = list(wanted) or sorted({ds for ds, _, _ in FeatureStore(store).groups()})
+    chosen = pool_overrides(names, overrides or {})
     out = []
     for ds in names:
         try:
-            key, manifest = resolve_featureset(store, ds, preset)
+            key, manifest = resolve_featureset(store, ds, preset, overrides=chosen[ds])
             if not any(usable_clips(manifest, f) for f in manifest["folds"]):
                 clips = sum(int(m["clips"]) for m in manifest["folds"].values())
                 raise StoreError(f"{ds} ({key}) has no usable clip: all {clips} were skipped at extraction",

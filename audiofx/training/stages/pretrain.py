@@ -47,6 +47,8 @@ from audiofx.training.stages.weights import resolve_init
 class PretrainConfig(TrainingOptions):
     method: str = "npid"
     datasets: tuple[str, ...] = ()  # empty: every dataset in the store
+    set_options: dict[str, Any] = field(default_factory=dict)  # --set: which stored set of each dataset (pool_overrides)
+    hold_out_fold: str | None = None  # a fold of every pooled dataset left out (the test fold of a per-dataset protocol)
     arch: str | None = None  # default: the --init weights' arch, else resnet50
     init: str = "scratch"  # where the encoder starts (stages/weights.py): scratch, imagenet..., a run, a file
     weights: str | None = None  # the file of a named init (imagenet, imagenet-simclr, imagenet-moco)
@@ -97,7 +99,9 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     cfg = replace(cfg, arch=init.arch)
     if init.kind != "scratch":
         say(f"init: {init.kind} ({init.describe()}), {init.arch}")
-    sets = pool_datasets(cfg.store, cfg.preset, cfg.datasets, say)  # (dataset, key, manifest)
+    sets = pool_datasets(cfg.store, cfg.preset, cfg.datasets, say, cfg.set_options)  # (dataset, key, manifest)
+    if cfg.hold_out_fold is not None:
+        sets = _without_fold(sets, cfg.hold_out_fold)
     foldsets = [FoldSet(cfg.store, ds, key, list(m["folds"])) for ds, key, m in sets]
     frames = min(int(m["shape"][-1]) for *_, m in sets)
     bins = int(sets[0][2]["shape"][-2])
@@ -140,7 +144,8 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
         mean, std = ckpt["states"]["mean"].to(device), ckpt["states"]["std"].to(device)
     else:
         mean, std = pool.statistics(ranks)
-    say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in sets)} ({n} samples of {frames} frames), "
+    held = f" without fold {cfg.hold_out_fold}" if cfg.hold_out_fold is not None else ""
+    say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in sets)}{held} ({n} samples of {frames} frames), "
         f"{cfg.arch}, {cfg.epochs} epochs on {device} -> {run.path}")
     for note in method_cls.notes(cfg.own_options(), n):
         say(f"note: {note}")
@@ -267,7 +272,22 @@ def _recorded_before(method: type[Method]) -> dict[str, Any]:
     views = {"time_crop": None, "time_shift": None, "freq_shift": 0, "spec_augment": True, "time_masks": 2,
              "freq_masks": 2}
     starts = {"init": "scratch", "weights": None, "init_branch": "auto"}
-    return {**views, **starts, **{o.name: o.recorded_before if owner is method else o.default for owner, o in method_options()}}
+    pool = {"set_options": {}, "hold_out_fold": None}
+    return {**views, **starts, **pool, **{o.name: o.recorded_before if owner is method else o.default for owner, o in method_options()}}
+
+
+def _without_fold(sets: list[tuple[str, str, dict]], fold: str) -> list[tuple[str, str, dict]]:
+    """The pool without ``fold`` of each dataset (its manifest's folds without it, so the loaders
+    and the kNN monitor never read it): Hornauer et al.'s phase 1 pretrains on the training
+    folds of the fold it scores. Every pooled dataset must have that fold and another."""
+    out = []
+    for ds, key, manifest in sets:
+        folds = list(manifest["folds"])
+        if fold not in folds or len(folds) < 2:
+            raise ConfigError(f"--hold-out-fold {fold}: {ds} ({key}) has folds {', '.join(folds)}",
+                              "name a fold every pooled dataset has, beside at least one other")
+        out.append((ds, key, {**manifest, "folds": {f: v for f, v in manifest["folds"].items() if f != fold}}))
+    return out
 
 
 def _refuse_extension(cfg: PretrainConfig, recorded: dict[str, Any] | None, name: str) -> None:
