@@ -22,6 +22,11 @@ FEATURE_CODE_VERSION = 1
 SOURCES = ("mono", "left", "right", "mid")
 KINDS = ("logmel", "stft_bands")
 PAD_MODES = ("constant", "reflect", "replicate", "circular")  # torch.stft's
+FITS = ("pad", "resize")
+# Fields added after stores were written, at the value every earlier store was made with:
+# left out of to_dict (and so of feature keys) at that value.
+LATER_FIELDS: dict[str, Any] = {"fit": "pad"}
+_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,10 @@ class FeatureConfig:
     log_offset: float = 1e-6  # log(mel + offset): finite even for digital silence
     bands: int = 3  # stft_bands: number of frequency bands, one per channel
     dtype: str = "float16"  # storage dtype
+    # pad: every clip padded with zeros (or cropped) to clip_seconds, then its spectrogram resized
+    # to `frames`; resize: cropped at clip_seconds but never padded, each clip's own spectrogram
+    # resized to `frames` (Shin et al.: "we fixed their length to 4 s by resizing").
+    fit: str = "pad"
 
     # -- derived values -------------------------------------------------------------
     @property
@@ -137,10 +146,16 @@ class FeatureConfig:
             raise bad("dtype must be float16 or float32")
         if self.kind == "stft_bands" and self.bands > self.fft_size // 2 + 1:
             raise bad("more bands than STFT bins")
+        if self.fit not in FITS:
+            raise bad(f"fit {self.fit!r} is unknown; use one of {', '.join(FITS)}")
+        if self.fit == "resize" and not self.frames:
+            raise bad("fit=resize brings every clip to `frames` frames, so frames must be above 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, without those added after stores were written while they are at their
+        defaults: every feature key and manifest written before they existed stays valid."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if LATER_FIELDS.get(k, _ABSENT) != v}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FeatureConfig":

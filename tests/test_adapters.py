@@ -184,3 +184,34 @@ def test_missing_esc50_files_error_or_allowed(tmp_path):
         run("esc50", root, tmp_path / "store")
     _, manifest = run("esc50", root, tmp_path / "store", allow_missing=True)
     assert manifest["clips"] == 23 and manifest["missing"] == gone
+
+
+def test_fit_resize_stretches_each_clip_to_the_frames_instead_of_padding(tmp_path):
+    """Shin et al. on UrbanSound8K: "we fixed their length to 4 s by resizing"."""
+    import soundfile as sf
+
+    from audiofx.config import feature_key, resolve_feature_config
+    from audiofx.features.reference import librosa_features
+    from audiofx.pipeline.decode import decode_clip
+    from tests.conftest import make_class_folder, real_signal
+
+    pad = resolve_feature_config({"sample_rate": 22050, "clip_seconds": 2.0, "frames": 40})
+    assert "fit" not in pad.to_dict()  # keys of stores made before the option stay as they were
+    resize = resolve_feature_config({"sample_rate": 22050, "clip_seconds": 2.0, "frames": 40}, overrides={"fit": "resize"})
+    assert resize.to_dict()["fit"] == "resize" and feature_key(resize) != feature_key(pad)
+    root = make_class_folder(tmp_path / "raw", classes=2, per_class=5, seconds=1.0)
+    for c in range(2):  # one second and three seconds of audio in one write unit
+        sf.write(root / f"class{c}" / f"class{c}-009.wav", real_signal(22050, 3.0, seed=90 + c), 22050)
+    summary, manifest = run("folder", root, tmp_path / "store", clip_seconds=2.0, frames=40, fit="resize",
+                            sample_rate=22050, folds=2)
+    assert manifest["feature_config"]["fit"] == "resize" and not manifest["skipped"]
+    for fold in manifest["folds"]:
+        x, _, clips = load_fold(FeatureStore(tmp_path / "store"), "folder", summary.key, fold)
+        for row, clip in zip(x, clips):
+            audio = decode_clip(root / clip, resize)
+            assert audio.shape[-1] == (44100 if clip.endswith("-009.wav") else 22050)  # cropped at 2 s, never padded
+            assert np.abs(row.astype(np.float32) - librosa_features(audio, resize)).max() < 0.05, clip  # float16
+    padded = decode_clip(root / "class0" / "class0-000.wav", pad)
+    assert padded.shape[-1] == 44100 and not padded[0, 22050:].any()
+    with pytest.raises(Exception, match="frames must be above 0"):
+        resolve_feature_config({"sample_rate": 22050, "clip_seconds": 2.0, "frames": 0}, overrides={"fit": "resize"})

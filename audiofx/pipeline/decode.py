@@ -93,7 +93,8 @@ def read_audio(path: Path, max_seconds: float) -> tuple[np.ndarray, int]:
 
 
 def decode_clip(path: Path, config: FeatureConfig) -> np.ndarray:
-    """Decode, mix down (or keep two channels), resample and pad/crop to the clip length.
+    """Decode, mix down (or keep two channels), resample and pad/crop to the clip length
+    (``fit=resize``: crop only, and pad to one FFT frame at most).
 
     Returns float32 (K, clip_samples) with K = 1, or 2 when a channel source is left/right/mid.
     """
@@ -107,7 +108,11 @@ def decode_clip(path: Path, config: FeatureConfig) -> np.ndarray:
     if rate != config.sample_rate:
         # soxr wants (frames, channels).
         audio = soxr.resample(audio.T, rate, config.sample_rate, quality="HQ").T
-    return fix_length(np.ascontiguousarray(audio, dtype=np.float32), config.clip_samples)
+    audio = np.ascontiguousarray(audio, dtype=np.float32)
+    if config.fit == "resize":  # cropped, never padded: the clip's own length is resized to `frames`
+        # ... except below one FFT frame, where the centred STFT's reflect padding is undefined.
+        return fix_length(audio, max(config.fft_size, min(audio.shape[-1], config.clip_samples)))
+    return fix_length(audio, config.clip_samples)
 
 
 def fix_length(audio: np.ndarray, n: int) -> np.ndarray:

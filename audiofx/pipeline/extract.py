@@ -135,10 +135,17 @@ def run_unit(job: UnitJob) -> dict[str, Any]:
                 return {"unit": job.unit.id, "strict_failure": [rel, skip.reason]}
             skipped.append((rel, skip.reason))
     with torch.inference_mode():
-        for b in range(0, len(rows), job.batch):
-            batch = torch.from_numpy(np.stack(audio[b:b + job.batch])).to(job.device)
-            feats = compute_features(batch, config).cpu().numpy()
-            x[rows[b:b + job.batch]] = feats  # cast to the store dtype by the assignment
+        # Clips of one length are batched together (all of them, unless fit=resize keeps each
+        # clip's own length).
+        by_length: dict[int, list[int]] = {}
+        for at, clip in enumerate(audio):
+            by_length.setdefault(clip.shape[-1], []).append(at)
+        for group in by_length.values():
+            for b in range(0, len(group), job.batch):
+                part = group[b:b + job.batch]
+                batch = torch.from_numpy(np.stack([audio[a] for a in part])).to(job.device)
+                feats = compute_features(batch, config).cpu().numpy()
+                x[[rows[a] for a in part]] = feats  # cast to the store dtype by the assignment
     # Features that are not finite (in the store's dtype: float16 overflows above 65504) would
     # train on NaN: such a clip is skipped, with the reason, like unreadable audio.
     for i in rows:

@@ -66,6 +66,8 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
                                  f"(sets there: {there})",
                                  f"extract them: audiofx extract --dataset {dataset} --preset {preset} {asked} "
                                  f"--store {store}, or give the --set a set there was extracted with")
+            if not dataset_options:  # feature options alone: the dataset's default protocol first, as without --set
+                found = [(k, m) for k, m in found if options_are(m, adapter.options)] or found
             complete = found
         else:
             complete = ([(k, m) for k, m in complete if config_is(m) and options_are(m, adapter.options)]
