@@ -757,7 +757,9 @@ Examples:
 @click.option("--runs", "runs_root", default="data/runs", show_default=True)
 @click.option("--arch", default=None, help="Override the recipe's backbone (e.g. tiny for a smoke run).")
 @click.option("--device", default=None, help="auto, cpu or cuda, for every stage [each stage's default].")
-@click.option("--weights", default=None, help="torchvision's ImageNet checkpoint for the ImageNet rows (offline).")
+@click.option("--weights", multiple=True, metavar="[ARCH=]FILE",
+              help="torchvision's ImageNet checkpoint for the ImageNet rows (offline): FILE for the recipe's "
+                   "backbone, ARCH=FILE for another (zhou2019: alexnet=, resnet50=); repeatable [the torch hub cache].")
 @click.option("--simclr-weights", default=None,
               help="SimCLR's ImageNet ResNet-50 (resnet50-1x.pth, docs/checkpoints.md) for shin2021's SimCLR rows "
                    "[the torch hub cache].")
@@ -769,12 +771,13 @@ def reproduce(recipe, dry_run, epochs_scale, store, runs_root, arch, device, wei
     """Run a paper's stages (extract, pretrain, finetune, evaluate) with its settings and end
     with its table next to the paper's numbers. Finished runs are skipped, unfinished ones
     resumed."""
-    from audiofx.reproduce import ReproduceOptions, parse_roots
+    from audiofx.reproduce import ReproduceOptions, parse_roots, parse_weights
     from audiofx.reproduce import reproduce as run_reproduce
 
     result = run_reproduce(ReproduceOptions(
         recipe=recipe, dry_run=dry_run, epochs_scale=epochs_scale, store=store, runs=runs_root, arch=arch,
-        device=device, weights=weights, simclr_weights=simclr_weights, roots=parse_roots(roots), datasets=tuple(d for d in datasets.split(",") if d),
+        device=device, **parse_weights(weights), simclr_weights=simclr_weights, roots=parse_roots(roots),
+        datasets=tuple(d for d in datasets.split(",") if d),
         progress=not no_progress), cli, say=click.echo)
     if dry_run:
         return

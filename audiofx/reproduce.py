@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+import numpy as np
 
+from audiofx.config import canonical_json, parse_overrides
 from audiofx.errors import AudiofxError, ConfigError, StoreError
 from audiofx.pipeline.datasets.base import default_root
 from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, SUBSET_OF, Recipe, Setting
@@ -48,7 +50,8 @@ class ReproduceOptions:
     runs: str = "data/runs"
     arch: str | None = None  # overrides the recipe's backbone
     device: str | None = None  # passed to every stage (extract only takes cpu / cuda)
-    weights: str | None = None  # ImageNet checkpoint for --init imagenet
+    weights: str | None = None  # ImageNet checkpoint for --init imagenet (of the recipe's backbone)
+    arch_weights: dict[str, str] = field(default_factory=dict)  # arch -> its ImageNet checkpoint (Zhou's three nets)
     simclr_weights: str | None = None  # SimCLR's ImageNet ResNet-50 for --init imagenet-simclr
     roots: dict[str, str] = field(default_factory=dict)  # dataset -> root for extract
     datasets: tuple[str, ...] = ()  # a subset of the recipe's datasets
@@ -66,6 +69,7 @@ class Step:
     folds: int | None = None
     pool: tuple[str, ...] = ()  # pretrain: the datasets it reads
     note: str = ""
+    arch: str | None = None  # finetune / evaluate: the row's backbone
 
     @property
     def command(self) -> str:
@@ -103,6 +107,24 @@ def parse_roots(items: tuple[str, ...] | list[str]) -> dict[str, str]:
     return roots
 
 
+def parse_weights(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """--weights FILE (the recipe's backbone) and --weights ARCH=FILE (another), as
+    ReproduceOptions' ``weights`` and ``arch_weights``."""
+    from audiofx.training.models.encoders import TORCHVISION
+
+    plain, by_arch = [], {}
+    for item in items:
+        arch, sep, path = item.partition("=")
+        if sep and arch in TORCHVISION:
+            by_arch[arch] = path
+        else:
+            plain.append(item)
+    if len(plain) > 1:
+        raise ConfigError(f"--weights given {len(plain)} files without an arch ({', '.join(plain)})",
+                          "give one FILE for the recipe's backbone and ARCH=FILE for others (e.g. alexnet=FILE)")
+    return {"weights": plain[0] if plain else None, "arch_weights": by_arch}
+
+
 def run_name(recipe: Recipe, dataset: str, slug: str) -> str:
     return f"{recipe.name}-{dataset}-{slug}"
 
@@ -125,16 +147,28 @@ def _run_state(kind: str, run_dir: Path) -> str:
     return "resume" if kind != "evaluate" and (run_dir / "config.json").is_file() else "restart"
 
 
-def _features(store: str, dataset: str, preset: str) -> dict[str, Any] | None:
+def _features(store: str, dataset: str, preset: str, protocol: tuple[str, ...] = ()) -> dict[str, Any] | None:
     try:
-        return resolve_featureset(store, dataset, preset)[1]
+        return resolve_featureset(store, dataset, preset, overrides=parse_overrides(protocol))[1]
     except (StoreError, ConfigError):
         return None
 
 
-def _fold_count(manifest: dict[str, Any] | None, dataset: str) -> int | None:
+def _sets(values: tuple[str, ...], dataset: str | None = None) -> list[str]:
+    """A protocol's --set values as arguments (prefixed DATASET: for a pretraining pool)."""
+    return [a for v in values for a in ("--set", f"{dataset}:{v}" if dataset else v)]
+
+
+def _fold_count(manifest: dict[str, Any] | None, dataset: str, args: list[str] = ()) -> int | None:
+    """Test folds a finetune or evaluate run goes through: one for --fold K, else the set's."""
+    if "--fold" in args and args[args.index("--fold") + 1] != "all":
+        return 1
     if manifest is None:
-        return DEFAULT_FOLDS.get(dataset)
+        sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
+        if any(v.startswith("ratios=") for v in sets):
+            return 1
+        folds = next((int(v.split("=")[1]) for v in sets if v.startswith("folds=")), None)
+        return folds or DEFAULT_FOLDS.get(dataset)
     return len(split_folds(list(manifest["folds"]), "all"))
 
 
@@ -158,9 +192,11 @@ def _differences(cli: click.Group, kind: str, args: list[str], run_dir: Path) ->
             continue
         if kind == "pretrain" and name == "datasets":
             value = [d for d in value.split(",") if d]
+        if name == "set_options":  # recorded as parsed
+            value = parse_overrides(value)
         if isinstance(value, tuple):
             value = list(value)
-        if value != config[key]:
+        if canonical_json(value) != canonical_json(config[key]):
             out.append(f"{key} {config[key]!r}, not {value!r}")
     return out
 
@@ -186,7 +222,8 @@ def _missing_hint(recipe: Recipe, dataset: str, store: str) -> str:
                f"or pass --root {dataset}=PATH")
     else:
         get = f"download it yourself (`audiofx datasets` shows the layout) and pass --root {dataset}=PATH"
-    return f"{dataset}: no {recipe.preset} features in {store} and no root: {get}"
+    protocol = "".join(f" --set {v}" for v in recipe.protocol(dataset))
+    return f"{dataset}: no {recipe.preset}{protocol} features in {store} and no root: {get}"
 
 
 def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
@@ -201,19 +238,24 @@ def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
                           f"its datasets are {', '.join(recipe.datasets)}")
     datasets = tuple(d for d in recipe.datasets if not opts.datasets or d in opts.datasets)
     arch = opts.arch or recipe.arch
-    notes = [f"{recipe.name}: {recipe.title}", *recipe.notes]
+    notes = [f"{recipe.name}: {recipe.title}", *(f"choice: {c}" for c in recipe.choices),
+             *(f"difference from the paper: {d}" for d in recipe.differences)]
     if arch != recipe.arch or opts.epochs_scale != 1:
         notes.append(f"smoke settings (backbone {arch}, epochs x {opts.epochs_scale}): not comparable with the paper")
     settings = recipe.settings
     for p in recipe.pretrain:
+        if p.per_dataset:
+            continue
         for d in set(p.pool or datasets) - set(unique_clips(p.pool or datasets)):
             notes.append(f"{d}'s clips are all in {SUBSET_OF[d]}'s: the {p.method} pool takes them once, from "
                          f"{SUBSET_OF[d]}")
-    if imagenet_arch(arch) is None and any(s.source == "imagenet" for s in settings):
-        settings = tuple(s for s in settings if s.source != "imagenet")
+    left_out = [s for s in settings if s.stage != "quoted" and s.source == "imagenet"
+                and imagenet_arch(setting_arch(opts, recipe, s)) is None]
+    if left_out:
+        settings = tuple(s for s in settings if s not in left_out)
         notes.append(f"no ImageNet weights exist for arch {arch}: the ImageNet rows are left out")
     for name, spec in PUBLISHED.items():
-        if spec.arch != imagenet_arch(arch) and any(s.source == name for s in settings):
+        if any(s.source == name and spec.arch != imagenet_arch(setting_arch(opts, recipe, s)) for s in settings):
             settings = tuple(s for s in settings if s.source != name)
             notes.append(f"--init {name} exists for {spec.arch} only, not {arch}: its rows are left out")
     # Features to extract: the selected datasets and the recipe's own pretraining pools (FSD50K).
@@ -221,7 +263,7 @@ def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
     ignored = [d for d in opts.roots if d not in {*wanted, *(DOWNLOAD_AS.get(w, w) for w in wanted)}]
     if ignored:
         notes.append(f"--root for {', '.join(ignored)} ignored: not a dataset of {recipe.name}")
-    manifests = {d: _features(opts.store, d, recipe.preset) for d in wanted}
+    manifests = {d: _features(opts.store, d, recipe.preset, recipe.protocol(d)) for d in wanted}
 
     training = _training_steps(opts, cli, recipe, arch, datasets, settings, manifests)
     pending = [s for s in training if s.status != "done"]
@@ -230,14 +272,16 @@ def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
     for step in (s for s in extract if s.status == "missing" and s.dataset not in needed):
         step.status, step.note = "have", f"{step.dataset}: no features, but every run that reads them is finished"
     problems = [s.note for s in extract if s.status == "missing"]
-    for source in ("imagenet", *PUBLISHED):  # the weights files: offline, nothing can fetch them later
-        if any(s.setting and s.setting.source == source for s in pending):
-            given = _weights_of(opts, source)
-            try:
-                published_file(source, arch, Path(given) if given else None,
-                               WEIGHTS_OPTIONS.get(source, ("", "--weights"))[1])
-            except AudiofxError as err:
-                problems.append(f"{err.message} ({err.hint})")
+    needs = dict.fromkeys((s.setting.source, s.arch) for s in pending if s.setting and s.setting.source in
+                          ("imagenet", *PUBLISHED))
+    for source, row_arch in needs:  # the weights files: offline, nothing can fetch them later
+        given = _weights_of(opts, source, row_arch, arch)
+        try:
+            published_file(source, row_arch, Path(given) if given else None,
+                           WEIGHTS_OPTIONS.get(source, ("", "--weights"))[1])
+        except AudiofxError as err:
+            hint = err.hint if row_arch == arch else err.hint.replace("--weights FILE", f"--weights {row_arch}=FILE")
+            problems.append(f"{err.message} ({hint})")
     for step in pending:  # an option this audiofx lacks stops the run before anything trains
         try:
             _command_params(cli, step.kind, step.args[1:])
@@ -254,8 +298,19 @@ def unique_clips(pool: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(d for d in pool if SUBSET_OF.get(d) not in pool)
 
 
-def _weights_of(opts: ReproduceOptions, source: str) -> str | None:
-    """The file given for a named init's weights (None: the torch hub cache)."""
+def setting_arch(opts: ReproduceOptions, recipe: Recipe, setting: Setting) -> str:
+    """A row's backbone: --arch for every row, else the row's own (Zhou et al.'s AlexNet and
+    ResNet-50), else the recipe's."""
+    return opts.arch or setting.arch or recipe.arch
+
+
+def _weights_of(opts: ReproduceOptions, source: str, arch: str, plan_arch: str) -> str | None:
+    """The file given for a named init's weights on ``arch`` (None: the torch hub cache):
+    --weights ARCH=FILE for that arch, else a plain --weights FILE for the plan's backbone."""
+    if source == "imagenet" and imagenet_arch(arch) in opts.arch_weights:
+        return opts.arch_weights[imagenet_arch(arch)]
+    if arch != plan_arch:
+        return None
     return getattr(opts, WEIGHTS_OPTIONS[source][0]) if source in WEIGHTS_OPTIONS else None
 
 
@@ -278,28 +333,39 @@ def _training_steps(opts: ReproduceOptions, cli: click.Group, recipe: Recipe, ar
                                   "pass another --runs folder, or delete that run to redo it")
         steps.append(Step(kind, args + (["--resume"] if status == "resume" else []), status, run_dir, **kw))
 
-    pretrain_of: dict[str, str] = {}  # method -> run name, for --init METHOD:RUN / --run METHOD:RUN
+    # (pretrain ref, dataset or None for a pooled run) -> METHOD:RUN, for --init / --run
+    pretrain_of: dict[tuple[str, str | None], str] = {}
     for p in recipe.pretrain:
-        pool = unique_clips(p.pool or datasets)
-        name = pretrain_name(recipe, pool, p.method)
-        pretrain_of[p.method] = name
-        add("pretrain", ["pretrain", "--method", p.method, "--datasets", ",".join(pool), "--preset", recipe.preset,
-                         "--arch", arch, *scale_epochs(p.args, opts.epochs_scale), *common, "--name", name, *device,
-                         *progress], runs / "pretrain" / name, pool=pool)
+        for ds in (datasets if p.per_dataset else (None,)):
+            pool = (ds,) if ds else unique_clips(p.pool or datasets)
+            name = pretrain_name(recipe, pool, p.ref)
+            pretrain_of[(p.ref, ds)] = f"{p.method}:{name}"
+            sets = [a for d in pool for a in _sets(recipe.protocol(d), d)]
+            add("pretrain", ["pretrain", "--method", p.method, "--datasets", ",".join(pool), "--preset", recipe.preset,
+                             *sets, "--arch", arch, *scale_epochs(p.args, opts.epochs_scale), *common, "--name", name,
+                             *device, *progress], runs / "pretrain" / name, pool=pool)
+    planned: set[str] = set()
     for stage in ("finetune", "evaluate"):
         for ds in datasets:
             for s in (s for s in settings if s.stage == stage):
                 name = run_name(recipe, ds, s.slug)
-                ref = f"{s.source}:{pretrain_of[s.source]}" if s.source in pretrain_of else s.source
-                options = scale_epochs(s.args, opts.epochs_scale)
-                weights = ["--weights", _weights_of(opts, s.source)] if _weights_of(opts, s.source) else []
+                if name in planned:  # two rows of the paper that are one run (Zhou et al.'s Tables 2 and 3)
+                    continue
+                planned.add(name)
+                ref = pretrain_of.get((s.source, ds)) or pretrain_of.get((s.source, None)) or s.source
+                options = scale_epochs(s.args_for(ds), opts.epochs_scale)
+                row_arch = setting_arch(opts, recipe, s)
+                given = _weights_of(opts, s.source, row_arch, arch)
+                weights = ["--weights", given] if given else []
+                sets = _sets(recipe.protocol(ds))
                 if stage == "finetune":
-                    args = ["finetune", "--dataset", ds, "--init", ref, "--arch", arch, "--preset", recipe.preset,
-                            *options, *weights, *common, "--name", name, *device, *progress]
+                    args = ["finetune", "--dataset", ds, "--init", ref, "--arch", row_arch, "--preset", recipe.preset,
+                            *sets, *options, *weights, *common, "--name", name, *device, *progress]
                 else:
-                    args = ["evaluate", "--run", ref, "--dataset", ds, "--preset", recipe.preset, *options, *weights,
-                            *common, "--name", name, *device]
-                add(stage, args, runs / stage / name, dataset=ds, setting=s, folds=_fold_count(manifests[ds], ds))
+                    args = ["evaluate", "--run", ref, "--dataset", ds, "--preset", recipe.preset, *sets, *options,
+                            *weights, *common, "--name", name, *device]
+                add(stage, args, runs / stage / name, dataset=ds, setting=s, folds=_fold_count(manifests[ds], ds, args),
+                    arch=row_arch)
     return steps
 
 
@@ -308,7 +374,7 @@ def _extract_steps(opts: ReproduceOptions, recipe: Recipe, wanted: list[str], ma
     steps = []
     for ds in wanted:
         root = _extract_root(opts, ds)
-        args = ["extract", "--dataset", ds, "--preset", recipe.preset, "--store", opts.store]
+        args = ["extract", "--dataset", ds, "--preset", recipe.preset, *_sets(recipe.protocol(ds)), "--store", opts.store]
         args += ["--root", root] if root else []
         if opts.device in ("cpu", "cuda") or (opts.device or "").startswith("cuda:"):
             args += ["--device", opts.device]  # extract has no "auto"
@@ -349,7 +415,10 @@ def plan_lines(plan: Plan) -> list[str]:
 def count_line(plan: Plan) -> str:
     steps = [s for s in plan.steps if s.kind in TRAINING]
     n = {k: sum(s.kind == k for s in steps) for k in TRAINING}
-    folds = {s.dataset: s.folds for s in steps if s.dataset}
+    folds: dict[str, int] = {}  # a dataset's test folds (a --fold K run has one of them)
+    for s in steps:
+        if s.dataset:
+            folds[s.dataset] = max(folds.get(s.dataset, 0), s.folds or 0)
     fold_runs = {k: sum(s.folds or 0 for s in steps if s.kind == k) for k in ("finetune", "evaluate")}
     text = (f"{len(steps)} training runs: {n['pretrain']} pretrain, {n['finetune']} finetune, {n['evaluate']} evaluate; "
             "each finetune/evaluate --fold all is one run over its dataset's folds ("
@@ -389,20 +458,56 @@ def execute(plan: Plan, cli: click.Group, say: Callable[[str], None] = print) ->
         cli.main(args=list(step.args), prog_name="audiofx", standalone_mode=False)
 
 
-def _cell(summary: dict[str, Any] | None, paper: str | None) -> str:
-    ours = "-"
-    if summary is not None:
-        ours = headline(summary).text()
-    return f"{ours} (paper {paper or 'n/a'})"
+def _pct(mean: float, std: float) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def ours(setting: Setting, dataset: str, run_dir: Path | None) -> str:
+    """A finished run read with the row's metric (recipes.METRICS), in %, mean ± std over test
+    folds; "-" before the run has finished."""
+    summary = _summary(run_dir) if run_dir is not None else None
+    if summary is None:
+        return "-"
+    m = summary.get("metric", "acc")
+    last = headline(summary)
+    if setting.metric == "curve" and f"curve_selected_{m}_mean" in summary:
+        return (f"{_pct(summary[f'curve_selected_{m}_mean'], summary[f'curve_selected_{m}_std'])} "
+                f"[epoch {summary['curve_selected_epoch']} on val; last {last.text()}]")
+    if setting.metric == "kcv" and f"{m}_kcv_mean" in summary:
+        ks = summary.get("k") or []
+        return f"{_pct(summary[f'{m}_kcv_mean'], summary[f'{m}_kcv_std'])} [k {ks[0] if ks else '?'}: {last.text()}]" \
+            if ks else _pct(summary[f"{m}_kcv_mean"], summary[f"{m}_kcv_std"])
+    epoch = setting.epoch_for(dataset)
+    if setting.metric == "epoch" and epoch is not None:
+        at = [r[f"test_{m}"] for r in Run(run_dir).metrics() if r.get("event") == "epoch" and r["epoch"] == epoch]
+        if len(at) != last.folds:  # a shorter run (--epochs-scale): its last epoch, said so
+            return f"{last.text()} [last epoch; the paper's epoch {epoch} not reached]"
+        std = float(np.std(at, ddof=1)) if len(at) > 1 else 0.0
+        return f"{_pct(float(np.mean(at)), std)} [epoch {epoch}; last {last.text()}]"
+    return last.text()
+
+
+def _cell(setting: Setting, dataset: str, run_dir: Path | None) -> str:
+    paper = setting.paper_number(dataset)
+    theirs = f"(paper {paper})" if paper else "(no number in the paper)"
+    if setting.stage == "quoted":
+        return f"not run {theirs}"
+    return f"{ours(setting, dataset, run_dir)} {theirs}"
+
+
+METRIC_WORDS = {"last": "last epoch", "curve": "epoch selected on validation", "kcv": "k by CV on the training folds",
+                "epoch": "at the paper's epoch"}
 
 
 def results_table(plan: Plan) -> str:
-    """Rows = settings, columns = datasets, each cell "ours (paper N)": finetune's last-epoch
-    accuracy or evaluate's accuracy, mean ± std over folds (in %), from each run's summary."""
+    """Rows = settings, columns = datasets, each cell "ours (paper N)": ours read with the row's
+    metric (the last epoch, the epoch the validation curve selects, k by cross-validation, or
+    one epoch of the curve), mean ± std over folds (in %), from each run's records."""
     runs = {(s.dataset, s.setting.slug): s.run_dir for s in plan.steps if s.setting}
-    header = ["setting", *plan.datasets]
-    rows = [[s.label, *(_cell(_summary(runs[(d, s.slug)]) if (d, s.slug) in runs else None, s.paper_number(d))
-                        for d in plan.datasets)] for s in plan.settings]
+    header = ["setting", "ours", *plan.datasets]
+    rows = [[s.label, "quoted" if s.stage == "quoted" else
+             (METRIC_WORDS[s.metric] if s.stage == "finetune" or s.metric == "kcv" else "frozen"),
+             *(_cell(s, d, runs.get((d, s.slug))) for d in plan.datasets)] for s in plan.settings]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -413,9 +518,8 @@ def results_table(plan: Plan) -> str:
 
 def table_text(plan: Plan) -> str:
     return "\n".join([
-        f"{plan.recipe.name}: accuracy %, ours as mean ± std over folds (finetune: last epoch), "
-        "the paper's number in parentheses",
-        "", results_table(plan), "", *(f"note: {n}" for n in plan.notes[1:])])
+        f"{plan.recipe.name}: accuracy %, ours as mean ± std over test folds read as the 'ours' column says, the "
+        "paper's number in parentheses", "", results_table(plan), "", *(f"note: {n}" for n in plan.notes[1:])])
 
 
 def reproduce(opts: ReproduceOptions, cli: click.Group, say: Callable[[str], None] = print) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from tests.conftest import assert_one_line_error, run_cli, run_process
 
 EXPECTED_RUNS = {  # (pretrain, finetune, evaluate) runs per recipe
     "shin2021": (1, 12, 6),  # SimCLR in-domain; 4 inits x 3 datasets; linear (ImageNet SimCLR, in-domain) x 3
-    "hornauer2021": (1, 12, 0),  # NPID on the pool; npid + imagenet + scratch x 4 datasets
-    "zhou2019": (0, 5, 0),  # five rows on TUT 2018
+    "hornauer2021": (5, 12, 4),  # NPID per dataset (phase 1) and on the pool; npid + imagenet + scratch x 4; 5-NN x 4
+    "zhou2019": (0, 12, 0),  # Table 1's six, Table 2's four, Table 3's two more (its 6-fragment row is Table 2's)
     "lin2022": (2, 16, 16),  # NPID + MoCo; 4 inits x 4 datasets; linear + kNN of both x 4
 }
 
@@ -88,24 +88,49 @@ def test_dry_run_commands_carry_the_papers_settings(tmp_path, monkeypatch):
     assert {(p["run_spec"], p["mode"], p["dataset"]) for p in ev} == {
         (run, "linear", d) for d in ("gtzan", "esc50", "urbansound8k") for run in (pool, "imagenet-simclr")}
 
-    (hornauer,) = [p for k, p in commands(dry_run("hornauer2021")) if k == "pretrain"]
-    assert hornauer["arch"] == "esresnet50"  # "the best performing ESResNet with attention"
-    assert (hornauer["method"], hornauer["nce_k"], hornauer["temperature"], hornauer["epochs"], hornauer["batch_size"],
-            hornauer["datasets"], hornauer["preset"]) == ("npid", 64, 0.4, 200, 64, "esc50,urbansound8k,dcase2013",
-                                                         "hornauer2021")  # ESC-10's clips once, from ESC-50
+    # Table 2's probe: the FC layer trained with the paper's settings
+    assert {(p["probe"], p["linear_epochs"], p["linear_lr"], p["linear_weight_decay"]) for p in ev} == {
+        ("sgd", 70, 1e-4, 1e-3)}
+    # the protocols: GTZAN's one 80/20 split, UrbanSound8K resized to its frames; the pool names each set
+    assert {p["dataset"]: p["overrides"] for k, p in shin if k == "extract"} == {
+        "gtzan": ("ratios=80/0/20",), "esc50": (), "urbansound8k": ("fit=resize",)}
+    assert pre[0]["set_options"] == ("gtzan:ratios=80/0/20", "urbansound8k:fit=resize")
+    assert {p["set_options"] for p in ft if p["dataset"] == "urbansound8k"} == {("fit=resize",)}
+
+    hornauer = commands(dry_run("hornauer2021"))
+    pooled, *phase1 = sorted((p for k, p in hornauer if k == "pretrain"), key=lambda p: "," not in p["datasets"])
+    assert pooled["arch"] == "esresnet50"  # "the best performing ESResNet with attention"
+    assert (pooled["method"], pooled["nce_k"], pooled["temperature"], pooled["epochs"], pooled["batch_size"],
+            pooled["datasets"], pooled["preset"], pooled["set_options"], pooled["hold_out_fold"]) == (
+        "npid", 64, 0.4, 200, 64, "esc50,urbansound8k,dcase2013", "hornauer2021", ("dcase2013:folds=2",), None)
     assert any("esc10's clips are all in esc50's" in line for line in dry_run("hornauer2021"))
+    # phase 1: NPID on each dataset alone without fold 1, then weighted 5-NN on fold 1
+    assert sorted((p["datasets"], p["hold_out_fold"]) for p in phase1) == [
+        (d, "1") for d in sorted(("esc10", "esc50", "urbansound8k", "dcase2013"))]
+    knn = [p for k, p in hornauer if k == "evaluate"]
+    assert {(p["dataset"], p["run_spec"], p["fold"], p["k"]) for p in knn} == {
+        (d, f"npid:hornauer2021-{d}-phase1-npid", "1", 5) for d in ("esc10", "esc50", "urbansound8k", "dcase2013")}
+    assert {p.get("set_options", p.get("overrides")) for k, p in hornauer
+            if k != "pretrain" and p["dataset"] == "dcase2013"} == {("folds=2",)}  # extract calls its --set overrides
 
     zhou = [p for k, p in commands(dry_run("zhou2019")) if k == "finetune"]
-    assert [(p["init"], p["fragments"], p["channel_fusion"], p["head"]) for p in zhou] == [
-        ("scratch", 1, False, "linear"), ("imagenet", 1, False, "linear"), ("imagenet", 6, False, "linear"),
-        ("imagenet", 6, True, "linear"), ("imagenet", 6, True, "mlp-attn")]
-    assert {(p["dataset"], p["arch"], p["preset"]) for p in zhou} == {("tut2018", "vgg16", "zhou2019")}
+    assert [(p["arch"], p["init"], p["fragments"], p["channel_fusion"], p["head"], p["input_channel"]) for p in zhou] == [
+        *((arch, init, 1, False, "linear", "mid") for arch in ("alexnet", "vgg16", "resnet50")
+          for init in ("scratch", "imagenet")),
+        *(("vgg16", "imagenet", n, False, "linear", "mid") for n in (3, 6, 9, 12)),
+        ("vgg16", "imagenet", 6, True, "linear", None), ("vgg16", "imagenet", 6, True, "mlp-attn", None)]
+    assert {(p["dataset"], p["preset"]) for p in zhou} == {("tut2018", "zhou2019")}
 
     lin = commands(dry_run("lin2022"))
     assert {(p["method"], p["datasets"]) for k, p in lin if k == "pretrain"} == {("npid", "fsd50k"), ("moco", "fsd50k")}
-    assert {p["epochs"] for k, p in lin if k == "finetune"} == {30}
+    assert {(p["epochs"], p["val_split"], p["preset"]) for k, p in lin if k == "finetune"} == {(30, 0.15, "lin2022")}
     modes = [(p["run_spec"].split(":")[0], p["mode"]) for k, p in lin if k == "evaluate" and p["dataset"] == "gtzan"]
     assert sorted(modes) == sorted([("npid", "linear"), ("moco", "linear"), ("npid", "knn"), ("moco", "knn")])
+    # Lin's K per dataset beside 200, k by cross-validation reported by every kNN run
+    assert {p["dataset"]: p["k"] for k, p in lin if k == "evaluate" and p["mode"] == "knn"} == {
+        "esc50": (35, 200), "urbansound8k": 200, "dcase2013": (18, 200), "gtzan": (35, 200)}
+    assert {p["dataset"]: p["overrides"] for k, p in lin if k == "extract"} == {
+        "esc50": (), "urbansound8k": (), "dcase2013": ("folds=2",), "gtzan": ("ratios=70/15/15",), "fsd50k": ()}
 
 
 def test_epochs_scale_multiplies_every_epoch_budget(tmp_path, monkeypatch):
@@ -118,8 +143,8 @@ def test_epochs_scale_multiplies_every_epoch_budget(tmp_path, monkeypatch):
                 out.setdefault(kind, set()).add(p["epochs"] if kind != "evaluate" else p["linear_epochs"])
         return out
 
-    assert epochs() == {"pretrain": {200}, "finetune": {70}, "evaluate": {100}}
-    assert epochs("--epochs-scale", "0.5") == {"pretrain": {100}, "finetune": {35}, "evaluate": {50}}
+    assert epochs() == {"pretrain": {200}, "finetune": {70}, "evaluate": {70}}
+    assert epochs("--epochs-scale", "0.5") == {"pretrain": {100}, "finetune": {35}, "evaluate": {35}}
     assert epochs("--epochs-scale", "0.001") == {"pretrain": {1}, "finetune": {1}, "evaluate": {1}}
     # rounded half up, at least 1; nothing but --epochs values changes
     assert scale_epochs(["--epochs", "70", "--batch-size", "32"], 0.05) == ["--epochs", "4", "--batch-size", "32"]
@@ -177,7 +202,7 @@ def test_esc10_is_extracted_from_the_esc50_files(tmp_path, monkeypatch):
     assert any("--root for gtzan ignored" in line for line in ignored)
 
 
-def test_table_shows_the_papers_numbers_and_na_where_they_are_not_given(tmp_path, monkeypatch):
+def test_table_has_every_number_the_papers_print_and_says_how_ours_is_read(tmp_path, monkeypatch):
     from audiofx.reproduce import ReproduceOptions, make_plan, results_table
 
     monkeypatch.chdir(tmp_path)
@@ -186,16 +211,23 @@ def test_table_shows_the_papers_numbers_and_na_where_they_are_not_given(tmp_path
         return table(results_table(make_plan(ReproduceOptions(recipe, store="s", runs="r"), cli)))
 
     lin = rows("lin2022")
-    assert lin[""] == ["esc50", "urbansound8k", "dcase2013", "gtzan"]
-    assert lin["NPID kNN"] == ["- (paper 36.9)", "- (paper 56.6)", "- (paper n/a)", "- (paper 47.3)"]
-    assert lin["MoCo fine-tune"] == ["- (paper 74.2)", "- (paper 73.0)", "- (paper n/a)", "- (paper 57.5)"]
-    assert lin["NPID frozen linear"] == ["- (paper n/a)"] * 4
+    assert lin[""] == ["ours", "esc50", "urbansound8k", "dcase2013", "gtzan"]
+    assert lin["NPID KNN (k by cross-validation)"] == ["k by CV on the training folds", "- (paper 36.9)",
+                                                       "- (paper 56.6)", "- (paper 72.5)", "- (paper 47.3)"]
+    assert lin["MoCo Fine Tune"] == ["epoch selected on validation", "- (paper 74.2)", "- (paper 73.0)",
+                                     "- (paper 79.5)", "- (paper 57.5)"]
+    assert lin["NPID Freeze (frozen linear)"][1:] == ["- (paper 49.3)", "- (paper 55.0)", "- (paper 65.0)",
+                                                      "- (paper 42.5)"]
+    # every cell of Lin's Tables 3.1, 3.2, 3.4 and 3.5 has the paper's number: 8 settings x 4 datasets
+    assert sum("(paper " in c for row, cells in lin.items() if row for c in cells) == 32
     zhou = rows("zhou2019")
-    assert [cells[0] for row, cells in zhou.items() if row] == [f"- (paper {n})" for n in
-                                                                ("61.9", "70.6", "73.9", "75.5", "77.8")]
-    assert {c for row, cells in rows("hornauer2021").items() if row for c in cells} == {"- (paper n/a)"}
+    assert sum("(paper " in c for row, cells in zhou.items() if row for c in cells) == 14  # Tables 1-3, all of them
+    assert zhou["Table 3: DCASE 2018 baseline [26] (quoted by the paper, not run)"] == ["quoted", "not run (paper 59.7)"]
+    hornauer = rows("hornauer2021")
+    assert hornauer["Fig. 4: DLS (NPID on the pool), all layers fine-tuned"] == [
+        "at the paper's epoch", "- (paper ≈80)", "- (paper >60)", "- (no number in the paper)", "- (paper ≈50)"]
     assert rows("shin2021")["Table 1: ImageNet supervised init"] == [
-        "- (paper 90.50)", "- (paper 90.55)", "- (paper 83.34)"]
+        "last epoch", "- (paper 90.50)", "- (paper 90.55)", "- (paper 83.34)"]
 
 
 def test_user_errors_are_one_line(tmp_path):
@@ -224,8 +256,8 @@ def reproduced(tmp_path_factory):
     base = tmp_path_factory.mktemp("reproduce")
     L.make_esc50(base / "ESC-50-master", categories=L.ESC50_CATEGORIES[:3])
     extract(ExtractRequest(dataset="urbansound8k", root=L.make_urbansound8k(base / "UrbanSound8K", per_fold=1),
-                           store=str(base / "features"), overrides={"clip_seconds": 0.5, "frames": 20}, workers=1,
-                           progress=False), on_event=lambda m: None)
+                           store=str(base / "features"), overrides={"clip_seconds": 0.5, "frames": 20, "fit": "resize"},
+                           workers=1, progress=False), on_event=lambda m: None)
     common = ["shin2021", "--epochs-scale", "0.01", "--arch", "tiny", "--datasets", "esc50,urbansound8k",
               "--store", "features", "--runs", "runs", "--no-progress"]
     roots = ["--root", "esc50=ESC-50-master"]
@@ -250,21 +282,21 @@ def table(stdout: str) -> dict[str, list[str]]:
 def expected_cell(run: Path, paper: str) -> str:
     s = summary(run)
     mean, std = (s["last_acc_mean"], s["last_acc_std"]) if "last_acc_mean" in s else (s["acc_mean"], s["acc_std"])
-    return f"{100 * mean:.2f} ± {100 * std:.2f} (paper {paper})"
+    return f"{100 * mean:.2f} ± {100 * std:.2f} " + (f"(paper {paper})" if paper else "(no number in the paper)")
 
 
 def assert_table_matches_runs(stdout: str, runs: Path) -> None:
     t = table(stdout)
-    assert t[""] == ["esc50", "urbansound8k"]
+    assert t[""] == ["ours", "esc50", "urbansound8k"]
     expected = {  # row -> (run-name part, finetune or evaluate, the paper's ESC-50 and UrbanSound8K)
         "Table 1: ResNet-50 from scratch": ("scratch", "finetune", "78.25", "76.11"),
-        "extra, not in the paper: SimCLR pretrained on the pooled audio": ("simclr", "finetune", "n/a", "n/a"),
-        "extra, not in the paper: SimCLR on the pooled audio, frozen linear": ("simclr-linear", "evaluate", "n/a", "n/a"),
+        "extra, not in the paper: SimCLR pretrained on the pooled audio": ("simclr", "finetune", "", ""),
+        "extra, not in the paper: SimCLR on the pooled audio, frozen linear": ("simclr-linear", "evaluate", "", ""),
     }
     assert set(t) - {""} == set(expected)  # the ImageNet rows are left out for --arch tiny
     for row, (slug, stage, *paper) in expected.items():
-        assert t[row] == [expected_cell(runs / stage / f"shin2021-{ds}-{slug}", p)
-                          for ds, p in zip(("esc50", "urbansound8k"), paper)]
+        assert t[row][1:] == [expected_cell(runs / stage / f"shin2021-{ds}-{slug}", p)
+                              for ds, p in zip(("esc50", "urbansound8k"), paper)]
 
 
 def test_reproduce_runs_the_dry_run_commands_and_ends_with_the_table(reproduced):

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from audiofx.config import canonical_json, resolve_feature_config, split_overrides
+from audiofx.config import LATER_FIELDS, canonical_json, resolve_feature_config, split_overrides
 from audiofx.errors import ConfigError, StoreError
 from audiofx.pipeline.datasets import get_adapter
 from audiofx.pipeline.datasets.base import parse_ratios
@@ -21,10 +21,11 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
     """(key, manifest) of the complete feature set of `dataset` extracted with `preset`, or of
     the given key prefix.
 
-    ``overrides`` are the ``--set KEY=VALUE`` that extract was given: feature options change
-    the config looked for and must match; dataset options (folds=2, ratios=70/15/15) must be
-    the ones the set was extracted with, its config the preset's when one such set has it;
-    no match is a StoreError listing the sets there are. Without them the set at the preset
+    ``overrides`` are the ``--set KEY=VALUE`` that extract was given: the set must have been
+    extracted with those feature options (fit=resize) and dataset options (folds=2,
+    ratios=70/15/15), the preset's config otherwise when one such set has it (a set extracted
+    with more --set overrides besides is found too); no match is a StoreError listing the
+    sets there are. Without them the set at the preset
     and the dataset's default options is preferred (a DCASE 2013 store holding 5 and 2 folds
     gives the 5), then the preset's config with other options, then the default options with
     another config (features extracted with --set overrides), then any; among equals the
@@ -44,20 +45,27 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
         except StoreError:
             continue
     if not key:
-        wanted = canonical_json(resolve_feature_config(adapter.defaults, preset, feature_options).to_dict())
+        wanted_config = resolve_feature_config(adapter.defaults, preset, feature_options)
+        wanted = canonical_json(wanted_config.to_dict())
 
         def config_is(m: dict[str, Any]) -> bool:
             return canonical_json(m["feature_config"]) == wanted
+
+        def features_have(m: dict[str, Any]) -> bool:
+            """The feature options asked for, at their values (other fields may differ)."""
+            recorded = m["feature_config"]
+            return all(canonical_json(recorded.get(k, LATER_FIELDS.get(k))) == canonical_json(getattr(wanted_config, k))
+                       for k in feature_options)
 
         def options_are(m: dict[str, Any], options: Mapping[str, Any]) -> bool:
             recorded = m.get("dataset_options", {})
             return all(canonical_json(recorded.get(k)) == canonical_json(v) for k, v in options.items())
 
         if feature_options or dataset_options:  # asked for: nothing else will do
-            found = [(k, m) for k, m in complete if options_are(m, dataset_options)]
-            # Dataset options alone keep the preference for the preset's config (sets extracted
-            # with feature --set overrides are found too); feature options must match.
-            found = [(k, m) for k, m in found if config_is(m)] or ([] if feature_options else found)
+            found = [(k, m) for k, m in complete if options_are(m, dataset_options) and features_have(m)]
+            # The preset's config with those options is preferred; sets extracted with other
+            # feature --set overrides besides are found too.
+            found = [(k, m) for k, m in found if config_is(m)] or found
             if not found:
                 asked = " ".join(f"--set {k}={v}" for k, v in (overrides or {}).items())
                 there = "; ".join(f"{k} ({_options_text(m)})"
