@@ -25,7 +25,8 @@ PAD_MODES = ("constant", "reflect", "replicate", "circular")  # torch.stft's
 FITS = ("pad", "resize")
 # Fields added after stores were written, at the value every earlier store was made with:
 # left out of to_dict (and so of feature keys) at that value.
-LATER_FIELDS: dict[str, Any] = {"fit": "pad"}
+LATER_FIELDS: dict[str, Any] = {"fit": "pad", "augment_copies": 0, "augment_seed": 0, "augment_flip": 0.5,
+                                 "augment_shift": 0.25, "augment_pitch": 2.0}
 _ABSENT = object()
 
 
@@ -57,11 +58,31 @@ class FeatureConfig:
     # to `frames`; resize: cropped at clip_seconds but never padded, each clip's own spectrogram
     # resized to `frames` (Shin et al.: "we fixed their length to 4 s by resizing").
     fit: str = "pad"
+    # Waveform augmentation for pretraining (Lin 2022: "random flipping, padding, cropping, and
+    # pitch shifting" before the mel): N augmented copies of each clip stored after the clip
+    # itself, copy k in channels [k * C, (k + 1) * C); each copy seeded from (augment_seed, the
+    # clip's path), so a rerun or another machine makes the same copies.
+    augment_copies: int = 0
+    augment_seed: int = 0
+    augment_flip: float = 0.5  # probability of a time reversal
+    augment_shift: float = 0.25  # largest offset of the random padding / cropping, a share of the clip
+    augment_pitch: float = 2.0  # largest pitch shift, semitones either way
 
     # -- derived values -------------------------------------------------------------
     @property
-    def channels(self) -> int:
+    def base_channels(self) -> int:
+        """Channels of one copy of a clip."""
         return self.bands if self.kind == "stft_bands" else len(self.windows_ms)
+
+    @property
+    def copies(self) -> int:
+        """Copies of each clip stored: the clip and its augmented copies."""
+        return 1 + self.augment_copies
+
+    @property
+    def channels(self) -> int:
+        """Stored channels: every copy's, one copy after another."""
+        return self.base_channels * self.copies
 
     @property
     def clip_samples(self) -> int:
@@ -104,6 +125,8 @@ class FeatureConfig:
             raise bad(f"feature kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
         numbers = {"sample_rate": self.sample_rate, "clip_seconds": self.clip_seconds, "power": self.power,
                    "fmin": self.fmin, "fmax": self.fmax, "log_offset": self.log_offset,
+                   "augment_flip": self.augment_flip, "augment_shift": self.augment_shift,
+                   "augment_pitch": self.augment_pitch,
                    **{f"windows_ms[{i}]": w for i, w in enumerate(self.windows_ms)},
                    **{f"hops_ms[{i}]": h for i, h in enumerate(self.hops_ms)}}
         for name, value in numbers.items():
@@ -150,6 +173,12 @@ class FeatureConfig:
             raise bad(f"fit {self.fit!r} is unknown; use one of {', '.join(FITS)}")
         if self.fit == "resize" and not self.frames:
             raise bad("fit=resize brings every clip to `frames` frames, so frames must be above 0")
+        if self.augment_copies < 0 or not 0 <= self.augment_flip <= 1 or not 0 <= self.augment_shift < 1 \
+                or self.augment_pitch < 0:
+            raise bad("augment_copies must be 0 or more, augment_flip a probability, augment_shift from 0 to below 1 "
+                      "and augment_pitch 0 or more")
+        if self.augment_copies and self.fit == "resize":
+            raise bad("augment_copies needs clips of one length (fit=pad): a copy's padding and cropping is within it")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -262,8 +262,14 @@ LIN2022 = Recipe(
             {"esc50": "46.8", "urbansound8k": "58.9", "dcase2013": "83.0", "gtzan": "51.3"}, per_dataset=LIN_K,
             metric="kcv"),
     ),
-    protocols=(("dcase2013", ("folds=2",)), ("gtzan", ("ratios=70/15/15",))),
+    # FSD50K is stored with 3 augmented copies of each clip, which the pretraining views draw from.
+    protocols=(("dcase2013", ("folds=2",)), ("gtzan", ("ratios=70/15/15",)), ("fsd50k", ("augment_copies=3",))),
     choices=(
+        "waveform augmentation: 'augment it through random flipping, padding, cropping, and pitch shifting' before "
+        "the mel, with no parameters: extract stores 3 augmented copies of each FSD50K clip beside it (--set "
+        "augment_copies=3: a time reversal with probability 0.5, an offset of up to a quarter of the clip padded "
+        "with zeros and cropped, a pitch shift of up to 2 semitones, each seeded by the clip's path) and each "
+        "pretraining view is one of the 4, then masked on the log-mel ('a frequency and time mask from Park et al.')",
         "metric: 'best average validation accuracy' is the best epoch of the fold-averaged curve of the held-out "
         "folds, which are the test folds; audiofx selects that epoch on 15% of each test fold's training folds held "
         "out (--val-split 0.15, never trained on) and reports the test folds there, beside the last epoch; GTZAN "
@@ -279,10 +285,6 @@ LIN2022 = Recipe(
         "batch 128; 200 epochs ('starts to converge around epoch 120')",
         "features: one log-mel (ESResNet's STFT at 44.1 kHz, 128 mel bands; Lin states no mel settings) repeated "
         "on the 3 input channels; ResNet-50 ('The base ESResNet model follows the vanilla ResNet50')",
-    ),
-    differences=(
-        "waveform augmentation before the mel ('random flipping, padding, cropping, and pitch shifting') needs "
-        "stored augmented copies, which extract cannot make yet: pretraining views are augmented on the log-mel only",
     ),
 )
 

@@ -215,3 +215,52 @@ def test_fit_resize_stretches_each_clip_to_the_frames_instead_of_padding(tmp_pat
     assert padded.shape[-1] == 44100 and not padded[0, 22050:].any()
     with pytest.raises(Exception, match="frames must be above 0"):
         resolve_feature_config({"sample_rate": 22050, "clip_seconds": 2.0, "frames": 0}, overrides={"fit": "resize"})
+
+
+def test_augmented_copies_are_stored_after_each_clip_seeded_by_its_path(tmp_path):
+    """Lin 2022: "augment it through random flipping, padding, cropping, and pitch shifting",
+    made once at extraction: copy k of a clip in channels [3k, 3k + 3)."""
+    import torch
+
+    from audiofx.config import FeatureConfig, resolve_feature_config
+    from audiofx.features.melspec import compute_features
+    from audiofx.pipeline.decode import decode_clip
+    from audiofx.pipeline.waveaugment import augmented_copy, clip_generator, with_copies
+    from tests.conftest import make_class_folder
+
+    # The augmentation by hand: with no pitch shift, a flip and a zero-filled offset
+    wave = np.arange(1, 11, dtype=np.float32)[None]
+    cfg = FeatureConfig(augment_copies=1, augment_flip=1.0, augment_shift=0.3, augment_pitch=0.0)
+    rng = np.random.default_rng(0)
+    rng.random()
+    offset = int(round(rng.uniform(-0.3, 0.3) * 10))
+    out = augmented_copy(wave, cfg, np.random.default_rng(0))
+    expected = np.zeros(10, dtype=np.float32)
+    flipped = wave[0, ::-1]
+    if offset >= 0:
+        expected[offset:] = flipped[:10 - offset]
+    else:
+        expected[:10 + offset] = flipped[-offset:]
+    assert np.array_equal(out[0], expected) and offset != 0
+
+    root = make_class_folder(tmp_path / "raw", classes=2, per_class=4, seconds=0.5)
+    plain, _ = run("folder", root, tmp_path / "store", folds=2)
+    messages = []
+    summary = extract(ExtractRequest(dataset="folder", root=root, store=str(tmp_path / "store"),
+                                     overrides={**FAST, "folds": 2, "augment_copies": 2}, workers=1, progress=False),
+                      on_event=messages.append)
+    manifest = FeatureStore(tmp_path / "store").read_manifest("folder", summary.key)
+    assert summary.key != plain.key and manifest["shape"] == [9, 128, 20]
+    assert any("the clip and 2 augmented copies of it (3x)" in m and "GB before compression" in m for m in messages)
+    config = resolve_feature_config({"sample_rate": 22050, "clip_seconds": 0.5, "frames": 20},
+                                    overrides={"augment_copies": 2})
+    x, _, clips = load_fold(FeatureStore(tmp_path / "store"), "folder", summary.key, "1")
+    base, _, _ = load_fold(FeatureStore(tmp_path / "store"), "folder", plain.key, "1")
+    assert np.array_equal(x[:, :3], base)  # copy 0 is the clip itself
+    for row, clip in zip(x, clips):
+        copies = with_copies(decode_clip(root / clip, config), config, clip)
+        assert len(copies) == 3 and not np.allclose(copies[1], copies[0]) and not np.allclose(copies[2], copies[1])
+        for k, wave in enumerate(copies):
+            feats = compute_features(torch.from_numpy(wave[None]), config)[0].numpy().astype(np.float16)
+            assert np.array_equal(row[3 * k:3 * k + 3], feats), (clip, k)
+    assert clip_generator(config, clips[0]).random() == clip_generator(config, clips[0]).random()

@@ -156,3 +156,49 @@ def test_pretrain_picks_each_pooled_set_by_set_and_leaves_out_a_held_out_fold(tm
     bad = run_cli("pretrain", "--method", "npid", "--datasets", "dcase2013", "--hold-out-fold", "7", "--epochs", "1",
                   "--name", "p7", *common)
     assert_one_line_error(bad, "--hold-out-fold 7", "has folds 1, 2, 3, 4, 5")
+
+
+def test_pretraining_draws_its_views_from_stored_augmented_copies(tmp_path):
+    """Lin 2022's waveform augmentation, stored once: pretrain takes the set with copies when
+    --set augment_copies asks for it, each view a random copy; the other stages never do."""
+    import torch
+
+    from audiofx.training.data.statistics import channel_stats, fold_copies
+    from audiofx.training.stages.pretrain import pick_copies
+    from tests.conftest import make_class_folder
+
+    x = torch.arange(2 * 6.0).view(2, 6, 1, 1)  # 2 samples, 3 copies of 2 channels
+    picked = pick_copies(x, 3, torch.Generator().manual_seed(0))
+    which = torch.randint(3, (2,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(picked, torch.stack([x[i, 2 * k:2 * k + 2] for i, k in enumerate(which.tolist())]))
+    feats = torch.randn(5, 6, 4, 7)
+    mean, std = fold_copies(*channel_stats(feats.half()), 3)
+    together = feats.half().float().view(5, 3, 2, 4, 7).transpose(0, 1).reshape(15, 2, 4, 7)
+    assert torch.allclose(mean.flatten(), together.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(std.flatten(), together.std(dim=(0, 2, 3), unbiased=False), atol=1e-4)
+
+    make_class_folder(tmp_path / "raw", classes=2, per_class=6, seconds=0.5)
+    store, runs = str(tmp_path / "store"), str(tmp_path / "runs")
+    for copies in ("0", "2"):
+        done = run_cli("extract", "--dataset", "folder", "--root", str(tmp_path / "raw"), "--store", store, *FAST,
+                       "--set", "folds=2", "--set", f"augment_copies={copies}", "--workers", "1", "--no-progress")
+        assert done.returncode == 0, done.stderr
+    assert "the clip and 2 augmented copies of it (3x)" in done.stderr
+    common = ("--store", store, "--runs", runs, "--arch", "tiny", "--device", "cpu")
+    proc = run_cli("pretrain", "--method", "simclr", "--datasets", "folder", "--set", "augment_copies=2",
+                   "--no-spec-augment", "--time-shift", "0", "--epochs", "1", "--batch-size", "4", "--no-progress",
+                   "--name", "aug", *common)  # no other augmentation: the copies alone make the views differ
+    assert proc.returncode == 0, proc.stderr
+    assert "views drawn from 3 stored copies of each clip" in proc.stdout
+    ckpt = torch.load(tmp_path / "runs/pretrain/aug/checkpoints/final.pt", weights_only=True)
+    assert ckpt["states"]["mean"].shape == (1, 3, 1, 1)  # one copy's channels: evaluate standardises the plain set
+    # The other stages take the plain set; given the augmented one by --key, they refuse it.
+    knn = run_cli("evaluate", "--run", "simclr:aug", "--dataset", "folder", "--mode", "knn", "--k", "3",
+                  "--name", "knn", *common)
+    assert knn.returncode == 0, knn.stderr
+    augmented = json.loads((tmp_path / "runs/pretrain/aug/config.json").read_text())["pool"]["folder"]
+    refused = run_cli("finetune", "--dataset", "folder", "--key", augmented, "--epochs", "1", "--name", "x", *common)
+    assert_one_line_error(refused, "holds 3 copies of each clip (augment_copies)")
+    plain = run_cli("pretrain", "--method", "simclr", "--datasets", "folder", "--no-spec-augment", "--time-shift", "0",
+                    "--epochs", "1", "--name", "plain", *common)
+    assert_one_line_error(plain, "every augmentation is off")  # the plain set has no copies to draw from

@@ -130,7 +130,7 @@ def test_dry_run_commands_carry_the_papers_settings(tmp_path, monkeypatch):
     assert {p["dataset"]: p["k"] for k, p in lin if k == "evaluate" and p["mode"] == "knn"} == {
         "esc50": (35, 200), "urbansound8k": 200, "dcase2013": (18, 200), "gtzan": (35, 200)}
     assert {p["dataset"]: p["overrides"] for k, p in lin if k == "extract"} == {
-        "esc50": (), "urbansound8k": (), "dcase2013": ("folds=2",), "gtzan": ("ratios=70/15/15",), "fsd50k": ()}
+        "esc50": (), "urbansound8k": (), "dcase2013": ("folds=2",), "gtzan": ("ratios=70/15/15",), "fsd50k": ("augment_copies=3",)}
 
 
 def test_epochs_scale_multiplies_every_epoch_budget(tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def test_zhou2019_rows_on_the_average_channel_and_the_quoted_baseline(tmp_path):
 
 def test_lin2022_selected_epochs_and_k_by_cross_validation_on_gtzan_70_15_15(tmp_path):
     extracted(tmp_path, "gtzan", L.make_gtzan(tmp_path / "gtzan", per_genre=10), "lin2022", ratios="70/15/15")
-    extracted(tmp_path, "fsd50k", L.make_fsd50k(tmp_path / "fsd50k"), "lin2022")
+    extracted(tmp_path, "fsd50k", L.make_fsd50k(tmp_path / "fsd50k"), "lin2022", augment_copies=3)
     out = reproduce(tmp_path, "lin2022", "--datasets", "gtzan", "--epochs-scale", "0.07")  # 2 fine-tuning epochs
     t = table(out)
     moco = summary(tmp_path, "finetune", "lin2022-gtzan-moco")
@@ -91,3 +91,5 @@ def test_lin2022_selected_epochs_and_k_by_cross_validation_on_gtzan_70_15_15(tmp
     linear = summary(tmp_path, "evaluate", "lin2022-gtzan-moco-linear")
     assert t["MoCo Freeze (frozen linear)"][1] == f"{pct(linear['acc_mean'], 0)} (paper 53.8)"
     assert np.isfinite(moco["best_mean_test_acc"])
+    assert "views drawn from 4 stored copies of each clip" in out  # the waveform augmentation, stored
+    assert "difference from the paper" not in out

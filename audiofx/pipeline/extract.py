@@ -41,6 +41,7 @@ from audiofx.pipeline.store import (
     chunk_clips,
     plan_units,
 )
+from audiofx.pipeline.waveaugment import with_copies
 
 
 @dataclass
@@ -134,18 +135,24 @@ def run_unit(job: UnitJob) -> dict[str, Any]:
             if job.strict:
                 return {"unit": job.unit.id, "strict_failure": [rel, skip.reason]}
             skipped.append((rel, skip.reason))
+    # (row, copy, waveform): the clip itself, then its augmented copies (augment_copies)
+    waves = [(row, k, wave) for row, clip in zip(rows, audio)
+             for k, wave in enumerate(with_copies(clip, config, job.paths[row]) if config.augment_copies else [clip])]
+    c = config.base_channels
     with torch.inference_mode():
-        # Clips of one length are batched together (all of them, unless fit=resize keeps each
-        # clip's own length).
+        # Waveforms of one length are batched together (all of them, unless fit=resize keeps
+        # each clip's own length).
         by_length: dict[int, list[int]] = {}
-        for at, clip in enumerate(audio):
-            by_length.setdefault(clip.shape[-1], []).append(at)
+        for at, (_, _, wave) in enumerate(waves):
+            by_length.setdefault(wave.shape[-1], []).append(at)
         for group in by_length.values():
             for b in range(0, len(group), job.batch):
                 part = group[b:b + job.batch]
-                batch = torch.from_numpy(np.stack([audio[a] for a in part])).to(job.device)
+                batch = torch.from_numpy(np.stack([waves[a][2] for a in part])).to(job.device)
                 feats = compute_features(batch, config).cpu().numpy()
-                x[[rows[a] for a in part]] = feats  # cast to the store dtype by the assignment
+                for j, a in enumerate(part):  # cast to the store dtype by the assignment
+                    row, k, _ = waves[a]
+                    x[row, k * c:(k + 1) * c] = feats[j]
     # Features that are not finite (in the store's dtype: float16 overflows above 65504) would
     # train on NaN: such a clip is skipped, with the reason, like unreadable audio.
     for i in rows:
@@ -161,6 +168,15 @@ def run_unit(job: UnitJob) -> dict[str, Any]:
     record = store.write_unit(job.dataset, job.key, job.unit, x, skipped,
                               extra={"seconds": round(time.perf_counter() - started, 3), "pid": os.getpid()})
     return {**record, "computed": True, "clips": len(rows)}
+
+
+def storage_line(dataset: str, clips: int, config: FeatureConfig) -> str:
+    """What a set will take, said before extraction starts (augmented copies multiply it)."""
+    raw = clips * int(np.prod(config.shape)) * np.dtype(config.dtype).itemsize
+    copies = (f", the clip and {config.augment_copies} augmented cop{'y' if config.augment_copies == 1 else 'ies'} "
+              f"of it ({config.copies}x)" if config.augment_copies else "")
+    shape = "x".join(map(str, config.shape))
+    return f"{dataset}: {clips} clips of {shape} {config.dtype}{copies}: {raw / 1e9:.3g} GB before compression"
 
 
 def default_workers() -> int:
@@ -270,6 +286,8 @@ def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) 
     summary.status = "written"
     summary.units_total, summary.units_done_before = len(units), len(units) - len(todo)
     summary.clips_total = sum(len(c) for c in plan.folds.values())
+    if not summary.units_done_before:
+        say(storage_line(plan.dataset, summary.clips_total, config))
     if summary.units_done_before:
         say(f"resuming {plan.dataset}/{plan.key}: {summary.units_done_before} of {len(units)} write units already done")
 

@@ -45,6 +45,9 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
         except StoreError:
             continue
     if not key:
+        # Sets holding augmented copies (pretraining's) are found only when asked for.
+        asked_copies = resolve_feature_config(adapter.defaults, preset, feature_options).augment_copies
+        complete = [(k, m) for k, m in complete if stored_copies(m) == 1 + asked_copies]
         wanted_config = resolve_feature_config(adapter.defaults, preset, feature_options)
         wanted = canonical_json(wanted_config.to_dict())
 
@@ -87,6 +90,20 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
                          f"extract them first: audiofx extract --dataset {dataset} --preset {preset} --store {store}")
     complete.sort(key=lambda km: km[1]["created_at"])
     return complete[-1]
+
+
+def stored_copies(manifest: dict[str, Any]) -> int:
+    """Copies of each clip a set stores: 1, or 1 + augment_copies (config.FeatureConfig)."""
+    return 1 + int(manifest.get("feature_config", {}).get("augment_copies", 0))
+
+
+def check_single_copy(manifest: dict[str, Any], dataset: str, stage: str) -> None:
+    """Refuse, before anything is loaded, a set of augmented copies outside pretraining: its
+    channels are several copies of each clip, which only pretraining's views draw from."""
+    if stored_copies(manifest) > 1:
+        raise StoreError(f"{dataset} ({manifest.get('feature_key', '?')}) holds {stored_copies(manifest)} copies of each "
+                         f"clip (augment_copies), which only pretraining draws its views from, not {stage}",
+                         "pass the key of a set extracted without --set augment_copies, or leave out --key")
 
 
 def _options_text(manifest: dict[str, Any]) -> str:

@@ -78,3 +78,17 @@ def channel_stats(x: torch.Tensor, chunk: int = STATS_BATCH) -> tuple[torch.Tens
     for i in range(0, x.shape[0], chunk):
         moments.add(x[i:i + chunk])
     return moments.result()
+
+
+def fold_copies(mean: torch.Tensor, std: torch.Tensor, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel statistics of a set storing ``copies`` copies of each clip, one after
+    another along the channels (K * C), as one copy's C channels: the mean and std over every
+    copy (equal counts, so the moments average). A network sees one copy at a time, standardised
+    alike whichever copy it is, and evaluation standardises the plain set with the same C."""
+    if copies == 1:
+        return mean, std
+    c = mean.shape[1] // copies
+    m = mean.double().view(copies, c)
+    second = (std.double().view(copies, c) ** 2 + m * m).mean(0)
+    folded = m.mean(0)
+    return folded.float().view(1, c, 1, 1), (second - folded * folded).clamp_min(1e-12).sqrt().float().view(1, c, 1, 1)

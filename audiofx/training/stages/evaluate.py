@@ -29,6 +29,7 @@ from audiofx.errors import ConfigError, StoreError
 from audiofx.training.data.featuresets import (
     SKIPPED_HINT,
     FoldSet,
+    check_single_copy,
     check_usable,
     fold_order,
     input_channel,
@@ -111,6 +112,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                           f"checkpoint (or {RANDOM} for the baseline)")
     source = f"{RANDOM} init" if random_init else init.source
     key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key, cfg.set_options)
+    check_single_copy(manifest, cfg.dataset, "evaluate")
     task = Task.of(manifest)
     m = task.metric
     plan = split_folds(list(manifest["folds"]), cfg.fold)

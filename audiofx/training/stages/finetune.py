@@ -47,6 +47,7 @@ import torch
 from audiofx.errors import ConfigError
 from audiofx.training.data.featuresets import (
     FoldSet,
+    check_single_copy,
     check_usable,
     fold_order,
     input_channel,
@@ -121,6 +122,7 @@ def finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
 
 def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> dict[str, Any]:
     key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key, cfg.set_options)
+    check_single_copy(manifest, cfg.dataset, "finetune")
     task = Task.of(manifest)
     # Checked here because the data load below may take minutes; the layers check again.
     if cfg.head not in HEADS:

@@ -26,10 +26,18 @@ import numpy as np
 import torch
 
 from audiofx.errors import ConfigError, StoreError
-from audiofx.training.data.featuresets import FoldSet, check_usable, pool_datasets, split_folds, validation_fold
+from audiofx.training.data.featuresets import (
+    FoldSet,
+    check_usable,
+    pool_datasets,
+    split_folds,
+    stored_copies,
+    validation_fold,
+)
 from audiofx.training.data.inputs import open_inputs
 from audiofx.training.data.memory import InMemoryData
 from audiofx.training.data.mode import MODE_MEMORY
+from audiofx.training.data.statistics import fold_copies
 from audiofx.training.models.augment import Augment
 from audiofx.training.models.encoders import ARCHS, check_input_size
 from audiofx.training.models.ssl import METHODS, Method, method_options
@@ -102,10 +110,11 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     sets = pool_datasets(cfg.store, cfg.preset, cfg.datasets, say, cfg.set_options)  # (dataset, key, manifest)
     if cfg.hold_out_fold is not None:
         sets = _without_fold(sets, cfg.hold_out_fold)
+    copies = _stored_copies(sets)  # > 1: each view is a random one of a clip's stored augmented copies
     foldsets = [FoldSet(cfg.store, ds, key, list(m["folds"])) for ds, key, m in sets]
     frames = min(int(m["shape"][-1]) for *_, m in sets)
     bins = int(sets[0][2]["shape"][-2])
-    _check_views(cfg, frames, bins)
+    _check_views(cfg, frames, bins, copies)
     name = cfg.name or default_name(cfg.method, cfg.arch)
     recorded = recorded_config(cfg.runs_root, "pretrain", name, cfg.resume)
     cfg = replace(cfg, options={**cfg.options, **method_cls.resolve(cfg.own_options(), cfg.batch_size, recorded)})
@@ -143,8 +152,9 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     if ckpt and "mean" in ckpt["states"]:
         mean, std = ckpt["states"]["mean"].to(device), ckpt["states"]["std"].to(device)
     else:
-        mean, std = pool.statistics(ranks)
+        mean, std = fold_copies(*pool.statistics(ranks), copies)  # one copy's channels
     held = f" without fold {cfg.hold_out_fold}" if cfg.hold_out_fold is not None else ""
+    held += f", views drawn from {copies} stored copies of each clip" if copies > 1 else ""
     say(f"pretrain {cfg.method} on {', '.join(ds for ds, *_ in sets)}{held} ({n} samples of {frames} frames), "
         f"{cfg.arch}, {cfg.epochs} epochs on {device} -> {run.path}")
     for note in method_cls.notes(cfg.own_options(), n):
@@ -175,10 +185,12 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     views = _views(cfg, frames, bins)
 
     def view(batch: torch.Tensor) -> torch.Tensor:
+        if copies > 1:  # one of each clip's stored copies, drawn per sample
+            batch = pick_copies(batch, copies, gen)
         return views(batch, None, gen)[0]  # on whole batches on the device
 
     def loss_of(batch) -> tuple[torch.Tensor, int]:
-        xb = (batch.x.to(device).float() - mean) / std
+        xb = (batch.x.to(device).float() - mean.repeat(1, copies, 1, 1)) / std.repeat(1, copies, 1, 1)
         with autocast(device):
             return trained(xb, batch.index.to(device), view, gen), xb.shape[0]
 
@@ -197,7 +209,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
             task = monitor["task"]
             # evaluate's default space for a pretrain run: the method's projection (stages/evaluate.py)
             record[f"knn_{task.metric}"] = _monitor_knn(torch.nn.Sequential(method.encoder, method.projection),
-                                                       monitor, mean, std, device)
+                                                       monitor, mean, std, device, copies)
             record.update(knn_dataset=monitor["dataset"], knn_fold=monitor["fold"])
         run.log(record)  # then the checkpoint: a kill between the two redoes this epoch and its line
         run.save_checkpoint("last", {"method": method.state_dict(), **optimiser_states(opt, sched),
@@ -226,16 +238,16 @@ def _views(cfg: PretrainConfig, frames: int, bins: int) -> Augment:
                    time_shift=length // 4 if cfg.time_shift is None else cfg.time_shift, freq_shift=cfg.freq_shift)
 
 
-def _check_views(cfg: PretrainConfig, frames: int, bins: int) -> None:
+def _check_views(cfg: PretrainConfig, frames: int, bins: int, copies: int = 1) -> None:
     """Refuse, before a run folder is made, a crop that does not fit the pool's samples or the
     network, and two identical views for a method that contrasts two (the positive would be
-    trivially the closest: nothing is learned)."""
+    trivially the closest: nothing is learned; stored augmented copies make views differ)."""
     if cfg.time_crop is not None:
         if cfg.time_crop > frames:
             raise ConfigError(f"--time-crop {cfg.time_crop} is longer than the pool's samples ({frames} frames)",
                               f"use --time-crop {frames} or less")
         check_input_size(cfg.arch, bins, cfg.time_crop, crop=True)
-    if METHODS[cfg.method].contrasts_views and not _views(cfg, frames, bins).changes(frames):
+    if METHODS[cfg.method].contrasts_views and copies == 1 and not _views(cfg, frames, bins).changes(frames):
         raise ConfigError(f"{cfg.method} contrasts two random views of each clip, but every augmentation is off",
                           "give --time-masks or --freq-masks above 0 (with --spec-augment), --time-shift above 0, "
                           "or a --time-crop shorter than the clips")
@@ -335,12 +347,32 @@ def _monitor_split(choice: dict[str, Any], d: InMemoryData) -> dict[str, Any]:
             "x": d.x, "y": d.y, "test": test, "classes": len(manifest["classes"]), "task": Task.of(manifest)}
 
 
+def _stored_copies(sets: list[tuple[str, str, dict]]) -> int:
+    """Copies of each clip the pooled sets store (one number for all: a view is one copy)."""
+    found = {ds: stored_copies(m) for ds, _, m in sets}
+    if len(set(found.values())) > 1:
+        raise ConfigError("the pooled sets store different numbers of copies of each clip: "
+                          + ", ".join(f"{ds} {k}" for ds, k in found.items()),
+                          "pool sets extracted with the same --set augment_copies (pretrain --set augment_copies=N)")
+    return next(iter(found.values()))
+
+
+def pick_copies(x: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, copies * C, F, T) -> (B, C, F, T): for each sample one of its stored copies, drawn
+    uniformly from ``generator``."""
+    b, kc, f, t = x.shape
+    which = torch.randint(copies, (b,), generator=generator, device=generator.device).to(x.device)
+    return x.view(b, copies, kc // copies, f, t)[torch.arange(b, device=x.device), which]
+
+
 @torch.no_grad()
-def _monitor_knn(encoder, monitor, mean, std, device) -> float:
+def _monitor_knn(encoder, monitor, mean, std, device, copies: int = 1) -> float:
     rows, test, task = monitor["rows"], monitor["test"], monitor["task"]
+    c = monitor["x"].shape[1] // copies  # the clip itself: copy 0
     # Embedded in slices of the held-out and training rows: indexing the whole set at once
     # would copy it (FSD50K's is ~10 GB).
-    z = torch.cat([embed(encoder, monitor["x"][rows[i:i + 512]], mean, std, device) for i in range(0, len(rows), 512)])
+    z = torch.cat([embed(encoder, monitor["x"][rows[i:i + 512], :c], mean, std, device)
+                   for i in range(0, len(rows), 512)])
     y = monitor["y"][rows]
     scores = knn_scores(z[~test], y[~test], z[test], monitor["classes"], k=200)
     return task.headline(scores, y[test])
