@@ -295,10 +295,6 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (SHIN2021, HORNAUER2021, ZHOU20
 DEFAULT_FOLDS = {"esc50": 5, "esc10": 5, "urbansound8k": 10, "gtzan": 10, "dcase2013": 5, "tut2018": 1,
                  "tau2019": 1, "fsd50k": 1}
 
-# A dataset whose clips are all in another's: a pretraining pool holding both takes them once
-# (Hornauer et al.: "ESC-50, its subset ESC-10").
-SUBSET_OF = {"esc10": "esc50"}
-
 # Datasets `audiofx download NAME` fetches (ESC-10 comes with ESC-50).
 DOWNLOAD_AS = {"esc50": "esc50", "esc10": "esc50", "urbansound8k": "urbansound8k", "gtzan": "gtzan",
                "fsd50k": "fsd50k", "tau2019": "tau2019"}

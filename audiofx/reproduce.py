@@ -27,7 +27,8 @@ import numpy as np
 from audiofx.config import canonical_json, parse_overrides
 from audiofx.errors import AudiofxError, ConfigError, StoreError
 from audiofx.pipeline.datasets.base import default_root
-from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, SUBSET_OF, Recipe, Setting
+from audiofx.pipeline.datasets import get_adapter
+from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, Recipe, Setting
 from audiofx.training.data.featuresets import resolve_featureset, split_folds
 from audiofx.training.models.encoders import imagenet_arch
 from audiofx.training.models.published import PUBLISHED, published_file
@@ -247,8 +248,8 @@ def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
         if p.per_dataset:
             continue
         for d in set(p.pool or datasets) - set(unique_clips(p.pool or datasets)):
-            notes.append(f"{d}'s clips are all in {SUBSET_OF[d]}'s: the {p.method} pool takes them once, from "
-                         f"{SUBSET_OF[d]}")
+            notes.append(f"{d}'s clips are all in {get_adapter(d).subset_of}'s: the {p.method} pool takes them "
+                         f"once, from {get_adapter(d).subset_of}")
     left_out = [s for s in settings if s.stage != "quoted" and s.source == "imagenet"
                 and imagenet_arch(setting_arch(opts, recipe, s)) is None]
     if left_out:
@@ -295,7 +296,7 @@ def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
 def unique_clips(pool: tuple[str, ...]) -> tuple[str, ...]:
     """The pool without a dataset whose clips another of it already holds (ESC-10 beside
     ESC-50): each clip is pretrained on once."""
-    return tuple(d for d in pool if SUBSET_OF.get(d) not in pool)
+    return tuple(d for d in pool if get_adapter(d).subset_of not in pool)
 
 
 def setting_arch(opts: ReproduceOptions, recipe: Recipe, setting: Setting) -> str:

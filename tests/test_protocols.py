@@ -202,3 +202,21 @@ def test_pretraining_draws_its_views_from_stored_augmented_copies(tmp_path):
     plain = run_cli("pretrain", "--method", "simclr", "--datasets", "folder", "--no-spec-augment", "--time-shift", "0",
                     "--epochs", "1", "--name", "plain", *common)
     assert_one_line_error(plain, "every augmentation is off")  # the plain set has no copies to draw from
+
+
+def test_the_pool_takes_each_clip_once(tmp_path):
+    """ESC-10's clips are ESC-50's, and a dataset named twice is one dataset."""
+    root = L.make_esc50(tmp_path / "esc50", categories=L.ESC50_CATEGORIES[:2])
+    store, runs = str(tmp_path / "store"), str(tmp_path / "runs")
+    for dataset in ("esc50", "esc10"):
+        done = run_cli("extract", "--dataset", dataset, "--root", str(root), "--store", store, *FAST, "--workers", "1",
+                       "--no-progress")
+        assert done.returncode == 0, done.stderr
+    proc = run_cli("pretrain", "--method", "npid", "--datasets", "esc10,esc50,esc50", "--nce-k", "0", "--epochs", "1",
+                   "--batch-size", "4", "--store", store, "--runs", runs, "--arch", "tiny", "--device", "cpu",
+                   "--no-progress", "--name", "once")
+    assert proc.returncode == 0, proc.stderr
+    assert "esc50 given twice in --datasets: pooled once" in proc.stdout
+    assert "esc10's clips are all in esc50's: the pool takes them once, from esc50" in proc.stdout
+    assert "pretrain npid on esc50 (10 samples" in proc.stdout  # 2 categories x 5 clips, none twice
+    assert list(json.loads((tmp_path / "runs/pretrain/once/config.json").read_text())["pool"]) == ["esc50"]

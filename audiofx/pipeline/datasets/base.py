@@ -51,6 +51,7 @@ class DatasetAdapter:
     defaults: Mapping[str, Any]  # FeatureConfig defaults: sample_rate, clip_seconds, frames
     index: Callable[[Path, Mapping[str, Any]], DatasetIndex]
     options: Mapping[str, Any] = field(default_factory=dict)  # dataset options and their defaults
+    subset_of: str | None = None  # a dataset holding every clip of this one (ESC-10's are ESC-50's)
 
 
 REGISTRY: dict[str, DatasetAdapter] = {}

@@ -96,5 +96,6 @@ ESC10 = register(
         source=SOURCE,
         defaults=DEFAULTS,
         index=index_esc10,
+        subset_of="esc50",
     )
 )

@@ -267,7 +267,17 @@ def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print,
     channels and mel bins, or the most common ones when none has (one network takes them all
     in one batch; the number of frames may differ). ``overrides``: the ``--set`` that picks
     each dataset's stored set (``pool_overrides``)."""
-    names = list(wanted) or sorted({ds for ds, _, _ in FeatureStore(store).groups()})
+    names = list(dict.fromkeys(wanted)) or sorted({ds for ds, _, _ in FeatureStore(store).groups()})
+    if len(names) < len(wanted):
+        twice = sorted({d for d in wanted if list(wanted).count(d) > 1})
+        say(f"{', '.join(twice)} given twice in --datasets: pooled once")
+    # Each clip once: a dataset whose clips another pooled one holds is left out (Hornauer et al.
+    # pool "ESC-50, its subset ESC-10").
+    inside = [d for d in names if get_adapter(d).subset_of in names]
+    for d in inside:
+        say(f"{d}'s clips are all in {get_adapter(d).subset_of}'s: the pool takes them once, from "
+            f"{get_adapter(d).subset_of}")
+    names = [d for d in names if d not in inside]
     chosen = pool_overrides(names, overrides or {})
     out = []
     for ds in names:
