@@ -219,3 +219,34 @@ def test_worker_processes_exit_when_the_extract_command_is_killed(tmp_path):
     proc.wait()
     gone, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, alive
+
+
+def test_a_store_that_cannot_be_written_is_one_line_and_keeps_what_was_written(folder, tmp_path):
+    """A full disk, a quota, a file size limit, a read-only filesystem: one line naming the
+    store, the units already written kept, and the same command finishing once it can write.
+    The limit is real: the process runs under RLIMIT_FSIZE (writes past it fail with EFBIG)."""
+    import resource
+    import signal
+    import subprocess
+
+    from tests.conftest import REPO, audiofx_cmd, cli_env
+
+    store = tmp_path / "store"
+    done = extract(folder, store, "--set", "folds=2")
+    assert done.returncode == 0, done.stderr
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    args = ["extract", "--dataset", "folder", "--root", str(folder), "--store", str(store), *SMALL, "--set", "folds=4",
+            "--set", "frames=200"]
+    proc = subprocess.run(audiofx_cmd(*args), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=limited)
+    assert_one_line_error(proc, f"cannot write to store {store}: File too large", "ulimit -f",
+                          "the same command finishes the rest")
+    assert all(p.read_bytes() == data for p, data in before.items())  # the set written before is as it was
+    again = extract(folder, store, "--set", "folds=4", "--set", "frames=200")
+    assert again.returncode == 0, again.stderr
+    assert run_cli("cache", "verify", "--store", str(store)).returncode == 0

@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,7 +100,10 @@ class LocalProcesses:
 
     def close(self) -> None:
         if self._stream is not None:
-            self._stream.close()  # joblib aborts the tasks that have not started
+            with warnings.catch_warnings():  # a run stopped on purpose (--strict, a full disk) says why itself
+                warnings.filterwarnings("ignore", message=".*tasks which were still being processed",
+                                        category=UserWarning)
+                self._stream.close()  # joblib aborts the tasks that have not started
 
 
 _watching: int | None = None  # the parent this worker process exits with, once it watches it

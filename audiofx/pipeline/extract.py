@@ -9,7 +9,9 @@ A killed run leaves finished units behind; the next run does only the rest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import random
 import re
@@ -17,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -28,7 +30,7 @@ from audiofx.config import (
     resolve_feature_config,
     split_overrides,
 )
-from audiofx.errors import AudioSkip, ConfigError, DatasetError
+from audiofx.errors import AudioSkip, ConfigError, DatasetError, StoreError
 from audiofx.pipeline.datasets import get_adapter
 from audiofx.pipeline.datasets.base import DatasetIndex, default_root, printable_path
 from audiofx.pipeline.decode import decode_clip
@@ -165,8 +167,13 @@ def run_unit(job: UnitJob) -> dict[str, Any]:
                 return {"unit": job.unit.id, "strict_failure": [rel, reason]}
             skipped.append((rel, reason))
             x[i] = 0
-    record = store.write_unit(job.dataset, job.key, job.unit, x, skipped,
-                              extra={"seconds": round(time.perf_counter() - started, 3), "pid": os.getpid()})
+    try:
+        record = store.write_unit(job.dataset, job.key, job.unit, x, skipped,
+                                  extra={"seconds": round(time.perf_counter() - started, 3), "pid": os.getpid()})
+    except OSError as err:  # a full or read-only disk: the parent stops the run and says so in one line
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        return {"unit": job.unit.id, "write_failure": [err.errno, err.strerror, err.filename]}
     return {**record, "computed": True, "clips": len(rows)}
 
 
@@ -262,11 +269,40 @@ def build_plan(req: ExtractRequest) -> tuple[GroupPlan, DatasetIndex, FeatureCon
     return plan, index, config
 
 
+# Errors of the disk a store is written to, not of the audio read: each becomes one line.
+_WRITE_ERRNOS = {errno.ENOSPC: "free space there, or pass another --store",
+                 errno.EDQUOT: "free space within your quota there, or pass another --store",
+                 errno.EFBIG: "raise the file size limit (ulimit -f), or pass another --store",
+                 errno.EROFS: "pass a --store on a writable disk", errno.EACCES: "pass a --store you may write to",
+                 errno.EPERM: "pass a --store you may write to"}
+
+
+@contextlib.contextmanager
+def store_writes(store: str) -> Iterator[None]:
+    """A full disk, a quota, a file size limit, a read-only filesystem or a permission denied
+    while the store is written:
+    one line naming the store and the file, and what to do; finished write units are kept."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        raise StoreError(f"cannot write to store {store}: {err.strerror} ({err.filename or 'a file of it'})",
+                         f"{_WRITE_ERRNOS[err.errno]}; the write units already finished are kept, and the same "
+                         "command finishes the rest") from None
+
+
 def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) -> ExtractSummary:
     say = on_event or (lambda msg: print(msg, file=sys.stderr))
     device = check_device(req.device)
     scheduler = parse_scheduler(req.scheduler, req.workers)
     plan, index, config = build_plan(req)
+    with store_writes(req.store):
+        return _extract(req, plan, index, config, say, device, scheduler)
+
+
+def _extract(req: ExtractRequest, plan: GroupPlan, index: DatasetIndex, config: FeatureConfig,
+             say: Callable[[str], None], device: str, scheduler: Scheduler | None) -> ExtractSummary:
     store = FeatureStore(req.store)
     path = store.group_path(plan.dataset, plan.key)
     state = store.prepare(plan, rebuild=req.rebuild)
@@ -307,6 +343,8 @@ def extract(req: ExtractRequest, on_event: Callable[[str], None] | None = None) 
     ]
     started = time.perf_counter()
     results, ran = _run_jobs(jobs, workers, scheduler, req.progress, summary.clips_total, plan.dataset)
+    if results and "write_failure" in results[-1]:  # store_writes makes it one line
+        raise OSError(*results[-1]["write_failure"])
     if results and "strict_failure" in results[-1]:  # the run stops at the first one
         rel, reason = results[-1]["strict_failure"]
         raise DatasetError(f"{index.root / rel}: {reason}",
@@ -347,7 +385,7 @@ def _run_jobs(jobs: list[UnitJob], workers: int, scheduler: Scheduler | None, pr
         try:
             for result in executor.map_unordered(run_unit, jobs):
                 results.append(result)
-                if "strict_failure" in result:
+                if "strict_failure" in result or "write_failure" in result:
                     break  # leaving the executor cancels the units not yet run
                 bar.update(sizes[result["unit"]])
         finally:
