@@ -248,6 +248,15 @@ def test_remote_errors_are_one_line(s3, tmp_path):
     assert "hunter2" not in line
 
 
+def test_a_missing_or_misnamed_bucket_is_one_line_before_anything_is_written(s3, folder_raw, local_folder):
+    store, key = local_folder
+    for url, says in ((f"s3://no-such-{BUCKET}/f", f"the bucket no-such-{BUCKET} does not exist"),
+                      ("s3://Bad_Bucket!/f", "'Bad_Bucket!' is not a valid S3 bucket name")):
+        assert_one_line_error(run_cli("extract", "--dataset", "folder", "--root", str(folder_raw), "--store", url,
+                                      "--workers", "1", "--no-progress"), says)
+        assert_one_line_error(run_cli("cache", "push", key, "--store", str(store), "--to", url), says)
+
+
 def test_read_cache_evicts_least_recently_used(s3, local_demo, tmp_path, read_cache):
     store, key = local_demo
     url = f"s3://{BUCKET}/evict/features"

@@ -30,6 +30,9 @@ _ACCESS_HINT = ("check the URL, your credentials (AWS_ACCESS_KEY_ID / AWS_PROFIL
                 "S3-compatible server, AWS_ENDPOINT_URL")
 
 
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
 def is_remote(url: str | Path) -> bool:
     text = str(url)
     return "://" in text and not text.startswith("file://")
@@ -110,6 +113,23 @@ class Location:
             return self.full(rel)
         rel = rel.strip("/")
         return f"{redact(self.url).rstrip('/')}/{rel}" if rel else redact(self.url)
+
+    def require_bucket(self) -> None:
+        """Before a remote store is written: its bucket must exist (an object store creates no
+        bucket on a write; the write would fail half-way with a traceback)."""
+        if not self.remote:
+            return
+        bucket = self.base.split("/", 1)[0]
+        with remote_errors(self.url):
+            there = self.fs.exists(bucket)
+        if there:
+            return
+        if self.protocol in ("s3", "s3a") and not _S3_BUCKET.match(bucket):
+            raise StoreError(f"{redact(self.url)}: {bucket!r} is not a valid S3 bucket name",
+                             "bucket names are 3-63 lower-case letters, digits, dots and hyphens")
+        raise StoreError(f"{redact(self.url)}: the bucket {bucket} does not exist (or these credentials do not see it)",
+                         f"create it first (e.g. aws s3 mb {self.protocol}://{bucket}), or pass another --store; "
+                         + _ACCESS_HINT)
 
     # -- objects ---------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:

@@ -194,6 +194,7 @@ class FeatureStore:
         """
         rel = self.rel(plan.dataset, plan.key)
         where = self.group_path(plan.dataset, plan.key)
+        self.loc.require_bucket()
         with self.lock(plan.dataset, plan.key):
             if rebuild:
                 self.loc.remove(rel)

@@ -67,6 +67,7 @@ def copy_group(src: FeatureStore, dst: FeatureStore, dataset: str, key: str, fol
         raise StoreError(f"fold {absent[0]} of {dataset}/{key} is not in {src} (a partial copy)",
                          "copy from the store that holds every fold")
     result = CopyResult(dataset, key)
+    dst.loc.require_bucket()
     with dst.lock(dataset, key):
         have: list[str] = []
         if dst.has_manifest(dataset, key):
