@@ -152,11 +152,14 @@ Examples:
 @click.option("--strict", is_flag=True, help="Stop at the first unusable file instead of recording it as skipped.")
 @click.option("--allow-missing", is_flag=True, help="Go on when files listed in the metadata are missing (recorded).")
 @click.option("--rebuild", is_flag=True, help="Replace a store built from a different copy of the dataset.")
+@click.option("--fingerprint", type=click.Choice(["sizes", "content"]), default="sizes", show_default=True,
+              help="What tells a changed dataset: every file's path and size, or also its content (sha256 of "
+                   "every file: for datasets whose files are edited in place).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--download", "fetch_first", is_flag=True,
               help="Download the dataset first when its root is missing (as audiofx download does).")
 def extract(dataset, root, store, preset, overrides, split, workers, device, scheduler, strict, allow_missing, rebuild,
-            no_progress, fetch_first):
+            fingerprint, no_progress, fetch_first):
     """Decode, resample and turn every clip of a dataset into three-window log-mel features,
     written in parallel into a resumable Zarr feature store."""
     from audiofx.pipeline.extract import ExtractRequest
@@ -174,6 +177,7 @@ def extract(dataset, root, store, preset, overrides, split, workers, device, sch
     summary = run_extract(ExtractRequest(
         dataset=dataset, root=root, store=store, preset=preset, overrides=values, workers=workers, device=device,
         strict=strict, allow_missing=allow_missing, rebuild=rebuild, progress=not no_progress, scheduler=scheduler,
+        fingerprint=fingerprint,
     ))
     if summary.status == "complete":
         click.echo(f"store is complete: {summary.path} ({summary.clips_total} clips); nothing to do")

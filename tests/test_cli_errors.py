@@ -140,6 +140,22 @@ def test_changed_dataset_error_then_rebuild(tmp_path, small_folder):
     assert proc.returncode == 0 and "30 usable of 30" in proc.stdout
 
 
+def test_fingerprint_content_tells_a_file_edited_in_place(tmp_path, small_folder):
+    """A file rewritten with other samples of the same size passes the size fingerprint; the
+    content fingerprint (every file's sha256) names it."""
+    assert extract(small_folder, tmp_path / "sizes").returncode == 0
+    assert extract(small_folder, tmp_path / "content", "--fingerprint", "content").returncode == 0
+    manifest = json.loads(next((tmp_path / "content").rglob("manifest.json")).read_text())
+    assert len(manifest["fingerprint"]["content"]) == 64
+    target = small_folder / "class0" / "class0-001.wav"
+    data, rate = sf.read(target, dtype="int16")
+    sf.write(target, np.ascontiguousarray(data[::-1]), rate, subtype="PCM_16")  # same size, other samples
+    assert "nothing to do" in extract(small_folder, tmp_path / "sizes").stdout  # sizes cannot tell
+    assert_one_line_error(extract(small_folder, tmp_path / "content", "--fingerprint", "content"),
+                          "whose content has changed", "--rebuild")
+    assert extract(small_folder, tmp_path / "content", "--fingerprint", "content", "--rebuild").returncode == 0
+
+
 def test_help_shows_an_example():
     proc = run_cli("extract", "--help")
     assert proc.returncode == 0 and "audiofx extract --dataset esc50 --root" in proc.stdout

@@ -60,6 +60,7 @@ class ExtractRequest:
     rebuild: bool = False
     progress: bool = True
     scheduler: str | None = None  # None: joblib here; "local:N" or "tcp://HOST:PORT": Dask (see executors.py)
+    fingerprint: str = "sizes"  # sizes, or content: every source file's sha256 too (files edited in place)
 
 
 @dataclass
@@ -260,7 +261,9 @@ def build_plan(req: ExtractRequest) -> tuple[GroupPlan, DatasetIndex, FeatureCon
     folds = {f: c for f, c in folds.items() if c}
     options = dict(index.options)
     key = feature_key(config, options)
-    fp = fingerprint(index, sizes)
+    if req.fingerprint not in ("sizes", "content"):
+        raise ConfigError(f"--fingerprint {req.fingerprint!r} is unknown", "use sizes or content")
+    fp = fingerprint(index, sizes, content=req.fingerprint == "content")
     plan = GroupPlan(
         dataset=adapter.name, key=key, config=config, fingerprint=fp.to_dict(), classes=list(index.classes),
         multilabel=index.multilabel, folds=folds, dataset_options=options,

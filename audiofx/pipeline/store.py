@@ -208,6 +208,11 @@ class FeatureStore:
                         f"{plan.fingerprint['files']} files, {plan.fingerprint['bytes']} bytes now)",
                         "pass --rebuild to replace it, or --store to write elsewhere",
                     )
+                recorded, now = attrs.get("fingerprint", {}).get("content"), plan.fingerprint.get("content")
+                if recorded and now and recorded != now:
+                    raise StoreError(f"store {where} was built from {plan.dataset} files whose content has changed "
+                                     "since (the same names and sizes, other bytes: --fingerprint content)",
+                                     "pass --rebuild to extract them again, or --store to write elsewhere")
                 if canonical_json(attrs.get("feature_config")) != canonical_json(plan.config.to_dict()):
                     raise StoreError(f"store {where} holds features of another config under the same key",
                                      "pass --rebuild to replace it")
