@@ -107,6 +107,9 @@ def test_unusable_files_raise_skips_with_reasons(tmp_path):
     au = (tmp_path / "au.au").read_bytes()
     (tmp_path / "trunc.au").write_bytes(au[: len(au) // 2])
     assert "truncated" in _reason(tmp_path / "trunc.au")
+    # what libsndfile calls "System error." (a file it cannot open) gets the OS's reason
+    (tmp_path / "folder.wav").mkdir()
+    assert "cannot be opened: Is a directory" in _reason(tmp_path / "folder.wav")
 
 
 def test_silent_clip_is_fine(tmp_path):

@@ -72,6 +72,12 @@ def read_audio(path: Path, max_seconds: float) -> tuple[np.ndarray, int]:
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
         if path.is_file() and path.stat().st_size == 0:
             raise AudioSkip("empty file (0 bytes)") from None
+        try:  # libsndfile says "System error." for a file it cannot open: the OS says why
+            with open(path, "rb"):
+                pass
+        except OSError as why:
+            raise AudioSkip(f"cannot be opened: {why.strerror or why} (check the file's permissions and that it is "
+                            "a regular file)") from None
         raise AudioSkip(f"not readable as audio: {_short(err)}") from None
     with f:
         if f.frames <= 0:
