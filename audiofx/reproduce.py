@@ -13,6 +13,7 @@ second reproduce skips finished runs and resumes unfinished ones with --resume.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -24,12 +25,12 @@ from typing import Any, Callable
 import click
 import numpy as np
 
-from audiofx.config import canonical_json, parse_overrides
+from audiofx.config import FeatureConfig, canonical_json, parse_overrides, resolve_feature_config, split_overrides
 from audiofx.errors import AudiofxError, ConfigError, StoreError
 from audiofx.pipeline.datasets.base import default_root
 from audiofx.pipeline.datasets import get_adapter
 from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, Recipe, Setting
-from audiofx.training.data.featuresets import resolve_featureset, split_folds
+from audiofx.training.data.featuresets import normal_set_options, resolve_featureset, split_folds, unique_clips
 from audiofx.training.models.encoders import imagenet_arch
 from audiofx.training.models.published import PUBLISHED, published_file
 from audiofx.training.report.build import build_report
@@ -148,11 +149,24 @@ def _run_state(kind: str, run_dir: Path) -> str:
     return "resume" if kind != "evaluate" and (run_dir / "config.json").is_file() else "restart"
 
 
+# Fields a set may differ in from the recipe's features and still serve it: a shorter clip
+# and fewer frames (a smoke run's set, extracted beforehand to save time) change no recipe.
+_LENGTH_FIELDS = ("clip_seconds", "frames")
+
+
 def _features(store: str, dataset: str, preset: str, protocol: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The manifest of the recipe's set of ``dataset`` (its preset and protocol), or None."""
+    overrides = parse_overrides(protocol)
     try:
-        return resolve_featureset(store, dataset, preset, overrides=parse_overrides(protocol))[1]
+        manifest = resolve_featureset(store, dataset, preset, overrides=overrides)[1]
+        features, _ = split_overrides(overrides, get_adapter(dataset).options)
+        wanted = resolve_feature_config(get_adapter(dataset).defaults, preset, features)
     except (StoreError, ConfigError):
         return None
+    have = FeatureConfig.from_dict(manifest["feature_config"])
+    same = all(getattr(have, f.name) == getattr(wanted, f.name) for f in dataclasses.fields(FeatureConfig)
+               if f.name not in _LENGTH_FIELDS)
+    return manifest if same else None  # another preset's set (the store's only one) never serves the recipe
 
 
 def _sets(values: tuple[str, ...], dataset: str | None = None) -> list[str]:
@@ -182,24 +196,50 @@ def _command_params(cli: click.Group, kind: str, args: list[str]) -> dict[str, A
                           "this audiofx lacks an option the recipe needs; update audiofx") from err
 
 
-def _differences(cli: click.Group, kind: str, args: list[str], run_dir: Path) -> list[str]:
+def _differences(cli: click.Group, kind: str, args: list[str], run_dir: Path,
+                 features: str | None = None) -> list[str]:
     """Options of the planned command that a finished run was not made with (e.g. a smoke run
-    with --epochs-scale in the same --runs folder): such a run must not fill the table."""
+    with --epochs-scale in the same --runs folder, or a run made before an option the recipe
+    now gives existed), and features other than the recipe's set (``features``: its key):
+    such a run must not fill the table."""
     config = json.loads((run_dir / "config.json").read_text())
+    defaults = _defaults(cli.commands[kind])
     out = []
     for name, value in _command_params(cli, kind, args).items():
         key = {"run_spec": "run"}.get(name, name)
-        if name in _TRANSIENT or value is None or key not in config:
+        if name in _TRANSIENT or value is None:
             continue
-        if kind == "pretrain" and name == "datasets":
-            value = [d for d in value.split(",") if d]
-        if name == "set_options":  # recorded as parsed
-            value = parse_overrides(value)
-        if isinstance(value, tuple):
-            value = list(value)
+        if key not in config:  # made before the option existed: it ran at the option's default
+            if canonical_json(_as_recorded(name, value)) != canonical_json(_as_recorded(name, defaults.get(name))):
+                out.append(f"{key} not recorded (made before the option existed), not {value!r}")
+            continue
+        value = _as_recorded(name, value)
         if canonical_json(value) != canonical_json(config[key]):
             out.append(f"{key} {config[key]!r}, not {value!r}")
+    if features and config.get("key") and config["key"] != features:
+        out.append(f"features {config['key']}, not the recipe's {features}")
     return out
+
+
+def _defaults(command: click.Command) -> dict[str, Any]:
+    """Each option's value when it is not given (click marks an absent multiple option's
+    default with a sentinel: it is empty)."""
+    ctx = click.Context(command)
+    out = {}
+    for p in command.params:
+        value = p.get_default(ctx)
+        out[p.name] = value if isinstance(value, (str, int, float, bool, tuple, list, type(None))) else \
+            (() if getattr(p, "multiple", False) else None)
+    return out
+
+
+def _as_recorded(name: str, value: Any) -> Any:
+    """A parsed option as config.json records it."""
+    if name == "datasets" and isinstance(value, str):
+        return [d for d in value.split(",") if d]
+    if name == "set_options":
+        return normal_set_options(parse_overrides(value or ()))
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _extract_root(opts: ReproduceOptions, dataset: str) -> str | None:
@@ -293,12 +333,6 @@ def make_plan(opts: ReproduceOptions, cli: click.Group) -> Plan:
                 Path(opts.runs) / f"reproduce-{recipe.name}")
 
 
-def unique_clips(pool: tuple[str, ...]) -> tuple[str, ...]:
-    """The pool without a dataset whose clips another of it already holds (ESC-10 beside
-    ESC-50): each clip is pretrained on once."""
-    return tuple(d for d in pool if get_adapter(d).subset_of not in pool)
-
-
 def setting_arch(opts: ReproduceOptions, recipe: Recipe, setting: Setting) -> str:
     """A row's backbone: --arch for every row, else the row's own (Zhou et al.'s AlexNet and
     ResNet-50), else the recipe's."""
@@ -324,10 +358,10 @@ def _training_steps(opts: ReproduceOptions, cli: click.Group, recipe: Recipe, ar
     progress = [] if opts.progress else ["--no-progress"]  # evaluate has no progress bar
     steps: list[Step] = []
 
-    def add(kind: str, args: list[str], run_dir: Path, **kw) -> None:
+    def add(kind: str, args: list[str], run_dir: Path, features: str | None = None, **kw) -> None:
         status = _run_state(kind, run_dir)
         if status in ("done", "resume"):  # checked before anything runs, not hours later
-            diff = _differences(cli, kind, args[1:], run_dir)
+            diff = _differences(cli, kind, args[1:], run_dir, features)
             if diff:
                 what = "finished" if status == "done" else "was started"
                 raise ConfigError(f"run {run_dir} {what} with other settings ({'; '.join(diff)})",
@@ -366,7 +400,7 @@ def _training_steps(opts: ReproduceOptions, cli: click.Group, recipe: Recipe, ar
                     args = ["evaluate", "--run", ref, "--dataset", ds, "--preset", recipe.preset, *sets, *options,
                             *weights, *common, "--name", name, *device]
                 add(stage, args, runs / stage / name, dataset=ds, setting=s, folds=_fold_count(manifests[ds], ds, args),
-                    arch=row_arch)
+                    arch=row_arch, features=(manifests[ds] or {}).get("feature_key"))
     return steps
 
 
@@ -471,13 +505,16 @@ def ours(setting: Setting, dataset: str, run_dir: Path | None) -> str:
         return "-"
     m = summary.get("metric", "acc")
     last = headline(summary)
-    if setting.metric == "curve" and f"curve_selected_{m}_mean" in summary:
+    if setting.metric == "curve":
+        if f"curve_selected_{m}_mean" not in summary:
+            return f"{last.text()} [last epoch: the run has no validation curve]"
         return (f"{_pct(summary[f'curve_selected_{m}_mean'], summary[f'curve_selected_{m}_std'])} "
                 f"[epoch {summary['curve_selected_epoch']} on val; last {last.text()}]")
-    if setting.metric == "kcv" and f"{m}_kcv_mean" in summary:
+    if setting.metric == "kcv":
+        if f"{m}_kcv_mean" not in summary:
+            return f"{last.text()} [the run chose no k by cross-validation]"
         ks = summary.get("k") or []
-        return f"{_pct(summary[f'{m}_kcv_mean'], summary[f'{m}_kcv_std'])} [k {ks[0] if ks else '?'}: {last.text()}]" \
-            if ks else _pct(summary[f"{m}_kcv_mean"], summary[f"{m}_kcv_std"])
+        return f"{_pct(summary[f'{m}_kcv_mean'], summary[f'{m}_kcv_std'])}" + (f" [k {ks[0]}: {last.text()}]" if ks else "")
     epoch = setting.epoch_for(dataset)
     if setting.metric == "epoch" and epoch is not None:
         at = [r[f"test_{m}"] for r in Run(run_dir).metrics() if r.get("event") == "epoch" and r["epoch"] == epoch]

@@ -263,4 +263,9 @@ def test_augmented_copies_are_stored_after_each_clip_seeded_by_its_path(tmp_path
         for k, wave in enumerate(copies):
             feats = compute_features(torch.from_numpy(wave[None]), config)[0].numpy().astype(np.float16)
             assert np.array_equal(row[3 * k:3 * k + 3], feats), (clip, k)
-    assert clip_generator(config, clips[0]).random() == clip_generator(config, clips[0]).random()
+    # Seeded by the clip's path: two clips draw other copies; another extraction the same ones.
+    assert clip_generator(config, clips[0]).random() != clip_generator(config, clips[1]).random()
+    again = extract(ExtractRequest(dataset="folder", root=root, store=str(tmp_path / "again"),
+                                   overrides={**FAST, "folds": 2, "augment_copies": 2}, workers=2, progress=False),
+                    on_event=lambda m: None)
+    assert np.array_equal(load_fold(FeatureStore(tmp_path / "again"), "folder", again.key, "1")[0], x)

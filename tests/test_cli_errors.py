@@ -151,6 +151,8 @@ def test_fingerprint_content_tells_a_file_edited_in_place(tmp_path, small_folder
     data, rate = sf.read(target, dtype="int16")
     sf.write(target, np.ascontiguousarray(data[::-1]), rate, subtype="PCM_16")  # same size, other samples
     assert "nothing to do" in extract(small_folder, tmp_path / "sizes").stdout  # sizes cannot tell
+    unrecorded = extract(small_folder, tmp_path / "sizes", "--fingerprint", "content")
+    assert "was made without --fingerprint content" in unrecorded.stderr and unrecorded.returncode == 0
     assert_one_line_error(extract(small_folder, tmp_path / "content", "--fingerprint", "content"),
                           "whose content has changed", "--rebuild")
     assert extract(small_folder, tmp_path / "content", "--fingerprint", "content", "--rebuild").returncode == 0

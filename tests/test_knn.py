@@ -36,5 +36,9 @@ def test_cv_groups_are_the_training_folds_or_stratified_seeded_parts_of_one():
     assert not np.array_equal(one, cv_groups(["train"], np.array(["train"] * 40), labels, seed=4))
     multi = torch.zeros(12, 3, dtype=torch.long)  # multi-hot rows: plain parts
     assert sorted(np.unique(cv_groups(["train"], np.array(["train"] * 12), multi)).tolist()) == [0, 1, 2, 3, 4]
-    k, _ = choose_k(torch.randn(40, 8), labels, one, 4)  # one training fold: k is still cross-validated
-    assert k >= 1
+    # one training fold: k is still cross-validated, on its fifths (separable clusters: every k is
+    # right, and ties go to the smallest)
+    centers = torch.eye(4) * 5
+    feats = centers[labels] + torch.randn(40, 4, generator=torch.Generator().manual_seed(1))
+    k, acc = choose_k(feats, labels, one, 4, candidates=(1, 5, 35))
+    assert set(acc) == {1, 5, 35} and min(acc.values()) > 0.9 and k == 1

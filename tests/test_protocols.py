@@ -33,7 +33,7 @@ def test_gtzan_70_15_15_finetunes_on_train_selects_on_val_and_tests_once(tmp_pat
     s = summary_of(tmp_path / "runs/finetune/split")
     assert s["n_folds"] == 1 and "selected_acc_mean" in s and "val_acc_mean" in s
     config = json.loads((tmp_path / "runs/finetune/split/config.json").read_text())
-    assert config["set_options"] == {"ratios": [70, 15, 15]}
+    assert config["set_options"] == {"ratios": "70/15/15"}  # one spelling: a resume given 70/15/15 is this run
     # The default protocol (10 folds) is taken without --set; evaluate takes --set as finetune does.
     knn = run_cli("evaluate", "--run", "random", *common, "--mode", "knn", "--k", "5,3", "--set", "ratios=70/15/15",
                   "--name", "knn")
@@ -167,10 +167,14 @@ def test_pretraining_draws_its_views_from_stored_augmented_copies(tmp_path):
     from audiofx.training.stages.pretrain import pick_copies
     from tests.conftest import make_class_folder
 
-    x = torch.arange(2 * 6.0).view(2, 6, 1, 1)  # 2 samples, 3 copies of 2 channels
-    picked = pick_copies(x, 3, torch.Generator().manual_seed(0))
-    which = torch.randint(3, (2,), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(picked, torch.stack([x[i, 2 * k:2 * k + 2] for i, k in enumerate(which.tolist())]))
+    x = torch.arange(400 * 6.0).view(400, 6, 1, 1)  # 400 samples, 3 copies of 2 channels
+    gen = torch.Generator().manual_seed(0)
+    first, which = pick_copies(x, 3, gen)
+    assert torch.equal(first, torch.stack([x[i, 2 * k:2 * k + 2] for i, k in enumerate(which.tolist())]))
+    assert sorted(torch.bincount(which).tolist())[0] > 100  # every copy drawn, about a third each
+    second, other = pick_copies(x, 3, gen, which)
+    assert not (other == which).any() and torch.equal(second[:, 0, 0, 0], x[torch.arange(400), 2 * other, 0, 0])
+    assert (other == (which + 1) % 3).any() and (other == (which + 2) % 3).any()  # either other copy
     feats = torch.randn(5, 6, 4, 7)
     mean, std = fold_copies(*channel_stats(feats.half()), 3)
     together = feats.half().float().view(5, 3, 2, 4, 7).transpose(0, 1).reshape(15, 2, 4, 7)
@@ -220,3 +224,25 @@ def test_the_pool_takes_each_clip_once(tmp_path):
     assert "esc10's clips are all in esc50's: the pool takes them once, from esc50" in proc.stdout
     assert "pretrain npid on esc50 (10 samples" in proc.stdout  # 2 categories x 5 clips, none twice
     assert list(json.loads((tmp_path / "runs/pretrain/once/config.json").read_text())["pool"]) == ["esc50"]
+
+
+def test_an_option_the_protocol_has_no_use_for_is_refused_at_extraction(tmp_path):
+    root = L.make_gtzan(tmp_path / "gtzan", per_genre=10)
+    proc = run_cli("extract", "--dataset", "gtzan", "--root", str(root), "--store", str(tmp_path / "s"), *FAST,
+                   "--set", "ratios=70/15/15", "--set", "folds=10", "--workers", "1", "--no-progress")
+    assert_one_line_error(proc, "--set folds=10 does not apply to this gtzan protocol", "ratios=70/15/15")
+    assert not (tmp_path / "s").exists()
+
+
+def test_curve_selection_takes_the_epoch_of_the_best_fold_averaged_validation_score():
+    from audiofx.training.stages.finetune import curve_selection
+
+    val = {"1": [0.2, 0.6, 0.5], "2": [0.4, 0.3, 0.6]}  # means 0.30, 0.45, 0.55: epoch 3
+    test = {"1": [0.9, 0.1, 0.3], "2": [0.8, 0.2, 0.5]}  # the test folds' own best mean is epoch 1 (0.85)
+    records = [{"event": "epoch", "fold": f, "epoch": e + 1, "val_acc": val[f][e], "test_acc": test[f][e]}
+               for f in val for e in range(3)]
+    s = curve_selection(records + [{"event": "fold_done", "fold": "1"}], ["1", "2"])
+    assert s["curve_selected_epoch"] == 3 and s["best_mean_val_acc"] == pytest.approx(0.55)
+    assert s["curve_selected_acc_mean"] == pytest.approx(0.4) and s["curve_selected_acc_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert s["best_mean_test_acc"] == pytest.approx(0.85)
+    assert curve_selection(records, ["1", "2", "3"]) == {}  # a fold without a validation curve: no selection

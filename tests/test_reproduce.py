@@ -349,3 +349,18 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(reproduced):
     # A finished run made with other settings never fills the table.
     changed = run_cli("reproduce", *common[:2], "0.03", *common[3:], "--dry-run", cwd=base)
     assert_one_line_error(changed, "finished with other settings", "epochs 2, not 6", "another --runs")
+
+    # A run made before an option the recipe now gives existed (its config.json lacks it), or on
+    # another feature set than the recipe's, never fills the table either.
+    import json
+
+    config_path = runs / "finetune" / "shin2021-urbansound8k-scratch" / "config.json"
+    config = json.loads(config_path.read_text())
+    old = {k: v for k, v in config.items() if k != "set_options"}
+    config_path.write_text(json.dumps(old))
+    before = run_cli("reproduce", *common, "--dry-run", cwd=base)
+    assert_one_line_error(before, "set_options not recorded (made before the option existed)")
+    config_path.write_text(json.dumps({**config, "key": "0123456789abcdef"}))
+    other = run_cli("reproduce", *common, "--dry-run", cwd=base)
+    assert_one_line_error(other, "features 0123456789abcdef, not the recipe's")
+    config_path.write_text(json.dumps(config))

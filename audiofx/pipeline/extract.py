@@ -241,6 +241,14 @@ def build_plan(req: ExtractRequest) -> tuple[GroupPlan, DatasetIndex, FeatureCon
     feature_overrides, option_overrides = split_overrides(req.overrides, dict(adapter.options))
     config = resolve_feature_config(adapter.defaults, req.preset, feature_overrides)
     index = adapter.index(root, {**adapter.options, **option_overrides})
+    # A dataset option given that the protocol has no use for (the seed of DCASE 2013's official
+    # folds, the fold count of a ratios split) would be recorded as not given: the same --set
+    # could then never find the set again.
+    unused = [k for k in option_overrides if k in index.options and index.options[k] is None]
+    if unused:
+        raise ConfigError(f"--set {unused[0]}={option_overrides[unused[0]]} does not apply to this {adapter.name} protocol "
+                          f"({', '.join(f'{k}={v}' for k, v in index.options.items() if v is not None)})",
+                          f"drop --set {unused[0]}")
     check_fold_names(index)
     index = leave_out_unnamed(index)
     if not index.clips:
@@ -309,6 +317,9 @@ def _extract(req: ExtractRequest, plan: GroupPlan, index: DatasetIndex, config: 
     store = FeatureStore(req.store)
     path = store.group_path(plan.dataset, plan.key)
     state = store.prepare(plan, rebuild=req.rebuild)
+    if plan.fingerprint.get("content") and not store.recorded_fingerprint(plan.dataset, plan.key).get("content"):
+        say(f"note: {path} was made without --fingerprint content: only the files' names and sizes could be "
+            "compared (--rebuild records their content)")
     summary = ExtractSummary(plan.dataset, plan.key, path, "complete", missing=plan.missing)
     if state == "complete":
         _fill_from_manifest(summary, store.read_manifest(plan.dataset, plan.key))

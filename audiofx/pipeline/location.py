@@ -115,21 +115,27 @@ class Location:
         return f"{redact(self.url).rstrip('/')}/{rel}" if rel else redact(self.url)
 
     def require_bucket(self) -> None:
-        """Before a remote store is written: its bucket must exist (an object store creates no
-        bucket on a write; the write would fail half-way with a traceback)."""
-        if not self.remote:
+        """Before an S3 store is written: its bucket must exist (an object store creates no
+        bucket on a write; the write would fail half-way with a traceback). Only a bucket S3
+        says is not there (404) or a name S3 cannot have is refused: a policy that grants a
+        prefix and not the bucket (403 on HEAD) may still write, and other stores' own
+        errors stay theirs."""
+        if not self.remote or self.protocol not in ("s3", "s3a"):
             return
         bucket = self.base.split("/", 1)[0]
-        with remote_errors(self.url):
-            there = self.fs.exists(bucket)
-        if there:
-            return
-        if self.protocol in ("s3", "s3a") and not _S3_BUCKET.match(bucket):
+        if not _S3_BUCKET.match(bucket):
             raise StoreError(f"{redact(self.url)}: {bucket!r} is not a valid S3 bucket name",
                              "bucket names are 3-63 lower-case letters, digits, dots and hyphens")
-        raise StoreError(f"{redact(self.url)}: the bucket {bucket} does not exist (or these credentials do not see it)",
-                         f"create it first (e.g. aws s3 mb {self.protocol}://{bucket}), or pass another --store; "
-                         + _ACCESS_HINT)
+        with remote_errors(self.url):
+            try:
+                self.fs.call_s3("head_bucket", Bucket=bucket)
+                return
+            except PermissionError:  # may still write under its prefix: the writes will tell
+                return
+            except FileNotFoundError:
+                pass
+        raise StoreError(f"{redact(self.url)}: the bucket {bucket} does not exist",
+                         f"create it first (e.g. aws s3 mb {self.protocol}://{bucket}), or pass another --store")
 
     # -- objects ---------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:

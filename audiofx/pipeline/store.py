@@ -223,6 +223,10 @@ class FeatureStore:
             self._create(plan)
             return "created"
 
+    def recorded_fingerprint(self, dataset: str, key: str) -> dict[str, Any]:
+        """The dataset fingerprint a group was created with ({} before it exists)."""
+        return (self._ready_attrs(dataset, key) or {}).get("fingerprint", {})
+
     def _ready_attrs(self, dataset: str, key: str) -> dict[str, Any] | None:
         """The group's attrs if it was fully created (attrs are written last), else None."""
         try:

@@ -183,7 +183,8 @@ def parse_ratios(value: Any) -> tuple[int, int, int]:
 def stratified_holdout(labels: Sequence[int], ratios: tuple[int, int, int], seed: int) -> list[str]:
     """train / val / test of every item, stratified by label and deterministic for a seed:
     the test share is drawn first, then the validation share of the rest (scikit-learn's
-    train_test_split is the reference; counts are rounded as it rounds them)."""
+    train_test_split, given the counts: each share of n rounded to the nearest clip). Every
+    part must hold every class once at least (a stratified split needs it)."""
     from sklearn.model_selection import train_test_split
 
     y = np.asarray(labels)
@@ -191,7 +192,9 @@ def stratified_holdout(labels: Sequence[int], ratios: tuple[int, int, int], seed
     n_test = round(n * ratios[2] / 100)
     n_val = round(n * ratios[1] / 100)
     counts = np.bincount(y)
-    if counts[counts > 0].min() < 2 + bool(n_val) or n_test + n_val >= n:
+    classes = int((counts > 0).sum())
+    parts = [n_test, n - n_test - n_val] + ([n_val] if n_val else [])
+    if counts[counts > 0].min() < len(parts) or min(parts) < classes:
         raise DatasetError(f"{n} clips cannot be split {'/'.join(map(str, ratios))} with every class in each part",
                            "use k folds instead (--set folds=N) or other ratios")
     split = np.full(n, "train", dtype=object)

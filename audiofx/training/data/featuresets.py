@@ -45,10 +45,9 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
         except StoreError:
             continue
     if not key:
-        # Sets holding augmented copies (pretraining's) are found only when asked for.
-        asked_copies = resolve_feature_config(adapter.defaults, preset, feature_options).augment_copies
-        complete = [(k, m) for k, m in complete if stored_copies(m) == 1 + asked_copies]
         wanted_config = resolve_feature_config(adapter.defaults, preset, feature_options)
+        # Sets holding augmented copies (pretraining's) are found only when asked for.
+        complete = [(k, m) for k, m in complete if stored_copies(m) == wanted_config.copies]
         wanted = canonical_json(wanted_config.to_dict())
 
         def config_is(m: dict[str, Any]) -> bool:
@@ -92,6 +91,13 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
     return complete[-1]
 
 
+def normal_set_options(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``--set`` values as a run records them: a split's ratios in one spelling (70,15,15 and
+    70/15/15 are one split), so a resume given either is the same run."""
+    return {k: "/".join(map(str, parse_ratios(v))) if k.rpartition(":")[2] == "ratios" and v is not None else v
+            for k, v in overrides.items()}
+
+
 def stored_copies(manifest: dict[str, Any]) -> int:
     """Copies of each clip a set stores: 1, or 1 + augment_copies (config.FeatureConfig)."""
     return 1 + int(manifest.get("feature_config", {}).get("augment_copies", 0))
@@ -103,7 +109,8 @@ def check_single_copy(manifest: dict[str, Any], dataset: str, stage: str) -> Non
     if stored_copies(manifest) > 1:
         raise StoreError(f"{dataset} ({manifest.get('feature_key', '?')}) holds {stored_copies(manifest)} copies of each "
                          f"clip (augment_copies), which only pretraining draws its views from, not {stage}",
-                         "pass the key of a set extracted without --set augment_copies, or leave out --key")
+                         "give the key of a set extracted without --set augment_copies, or no --key and no --set "
+                         "augment_copies")
 
 
 def _options_text(manifest: dict[str, Any]) -> str:
@@ -271,13 +278,6 @@ def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print,
     if len(names) < len(wanted):
         twice = sorted({d for d in wanted if list(wanted).count(d) > 1})
         say(f"{', '.join(twice)} given twice in --datasets: pooled once")
-    # Each clip once: a dataset whose clips another pooled one holds is left out (Hornauer et al.
-    # pool "ESC-50, its subset ESC-10").
-    inside = [d for d in names if get_adapter(d).subset_of in names]
-    for d in inside:
-        say(f"{d}'s clips are all in {get_adapter(d).subset_of}'s: the pool takes them once, from "
-            f"{get_adapter(d).subset_of}")
-    names = [d for d in names if d not in inside]
     chosen = pool_overrides(names, overrides or {})
     out = []
     for ds in names:
@@ -309,4 +309,18 @@ def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print,
         say(f"left out of the pool (features not {keep[0]} x {keep[1]} bins like the rest): "
             + ", ".join(f"{ds} ({shapes[ds][0]} x {shapes[ds][1]})" for ds in other))
         out = [entry for entry in out if entry[0] not in other]
-    return out
+    # Each clip once: a dataset whose clips another pooled one holds is left out (Hornauer et al.
+    # pool "ESC-50, its subset ESC-10"); decided on the pool as resolved, so that they are
+    # never both left out.
+    pooled = [ds for ds, _, _ in out]
+    for d in pooled:
+        if d not in unique_clips(tuple(pooled)):
+            say(f"{d}'s clips are all in {get_adapter(d).subset_of}'s: the pool takes them once, from "
+                f"{get_adapter(d).subset_of}")
+    return [entry for entry in out if entry[0] in unique_clips(tuple(pooled))]
+
+
+def unique_clips(pool: tuple[str, ...]) -> tuple[str, ...]:
+    """The pool without a dataset whose clips another of it already holds (ESC-10 beside
+    ESC-50: the adapters say whose subset they are): each clip is pretrained on once."""
+    return tuple(d for d in pool if get_adapter(d).subset_of not in pool)

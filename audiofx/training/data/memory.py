@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from audiofx.errors import ConfigError
 from audiofx.pipeline.reading import open_fold_reader
 from audiofx.training.data.batches import Batch, batch_labels, check_batching, rank_span, seeded_generator, torch_labels
 from audiofx.training.data.featuresets import FoldSet
@@ -235,10 +236,14 @@ def hold_out(data: InMemoryData, fraction: float, seed: int) -> tuple[InMemoryDa
 
     y = data.y.cpu().numpy()
     n = len(y)
+    held_n = int(np.ceil(n * fraction))  # as train_test_split counts a fractional test_size
     counts = np.bincount(y) if y.ndim == 1 and n else np.zeros(1)
-    stratify = y if y.ndim == 1 and counts[counts > 0].min() >= 2 and round(n * fraction) >= len(counts[counts > 0]) \
-        else None
-    _, held = train_test_split(np.arange(n), test_size=fraction, random_state=seed, stratify=stratify)
+    classes = int((counts > 0).sum())
+    if held_n < 1 or n - held_n < 1:
+        raise ConfigError(f"--val-split {fraction:g} of {n} training clips leaves {held_n} to validate on and "
+                          f"{n - held_n} to train on", "give a share that leaves clips on both sides (e.g. 0.15)")
+    stratify = y if y.ndim == 1 and counts[counts > 0].min() >= 2 and min(held_n, n - held_n) >= classes else None
+    _, held = train_test_split(np.arange(n), test_size=held_n, random_state=seed, stratify=stratify)
     mask = torch.zeros(n, dtype=torch.bool)
     mask[torch.from_numpy(np.sort(held))] = True
     mask = mask.to(data.x.device)

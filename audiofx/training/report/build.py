@@ -294,7 +294,8 @@ def tsne_inputs(run: RunData, store: str | None) -> tuple[np.ndarray, np.ndarray
         y_pred = _saved_labels(predictions[fold], data.clips)
         if y_pred is None:
             raise Skip(f"the saved predictions of fold {fold} do not match the clips in the store")
-        mean, std = init.input_stats or channel_stats(data.x)  # evaluate's own choice
+        stats = init.input_stats if init.input_stats and init.input_stats[0].shape[1] == data.x.shape[1] else None
+        mean, std = stats or channel_stats(data.x)  # evaluate's own choice
         z = embed(encoder, data.x, mean.to(device), std.to(device), device)
     return z.float().cpu().numpy(), data.y.cpu().numpy(), y_pred, data.classes, fold
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,10 @@ from audiofx.training.data.featuresets import (
     check_usable,
     fold_order,
     input_channel,
+    normal_set_options,
     resolve_featureset,
     split_folds,
+    validation_fold,
 )
 from audiofx.training.data.inputs import open_inputs
 from audiofx.training.models.encoders import projection_from_state
@@ -45,7 +47,6 @@ from audiofx.training.stages.embedding import embed_rows
 from audiofx.training.stages.knn import choose_k, cv_groups, knn_scores
 from audiofx.training.stages.metrics import mean_std, per_class_markdown
 from audiofx.training.stages.probe import (
-    DEFAULT_WEIGHT_DECAY,
     PROBES,
     choose_weight_decay,
     lbfgs_probe,
@@ -92,6 +93,7 @@ def state_hash(module: torch.nn.Module) -> str:
 
 
 def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
+    cfg = replace(cfg, set_options=normal_set_options(cfg.set_options))
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode {cfg.mode!r}", f"use one of {', '.join(MODES)}")
     if cfg.probe not in PROBES:
@@ -116,8 +118,11 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     task = Task.of(manifest)
     m = task.metric
     plan = split_folds(list(manifest["folds"]), cfg.fold)
-    check_usable(manifest, cfg.dataset, plan)
-    folds = sorted({f for t, tr in plan for f in [t, *tr]}, key=fold_order)
+    # A set with a validation split of its own (FSD50K's, GTZAN's 70/15/15) chooses k and the
+    # probe's penalty on it; k-fold sets leave one training fold out at a time.
+    val_fold = validation_fold(list(manifest["folds"]), plan)
+    check_usable(manifest, cfg.dataset, plan, val_fold)
+    folds = sorted({f for t, tr in plan for f in [t, *tr]} | ({val_fold} if val_fold else set()), key=fold_order)
     inputs = open_inputs([FoldSet(cfg.store, cfg.dataset, key, folds)], cfg.memory_budget_gb, device,
                          manifests=[manifest])
     space = _space(cfg, init)
@@ -144,7 +149,14 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     if not len(rows):
         raise StoreError(f"{cfg.dataset} has no usable clip in fold(s) {', '.join(folds)}",
                          f"every clip there was skipped at extraction; {SKIPPED_HINT}")
-    mean, std = init.input_stats or rows.statistics()
+    stats = init.input_stats
+    if stats is not None and stats[0].shape[1] != int(manifest["shape"][0]):
+        # pretrained on sets of another channel count (a 3-window stack, evaluated on one mel):
+        # its statistics describe other channels, so the set's own standardise it
+        say(f"note: {init.source} was pretrained on {stats[0].shape[1]}-channel features and {cfg.dataset}'s have "
+            f"{manifest['shape'][0]}: inputs are standardised with the set's own statistics")
+        stats = None
+    mean, std = stats or rows.statistics()
     mean, std = mean.to(device), std.to(device)
     z = embed_rows(embedder, rows, mean, std, device)
     y, clips, fold_list = rows.y.to(device), rows.clips, rows.fold_of
@@ -156,7 +168,11 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     for test_fold, train_folds in plan:
         tr = torch.from_numpy(np.isin(fold_of, train_folds)).to(device)
         te = torch.from_numpy(fold_of == test_fold).to(device)
-        groups = cv_groups(train_folds, fold_of[tr.cpu().numpy()], y[tr], cfg.seed)
+        if val_fold:  # selection data: the training rows and the validation split, which alone is held out
+            sel = torch.from_numpy(np.isin(fold_of, [*train_folds, val_fold])).to(device)
+            groups, held = fold_of[sel.cpu().numpy()], [val_fold]
+        else:
+            sel, groups, held = tr, cv_groups(train_folds, fold_of[tr.cpu().numpy()], y[tr], cfg.seed), None
         if cfg.mode == "knn":
             # Votes (multi-label: the weighted fraction of neighbours with each class, already in [0, 1]).
             by_k = {k: knn_scores(z[tr], y[tr], z[te], n_classes, k, cfg.temperature) for k in ks}
@@ -164,15 +180,15 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
             result = task.score(scores, y[te])
             if len(ks) > 1:
                 result.update({f"{m}_k{k}": task.headline(v, y[te]) for k, v in by_k.items()})
-            best_k, cv = choose_k(z[tr], y[tr], groups, n_classes, temperature=cfg.temperature, score=task.headline)
+            best_k, cv = choose_k(z[sel], y[sel], groups, n_classes, temperature=cfg.temperature, score=task.headline,
+                                  held_out=held)
             cv_scores = by_k[best_k] if best_k in by_k else \
                 knn_scores(z[tr], y[tr], z[te], n_classes, best_k, cfg.temperature)
             result.update({f"{m}_kcv": task.headline(cv_scores, y[te]), "k_cv": best_k, f"cv_{m}": cv})
         elif cfg.probe == "lbfgs":
             wd, cv = cfg.linear_weight_decay, None
             if wd is None:
-                wd, cv = choose_weight_decay(z[tr], y[tr], groups, n_classes, task)
-            wd = DEFAULT_WEIGHT_DECAY if wd is None else wd
+                wd, cv = choose_weight_decay(z[sel], y[sel], groups, n_classes, task, held_out=held)
             scores = task.outputs(lbfgs_probe(z[tr], y[tr], z[te], n_classes, wd, task))
             result = {**task.score(scores, y[te]), "weight_decay": wd, **({"cv_weight_decay": cv} if cv else {})}
         else:  # the papers' recipe

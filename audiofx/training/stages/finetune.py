@@ -51,6 +51,7 @@ from audiofx.training.data.featuresets import (
     check_usable,
     fold_order,
     input_channel,
+    normal_set_options,
     resolve_featureset,
     split_folds,
     validation_fold,
@@ -117,7 +118,7 @@ def summarize(per_fold: dict[str, dict[str, float]], metric: str = "acc") -> dic
 
 
 def finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
-    return run_on_ranks(_finetune, cfg, say)
+    return run_on_ranks(_finetune, dataclasses.replace(cfg, set_options=normal_set_options(cfg.set_options)), say)
 
 
 def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> dict[str, Any]:

@@ -6,7 +6,8 @@ neighbours that carry it (in [0, 1], so scores rank across clips for mAP)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,8 @@ def cv_groups(train_folds: list[str], fold_of: np.ndarray, labels: torch.Tensor,
 
     y = labels.cpu().numpy()
     n = len(y)
+    if n < 2:  # nothing to leave out: one group, which cross-validation skips
+        return np.zeros(n, dtype=int)
     splits = max(2, min(splits, n))
     counts = np.bincount(y) if y.ndim == 1 else np.zeros(1)
     stratify = y.ndim == 1 and counts[counts > 0].min() >= splits
@@ -74,14 +77,15 @@ def cv_groups(train_folds: list[str], fold_of: np.ndarray, labels: torch.Tensor,
 
 def choose_k(train: torch.Tensor, labels: torch.Tensor, groups: np.ndarray, n_classes: int,
              candidates: tuple[int, ...] = K_CANDIDATES, temperature: float = 0.07,
-             score: Callable[[torch.Tensor, torch.Tensor], float] = _accuracy, chunk: int = 1024) -> tuple[int, dict[int, float]]:
+             score: Callable[[torch.Tensor, torch.Tensor], float] = _accuracy, chunk: int = 1024,
+             held_out: Sequence[Any] | None = None) -> tuple[int, dict[int, float]]:
     """k chosen by cross-validation on the training folds only: leave one training fold out,
     predict it from the others, average ``score`` (accuracy; mAP for multi-label sets) over
     the held-out folds weighted by their size; ties go to the smaller k. The neighbours are
     searched once per held-out fold for the largest k; smaller k take a prefix of them."""
     totals = dict.fromkeys(candidates, 0.0)
     counted = 0
-    for fold in np.unique(groups):
+    for fold in (np.unique(groups) if held_out is None else held_out):
         held = torch.from_numpy(groups == fold).to(train.device)
         if held.all() or not held.any():
             continue

@@ -29,6 +29,7 @@ from audiofx.errors import ConfigError, StoreError
 from audiofx.training.data.featuresets import (
     FoldSet,
     check_usable,
+    normal_set_options,
     pool_datasets,
     split_folds,
     stored_copies,
@@ -95,6 +96,7 @@ class PretrainConfig(TrainingOptions):
 
 
 def pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
+    cfg = replace(cfg, set_options=normal_set_options(cfg.set_options))
     check_options(cfg, recorded_config(cfg.runs_root, "pretrain", cfg.name, cfg.resume))
     return run_on_ranks(_pretrain, cfg, say)
 
@@ -141,6 +143,8 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     monitored = FoldSet(cfg.store, choice["dataset"], choice["key"], [choice["held"], *choice["train"]]) \
         if choice else None
     pool = inputs.pool(frames, keep=monitored)
+    if copies > 1 and pool.kept is not None:  # the monitor scores the clips themselves: copy 0 alone is kept
+        pool.kept = replace(pool.kept, x=pool.kept.x[:, :pool.kept.x.shape[1] // copies].clone())
     if pool.not_kept:
         say(f"no kNN monitoring: {pool.not_kept}")
     loader = pool.loader(cfg.batch_size, seed=cfg.seed, ranks=ranks)
@@ -184,13 +188,22 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
 
     views = _views(cfg, frames, bins)
 
+    # A method that contrasts two views of each clip asks for them in turn: the second takes
+    # another stored copy than the first (two views of one copy differ only by their masks).
+    first_copies: list[torch.Tensor] = []
+
     def view(batch: torch.Tensor) -> torch.Tensor:
         if copies > 1:  # one of each clip's stored copies, drawn per sample
-            batch = pick_copies(batch, copies, gen)
+            other = first_copies.pop() if first_copies else None
+            batch, taken = pick_copies(batch, copies, gen, other)
+            if other is None and method_cls.contrasts_views:
+                first_copies.append(taken)
         return views(batch, None, gen)[0]  # on whole batches on the device
 
+    stored_mean, stored_std = mean.repeat(1, copies, 1, 1), std.repeat(1, copies, 1, 1)  # every copy alike
+
     def loss_of(batch) -> tuple[torch.Tensor, int]:
-        xb = (batch.x.to(device).float() - mean.repeat(1, copies, 1, 1)) / std.repeat(1, copies, 1, 1)
+        xb = (batch.x.to(device).float() - stored_mean) / stored_std
         with autocast(device):
             return trained(xb, batch.index.to(device), view, gen), xb.shape[0]
 
@@ -209,7 +222,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
             task = monitor["task"]
             # evaluate's default space for a pretrain run: the method's projection (stages/evaluate.py)
             record[f"knn_{task.metric}"] = _monitor_knn(torch.nn.Sequential(method.encoder, method.projection),
-                                                       monitor, mean, std, device, copies)
+                                                       monitor, mean, std, device)
             record.update(knn_dataset=monitor["dataset"], knn_fold=monitor["fold"])
         run.log(record)  # then the checkpoint: a kill between the two redoes this epoch and its line
         run.save_checkpoint("last", {"method": method.state_dict(), **optimiser_states(opt, sched),
@@ -357,22 +370,27 @@ def _stored_copies(sets: list[tuple[str, str, dict]]) -> int:
     return next(iter(found.values()))
 
 
-def pick_copies(x: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor:
+def pick_copies(x: torch.Tensor, copies: int, generator: torch.Generator,
+                other: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, copies * C, F, T) -> (B, C, F, T): for each sample one of its stored copies, drawn
-    uniformly from ``generator``."""
+    uniformly from ``generator``; with ``other`` (the copies a first view of the same batch
+    took), another copy than that one, uniformly among the rest. Returns the views and the
+    copies taken."""
     b, kc, f, t = x.shape
-    which = torch.randint(copies, (b,), generator=generator, device=generator.device).to(x.device)
-    return x.view(b, copies, kc // copies, f, t)[torch.arange(b, device=x.device), which]
+    if other is None:
+        which = torch.randint(copies, (b,), generator=generator, device=generator.device).to(x.device)
+    else:
+        step = torch.randint(1, copies, (b,), generator=generator, device=generator.device).to(x.device)
+        which = (other + step) % copies
+    return x.view(b, copies, kc // copies, f, t)[torch.arange(b, device=x.device), which], which
 
 
 @torch.no_grad()
-def _monitor_knn(encoder, monitor, mean, std, device, copies: int = 1) -> float:
+def _monitor_knn(encoder, monitor, mean, std, device) -> float:
     rows, test, task = monitor["rows"], monitor["test"], monitor["task"]
-    c = monitor["x"].shape[1] // copies  # the clip itself: copy 0
     # Embedded in slices of the held-out and training rows: indexing the whole set at once
     # would copy it (FSD50K's is ~10 GB).
-    z = torch.cat([embed(encoder, monitor["x"][rows[i:i + 512], :c], mean, std, device)
-                   for i in range(0, len(rows), 512)])
+    z = torch.cat([embed(encoder, monitor["x"][rows[i:i + 512]], mean, std, device) for i in range(0, len(rows), 512)])
     y = monitor["y"][rows]
     scores = knn_scores(z[~test], y[~test], z[test], monitor["classes"], k=200)
     return task.headline(scores, y[test])

@@ -19,7 +19,7 @@ unstandardised, a probe measures its optimiser more than the features). Then:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from audiofx.training.stages.tasks import Task
 
 PROBES = ("lbfgs", "sgd")
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # cross-validated unless --weight-decay is given
-DEFAULT_WEIGHT_DECAY = 1e-2  # with one training fold there is nothing to cross-validate on
+DEFAULT_WEIGHT_DECAY = 1e-2  # when nothing can be held out (a training split of one clip)
 MAX_ITER = 1000  # L-BFGS iterations; it stops earlier once converged
 
 
@@ -61,12 +61,13 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay:
 
 
 def choose_weight_decay(train: torch.Tensor, y: torch.Tensor, groups: np.ndarray, n_classes: int,
-                        task: Task = Task(), candidates: tuple[float, ...] = WEIGHT_DECAYS
-                        ) -> tuple[float, dict[float, float]]:
-    """lambda chosen on the training folds only: leave one training fold out, the headline
-    score (accuracy, mAP) weighted by fold size; ties go to the stronger penalty."""
+                        task: Task = Task(), candidates: tuple[float, ...] = WEIGHT_DECAYS,
+                        held_out: Sequence[Any] | None = None) -> tuple[float, dict[float, float]]:
+    """lambda chosen on the training folds only: leave one training fold out (or only the
+    ``held_out`` groups: a validation split), the headline score (accuracy, mAP) weighted by
+    fold size; ties go to the stronger penalty."""
     totals, counted = dict.fromkeys(candidates, 0.0), 0
-    for fold in np.unique(groups):
+    for fold in (np.unique(groups) if held_out is None else held_out):
         held = torch.from_numpy(groups == fold).to(train.device)
         if held.all() or not held.any():
             continue
@@ -76,7 +77,9 @@ def choose_weight_decay(train: torch.Tensor, y: torch.Tensor, groups: np.ndarray
             solution = fit_logistic(a, y[~held], n_classes, wd, task, solution)
             totals[wd] += task.headline(task.outputs(b @ solution[0] + solution[1]), y[held]) * int(held.sum())
         counted += int(held.sum())
-    acc = {wd: totals[wd] / counted if counted else 0.0 for wd in candidates}
+    if not counted:
+        return DEFAULT_WEIGHT_DECAY, {}
+    acc = {wd: totals[wd] / counted for wd in candidates}
     return max(candidates, key=lambda wd: (acc[wd], wd)), acc
 
 
