@@ -25,6 +25,7 @@ from audiofx.training.models.augment import (
     Augment,
     mixup,
     random_freq_shift,
+    random_resized_crop,
     random_time_crop,
     random_time_shift,
     spec_augment,
@@ -390,6 +391,25 @@ def test_frequency_shift_moves_each_sample_by_its_own_bins_and_repeats_the_edge(
     assert len(set(shifts)) > 1  # per sample, not one shift for the batch
     assert torch.equal(shifted, random_freq_shift(x, 4, generator=_gen(2)))
     assert torch.equal(random_freq_shift(x, 0), x) and Augment(freq_shift=3).changes(x.shape[-1])
+
+
+def test_resized_crop_stretches_a_region_of_each_sample_back_to_the_whole():
+    # A ramp along time (and another along the bins): a crop of a share s resized back is a
+    # ramp of slope s, starting inside the original; each sample has its own shares.
+    t, f = torch.arange(40.0), torch.arange(24.0)
+    x = (t.view(1, 1, 1, 40) + 100 * f.view(1, 1, 24, 1)).expand(8, 2, 24, 40).contiguous()
+    y = random_resized_crop(x, 0.5, generator=_gen(3))
+    assert y.shape == x.shape and torch.equal(y[:, 0], y[:, 1])  # channels cropped alike
+    time_steps = y[:, 0, 5, 10:30].diff(dim=-1)  # inside: away from the clamped borders
+    bin_steps = y[:, 0, 5:19, 3].diff(dim=-1) / 100
+    for steps in (time_steps, bin_steps):
+        slope = steps.mean(dim=-1)
+        assert torch.allclose(steps, slope.view(-1, 1).expand_as(steps), atol=2e-3)  # a linear stretch
+        assert (slope >= 0.5 - 1e-4).all() and (slope <= 1 + 1e-4).all() and slope.std() > 0.01
+    assert y.min() >= x.min() and y.max() <= x.max()
+    assert torch.equal(y, random_resized_crop(x, 0.5, generator=_gen(3)))
+    assert torch.equal(random_resized_crop(x, 1.0), x)
+    assert Augment(resized_crop=0.6).changes() and not Augment(resized_crop=1.0).changes()
 
 
 def test_mixup_targets_are_the_weights_used():

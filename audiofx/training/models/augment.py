@@ -103,6 +103,27 @@ def random_freq_shift(x: torch.Tensor, max_shift: int, generator: torch.Generato
     return torch.gather(x, 2, idx.view(b, 1, f, 1).expand(b, c, f, t))
 
 
+def random_resized_crop(x: torch.Tensor, min_scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Crop every sample to its own random region, a share uniform in [min_scale, 1] of the
+    bins and, independently, of the frames, at a uniform position, and resize it back to the
+    whole (bins, frames) bilinearly (one ``grid_sample``): a time stretch and a shift and
+    stretch along the mel axis (pitch and formants) in one view, the spectrogram form of
+    SimCLR's random resized crop (BYOL-A uses it on log-mels). Channels are cropped alike."""
+    b, c, f, t = x.shape
+    if min_scale >= 1:
+        return x.clone()
+    r = _rand((b, 4), generator, x.device)
+    sh = min_scale + (1 - min_scale) * r[:, 0]  # shares of the bins and of the frames
+    sw = min_scale + (1 - min_scale) * r[:, 1]
+    cy = (1 - sh) * (2 * r[:, 2] - 1)  # the crop's centre in [-1, 1] coordinates, inside the input
+    cx = (1 - sw) * (2 * r[:, 3] - 1)
+    theta = torch.zeros((b, 2, 3), device=x.device, dtype=torch.float32)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sw, cx, sh, cy
+    grid = torch.nn.functional.affine_grid(theta, [b, c, f, t], align_corners=False)
+    return torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
+                                           align_corners=False).to(x.dtype)
+
+
 def _beta(alpha: float, n: int, generator: torch.Generator | None) -> np.ndarray:
     """n draws of Beta(alpha, alpha). torch's Beta takes no generator, so a numpy generator is
     seeded from ``generator``: the draws still follow its state exactly."""
@@ -142,8 +163,9 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float = 0.2, n_classes: int |
 
 @dataclass
 class Augment:
-    """Which augmentations to apply to a training batch, in this order: time crop, time
-    shift, frequency shift, mixup, SpecAugment (masks last, so a masked band stays fully masked).
+    """Which augmentations to apply to a training batch, in this order: resized crop, time
+    crop, time shift, frequency shift, mixup, SpecAugment (masks last, so a masked band stays
+    fully masked).
 
     Every step is off by default. With ``mixup`` > 0 (its Beta alpha) the targets come back
     as float32 soft targets (B, n_classes); otherwise y is returned as given.
@@ -159,6 +181,7 @@ class Augment:
     freq_shift: int = 0
     mixup: float = 0.0
     n_classes: int | None = None
+    resized_crop: float = 0.0  # the smallest share of bins and frames a resized crop keeps; 0 is off
 
     @property
     def active(self) -> bool:
@@ -170,10 +193,13 @@ class Augment:
         masked = self.spec_augment and ((self.time_masks > 0 and self.time_width > 0)
                                         or (self.freq_masks > 0 and self.freq_width > 0))
         cropped = self.time_crop is not None and (frames is None or self.time_crop < frames)
-        return bool(masked or cropped or self.time_shift > 0 or self.freq_shift > 0 or self.mixup > 0)
+        return bool(masked or cropped or self.time_shift > 0 or self.freq_shift > 0 or self.mixup > 0
+                    or 0 < self.resized_crop < 1)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if 0 < self.resized_crop < 1:
+            x = random_resized_crop(x, self.resized_crop, generator)
         if self.time_crop:
             x = random_time_crop(x, self.time_crop, generator)
         if self.time_shift > 0:

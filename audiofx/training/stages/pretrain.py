@@ -72,6 +72,7 @@ class PretrainConfig(TrainingOptions):
     time_crop: int | None = None  # frames of a random crop per view (None: the whole clip)
     time_shift: int | None = None  # circular shift of up to N frames (None: a quarter of the view's frames)
     freq_shift: int = 0  # shift along the mel bins of up to N bins (a pitch-like shift); 0 is off
+    resized_crop: float = 0.0  # a random region of at least this share of bins and frames, resized back; 0 is off
     spec_augment: bool = True
     time_masks: int = 2
     freq_masks: int = 2
@@ -248,7 +249,8 @@ def _views(cfg: PretrainConfig, frames: int, bins: int) -> Augment:
     length = cfg.time_crop or frames
     return Augment(spec_augment=cfg.spec_augment, time_masks=cfg.time_masks, time_width=max(1, length // 10),
                    freq_masks=cfg.freq_masks, freq_width=max(1, bins // 8), time_crop=cfg.time_crop,
-                   time_shift=length // 4 if cfg.time_shift is None else cfg.time_shift, freq_shift=cfg.freq_shift)
+                   time_shift=length // 4 if cfg.time_shift is None else cfg.time_shift, freq_shift=cfg.freq_shift,
+                   resized_crop=cfg.resized_crop)
 
 
 def _check_views(cfg: PretrainConfig, frames: int, bins: int, copies: int = 1) -> None:
@@ -295,7 +297,7 @@ def _recorded_before(method: type[Method]) -> dict[str, Any]:
     ``later``: the default views; the method's own options at what the method says (MoCo: one
     BatchNorm group), every other method's at their defaults."""
     views = {"time_crop": None, "time_shift": None, "freq_shift": 0, "spec_augment": True, "time_masks": 2,
-             "freq_masks": 2}
+             "freq_masks": 2, "resized_crop": 0.0}
     starts = {"init": "scratch", "weights": None, "init_branch": "auto"}
     pool = {"set_options": {}, "hold_out_fold": None}
     return {**views, **starts, **pool, **{o.name: o.recorded_before if owner is method else o.default for owner, o in method_options()}}
