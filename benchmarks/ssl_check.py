@@ -2,10 +2,14 @@
 the real recordings of ../shared/realdev, against the same network at random init.
 
     python benchmarks/ssl_check.py [--set speech|mridangam] [--methods npid,simclr,moco] [--seeds 3]
-                                   [--epochs 15] [--finetune-epochs 10] [--arch tiny] [--work DIR]
+                                   [--epochs 30] [--finetune-epochs 10] [--arch tiny] [--work DIR]
+                                   [--augment-copies 4 --augment-pitch 3 --augment-shift 0.2
+                                    --augment-flip 0] [--resized-crop 0.6]
 
 The set's clips are extracted once (5 folds grouped by speaker, or by the drum's tonic, so
-one voice or tuning is never on both sides), then for each seed:
+one voice or tuning is never on both sides), and once more with --augment-copies augmented
+copies of each clip's waveform (pitch shift, offset; the views draw from them); then for
+each seed:
   random init  the network at random init (seeded): kNN (k 200 and k chosen on the training
                folds) and the linear probe (logistic regression, penalty chosen on the
                training folds), all on the backbone's pooled features;
@@ -66,10 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", choices=list(SETS), default="speech")
     p.add_argument("--methods", default="npid,simclr,moco")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=15, help="pretraining epochs")
+    p.add_argument("--epochs", type=int, default=30, help="pretraining epochs")
     p.add_argument("--batch-size", type=int, default=64, help="pretraining batch size")
     p.add_argument("--finetune-epochs", type=int, default=10, help="0: no fine-tuning comparison")
     p.add_argument("--arch", default="tiny")
+    p.add_argument("--augment-copies", type=int, default=4, help="stored augmented copies per clip (0: none)")
+    p.add_argument("--augment-pitch", type=float, default=3.0, help="the copies' pitch shift, semitones either way")
+    p.add_argument("--augment-shift", type=float, default=0.2, help="the copies' offset, a share of the clip")
+    p.add_argument("--augment-flip", type=float, default=0.0, help="the copies' chance of a time reversal")
+    p.add_argument("--resized-crop", type=float, default=0.0, help="views: resized crops of at least this share")
     p.add_argument("--work", type=Path, help="working folder (default: a temp dir); its store is reused")
     args = p.parse_args(argv)
     folder, label, group, group_name = SETS[args.set]
@@ -92,8 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = extract(ExtractRequest(dataset="folder", root=root, store=store, progress=False,
                                      overrides={**FEATURES, "split": str(split)}), on_event=lambda m: None)
     dataset = summary.dataset
+    augment = {"augment_copies": args.augment_copies, "augment_pitch": args.augment_pitch,
+               "augment_shift": args.augment_shift, "augment_flip": args.augment_flip}
+    if args.augment_copies:
+        extract(ExtractRequest(dataset="folder", root=root, store=store, progress=False,
+                               overrides={**FEATURES, "split": str(split), **augment}), on_event=lambda m: None)
     print(f"extracted the {args.set} clips into {store} ({time.perf_counter() - started:.0f} s), 5 folds grouped "
-          f"by {group_name}", file=sys.stderr)
+          f"by {group_name}" + (f", and {args.augment_copies} augmented copies of each" if args.augment_copies else ""),
+          file=sys.stderr)
     runs = str(work / "runs")
     results: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
 
@@ -122,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{method}-{seed}"
             pretrain(PretrainConfig(method=method, datasets=(dataset,), arch=args.arch, epochs=args.epochs,
                                     batch_size=args.batch_size, store=store, runs_root=runs, name=name, seed=seed,
-                                    device="cpu", progress=False,
+                                    device="cpu", progress=False, resized_crop=args.resized_crop,
+                                    set_options={"augment_copies": args.augment_copies} if args.augment_copies else {},
                                     options={"nce_k": 0} if method == "npid" else {}), **quiet)
             frozen(method, f"{method}:{name}", seed, name, spaces=("backbone", "projection"))
             tuned(method, f"{method}:{name}", seed, f"{name}-ft")
@@ -130,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
     print(f"set: {args.set} ({dataset}), arch {args.arch}, {args.seeds} seed(s), pretraining {args.epochs} epochs "
-          f"batch {args.batch_size}, fine-tuning {args.finetune_epochs} epochs; mean ± std over seeds of the "
-          "5-fold means; margin = (method - random init) / the larger std")
+          f"batch {args.batch_size}, views from {args.augment_copies} stored copies (pitch +-{args.augment_pitch:g} "
+          f"semitones, offset {args.augment_shift:g}, flip {args.augment_flip:g}), resized crop {args.resized_crop:g}, "
+          f"fine-tuning {args.finetune_epochs} epochs; mean ± std over seeds of the 5-fold means; margin = (method - "
+          "random init) / the larger std")
     columns = sorted({c for r in results.values() for c in r}, key=lambda c: (not c.startswith("kNN"), c))
     print("| run | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
