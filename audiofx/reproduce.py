@@ -29,7 +29,7 @@ from audiofx.config import FeatureConfig, canonical_json, parse_overrides, resol
 from audiofx.errors import AudiofxError, ConfigError, StoreError
 from audiofx.pipeline.datasets.base import default_root
 from audiofx.pipeline.datasets import get_adapter
-from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, Recipe, Setting
+from audiofx.recipes import DEFAULT_FOLDS, DOWNLOAD_AS, RECIPES, ClassTable, Recipe, Setting
 from audiofx.training.data.featuresets import normal_set_options, resolve_featureset, split_folds, unique_clips
 from audiofx.training.models.encoders import imagenet_arch
 from audiofx.training.models.published import PUBLISHED, published_file
@@ -554,10 +554,46 @@ def results_table(plan: Plan) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def per_class_f1(run_dir: Path | None, fold: str) -> dict[str, float] | None:
+    """F1 of each class on one test fold, from a finished run's saved predictions of it."""
+    from sklearn.metrics import f1_score
+
+    if run_dir is None or _summary(run_dir) is None or not (run_dir / "per_class.json").is_file():
+        return None
+    saved = Run(run_dir).predictions().get(fold)
+    if saved is None or saved["y_true"].ndim != 1:  # single-label sets only
+        return None
+    classes = json.loads((run_dir / "per_class.json").read_text())["classes"]
+    f1 = f1_score(saved["y_true"], saved["y_pred"], labels=list(range(len(classes))), average=None, zero_division=0)
+    return dict(zip(classes, f1.tolist()))
+
+
+def class_table(plan: Plan, table: ClassTable) -> str:
+    """Rows = classes, columns = the table's settings, each cell "ours (paper F1)"."""
+    runs = {(s.dataset, s.setting.slug): s.run_dir for s in plan.steps if s.setting}
+    labels = {s.slug: s.label for s in plan.settings}
+    columns = [(slug, dict(cells)) for slug, cells in table.f1 if slug in labels]
+    ours = {slug: per_class_f1(runs.get((table.dataset, slug)), table.fold) for slug, _ in columns}
+    classes = list(dict.fromkeys(c for _, cells in columns for c in cells))
+    header = ["class", *(labels[slug] for slug, _ in columns)]
+    rows = [[c, *(f"{'-' if ours[slug] is None or c not in ours[slug] else f'{ours[slug][c]:.3f}'} (paper "
+                  f"{cells.get(c, 'n/a')})" for slug, cells in columns)] for c in classes]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([f"{table.title} (ours from the runs' saved predictions of fold {table.fold})", "",
+                      line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows),
+                      *([f"note: {table.note}"] if table.note else [])])
+
+
 def table_text(plan: Plan) -> str:
+    per_class = [class_table(plan, t) for t in plan.recipe.class_tables if t.dataset in plan.datasets]
     return "\n".join([
         f"{plan.recipe.name}: accuracy %, ours as mean ± std over test folds read as the 'ours' column says, the "
-        "paper's number in parentheses", "", results_table(plan), "", *(f"note: {n}" for n in plan.notes[1:])])
+        "paper's number in parentheses", "", results_table(plan), *(f"\n{t}" for t in per_class), "",
+        *(f"note: {n}" for n in plan.notes[1:])])
 
 
 def reproduce(opts: ReproduceOptions, cli: click.Group, say: Callable[[str], None] = print) -> dict[str, Any]:

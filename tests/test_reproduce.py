@@ -4,6 +4,7 @@ numbers are the runs' summaries, and a rerun skips, resumes and restarts the rig
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -228,6 +229,12 @@ def test_table_has_every_number_the_papers_print_and_says_how_ours_is_read(tmp_p
         "at the paper's epoch", "- (paper ≈80)", "- (paper >60)", "- (no number in the paper)", "- (paper ≈50)"]
     assert rows("shin2021")["Table 1: ImageNet supervised init"] == [
         "last epoch", "- (paper 90.50)", "- (paper 90.55)", "- (paper 83.34)"]
+    # Lin's Table 3.3, F1 per class on UrbanSound8K fold 1: 10 classes x 8 settings, each with its number
+    from audiofx.reproduce import table_text
+
+    text = table_text(make_plan(ReproduceOptions("lin2022", store="s", runs="r"), cli))
+    per_class = text[text.index("Table 3.3"):]
+    assert per_class.count("(paper 0.") == 80 and "| gun_shot " in per_class and "copy error" in per_class
 
 
 def test_user_errors_are_one_line(tmp_path):
@@ -313,6 +320,18 @@ def test_reproduce_runs_the_dry_run_commands_and_ends_with_the_table(reproduced)
     assert "| extra, not in the paper: SimCLR pretrained on the pooled audio" in (runs / "reproduce-shin2021" / "table.md").read_text()
     # what differs from the paper is said: the ImageNet-SimCLR rows need a ResNet-50
     assert "--init imagenet-simclr exists for resnet50 only, not tiny: its rows are left out" in stdout
+    # F1 per class of one test fold, from the run's saved predictions (Lin's Table 3.3 reads them so)
+    import numpy as np
+
+    from audiofx.reproduce import per_class_f1
+
+    run = runs / "finetune" / "shin2021-urbansound8k-scratch"
+    saved = Run(run).predictions()["1"]
+    f1 = per_class_f1(run, "1")
+    for c, name in enumerate(json.loads((run / "per_class.json").read_text())["classes"]):
+        tp = np.sum((saved["y_pred"] == c) & (saved["y_true"] == c))
+        wrong = np.sum(saved["y_pred"] == c) + np.sum(saved["y_true"] == c) - 2 * tp
+        assert f1[name] == pytest.approx(tp / (tp + wrong / 2) if tp else 0.0)
 
 
 def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(reproduced):
@@ -352,8 +371,6 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(reproduced):
 
     # A run made before an option the recipe now gives existed (its config.json lacks it), or on
     # another feature set than the recipe's, never fills the table either.
-    import json
-
     config_path = runs / "finetune" / "shin2021-urbansound8k-scratch" / "config.json"
     config = json.loads(config_path.read_text())
     old = {k: v for k, v in config.items() if k != "set_options"}
