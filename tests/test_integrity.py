@@ -102,6 +102,23 @@ def test_rotated_labels_are_refused_before_anything_trains(copy):
         load_in_memory(open_foldset(str(store), "folder", key, ["1"]))
 
 
+@pytest.mark.parametrize("target", ["fold-1/y/c/0", "fold-1/ok/c/0", "fold-1/clip/c/0", "fold-1/x/zarr.json",
+                                    "fold-1/zarr.json"])
+def test_small_arrays_and_metadata_that_do_not_decode_are_one_line_for_every_reader(copy, target):
+    """The labels' chunk, the usable-clip mask, the paths, x's or the fold's metadata with their
+    bytes rotated: zstd's and JSON's own errors become the damaged-array line, in memory and
+    streaming alike, before anything trains."""
+    store, key, group = copy
+    path = group / target
+    data = path.read_bytes()
+    path.write_bytes(data[1:] + data[:1])
+    with pytest.raises(StoreError, match=r"damaged array .*fold-1"):
+        load_in_memory(open_foldset(str(store), "folder", key, ["1"]))
+    with pytest.raises(StoreError, match=r"damaged array .*fold-1"):
+        for _ in StreamingLoader(open_foldset(str(store), "folder", key, ["1"]), 4):
+            pass
+
+
 def test_a_store_written_before_per_chunk_crcs_is_checked_by_its_sha256(copy):
     store, key, group = copy
     manifest = json.loads((group / "manifest.json").read_text())

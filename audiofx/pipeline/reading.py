@@ -13,7 +13,9 @@ Nothing outside pipeline/ needs to know how a fold is laid out on disk.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -55,14 +57,17 @@ class FoldReader:
     ``open_fold`` has just filled, so no reading thread goes back to the remote."""
 
     def __init__(self, group: Any, manifest: dict[str, Any], fold: str, where: str = ""):
-        x = group["x"]
+        with unreadable(f"{where}/{fold_group(fold)}/x"):
+            x = group["x"]
+            self.chunk_rows = int(x.chunks[0])
+            self.dtype = np.dtype(x.dtype)
         self.source = (group.store, f"{group.path}/x".lstrip("/"))
+        self.where = f"{where}/{fold_group(fold)}/x"
         self.expected = expected_chunks(manifest, fold)
-        self.chunk_rows = int(x.chunks[0])
-        self.dtype = np.dtype(x.dtype)
         small = {}
         for name in ("ok", "y", "clip"):
-            values = np.asarray(group[name][:])
+            with unreadable(f"{where}/{fold_group(fold)}/{name}"):
+                values = np.asarray(group[name][:])
             want = manifest.get("arrays", {}).get(f"{fold_group(fold)}/{name}")
             if want is not None and checksum(values) != want:
                 raise StoreError(f"damaged array {where}/{fold_group(fold)}/{name}: its values are not the ones the "
@@ -81,7 +86,8 @@ class FoldReader:
     def _reader(self) -> ChunkReader:
         reader = getattr(self._local, "reader", None)
         if reader is None:
-            reader = self._local.reader = ChunkReader(*self.source, expected=self.expected)
+            with unreadable(self.where):
+                reader = self._local.reader = ChunkReader(*self.source, expected=self.expected)
         return reader
 
     @property
@@ -101,4 +107,20 @@ class FoldReader:
 def open_fold_reader(store: FeatureStore, dataset: str, key: str, fold: str,
                      manifest: dict[str, Any] | None = None) -> FoldReader:
     manifest = manifest if manifest is not None else store.read_manifest(dataset, key)
-    return FoldReader(open_fold(store, dataset, key, fold, manifest), manifest, fold, f"{store}/{dataset}/{key}")
+    with unreadable(f"{store}/{dataset}/{key}/{fold_group(fold)}"):
+        group = open_fold(store, dataset, key, fold, manifest)
+    return FoldReader(group, manifest, fold, f"{store}/{dataset}/{key}")
+
+
+@contextlib.contextmanager
+def unreadable(where: str) -> Iterator[None]:
+    """An array or group whose metadata or small chunks do not decode (cut, rotated or
+    zeroed bytes: zarr's JSON, zstd's or Blosc's own errors) is a damaged store: one line
+    naming it and the command that repairs it, as a damaged chunk of x is."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (KeyError, ValueError, RuntimeError, TypeError, OSError) as err:  # zarr, JSON, codecs
+        raise StoreError(f"damaged array {where}: unreadable ({type(err).__name__}: {str(err)[:100]})", REPAIR) \
+            from None

@@ -132,9 +132,10 @@ def input_channel(manifest: dict[str, Any], spec: str | None) -> int | None:
         return int(spec)
     if sources.count(spec) == 1:
         return sources.index(spec)
-    named = f" ({', '.join(f'{i}: {s}' for i, s in enumerate(sources))})" if sources else ""
+    # the sources name the channels only when each is another (left, right, mid), not three windows of one
+    named = f" ({', '.join(f'{i}: {s}' for i, s in enumerate(sources))})" if len(set(sources)) == len(sources) else ""
     raise ConfigError(f"--input-channel {spec!r} is not one channel of the {channels} stored{named}",
-                      f"give an index from 0 to {channels - 1}" + (", or a source that names one channel" if sources else ""))
+                      f"give an index from 0 to {channels - 1}" + (", or a source that names one channel" if named else ""))
 
 
 def fold_order(fold: str) -> tuple[bool, str]:
