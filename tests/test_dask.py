@@ -109,6 +109,21 @@ def test_a_local_cluster_leaves_the_callers_environment_as_it_was(monkeypatch):
     assert dict(os.environ) == before
 
 
+def test_reused_joblib_workers_run_with_the_callers_environment_of_each_call(monkeypatch):
+    """loky keeps its worker processes for the next call: credentials or an endpoint set after
+    they started (a notebook) must reach them, or a second extract writes with the old ones."""
+    from audiofx.pipeline.executors import LocalProcesses
+
+    monkeypatch.delenv("AUDIOFX_TEST_LATER", raising=False)
+    first = LocalProcesses(2)
+    assert list(first.map_unordered(os.getenv, ["AUDIOFX_TEST_LATER"] * 4)) == [None] * 4
+    first.close()
+    monkeypatch.setenv("AUDIOFX_TEST_LATER", "set after the workers started")
+    again = LocalProcesses(2)
+    assert list(again.map_unordered(os.getenv, ["AUDIOFX_TEST_LATER"] * 4)) == ["set after the workers started"] * 4
+    again.close()
+
+
 def test_existing_cluster_store_equals_joblib_store(dataset, joblib_store, cluster, tmp_path):
     c, client = cluster
     store = tmp_path / "store"

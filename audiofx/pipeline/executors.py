@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -92,9 +93,9 @@ class LocalProcesses:
         from joblib import Parallel, delayed
 
         # One item per task; results come back as they finish so a progress bar moves smoothly.
-        parent = os.getpid()
+        parent, environ = os.getpid(), dict(os.environ)
         self._stream = Parallel(n_jobs=self.workers, backend="loky", return_as="generator_unordered", batch_size=1)(
-            delayed(_in_worker)(fn, item, parent) for item in items
+            delayed(_in_worker)(fn, item, parent, environ) for item in items
         )
         return self._stream
 
@@ -109,15 +110,29 @@ class LocalProcesses:
 _watching: int | None = None  # the parent this worker process exits with, once it watches it
 
 
-def _in_worker(fn: Callable[[Any], Any], item: Any, parent: int) -> Any:
-    """``fn(item)`` in a loky worker process, which exits within a second of the process that
-    started it: loky keeps idle workers for minutes (~1 GB each with torch loaded), and after
-    a kill -9 of the extract command nobody would stop them."""
+def _in_worker(fn: Callable[[Any], Any], item: Any, parent: int, environ: dict[str, str]) -> Any:
+    """``fn(item)`` in a loky worker process, with the caller's environment of this call, and
+    which exits within a second of the process that started it: loky keeps idle workers for
+    minutes (~1 GB each with torch loaded), and after a kill -9 of the extract command nobody
+    would stop them."""
     global _watching
     if _watching != parent and os.getppid() == parent:
         _watching = parent
         threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="audiofx-parent-watch").start()
+    _adopt_environ(environ)
     return fn(item)
+
+
+# Set by loky in its workers to keep them from oversubscribing the cores: the worker's own.
+_WORKER_OWN = re.compile(r"^(LOKY_.*|.*_NUM_THREADS|VECLIB_MAXIMUM_THREADS)$")
+
+
+def _adopt_environ(environ: dict[str, str]) -> None:
+    """The caller's environment in a worker: loky reuses its worker processes across calls,
+    and a worker started before the caller set its credentials or AWS_ENDPOINT_URL (a
+    notebook, a second extract in one process) would otherwise write with the old ones."""
+    restore_environ({**{k: v for k, v in environ.items() if not _WORKER_OWN.match(k)},
+                     **{k: v for k, v in os.environ.items() if _WORKER_OWN.match(k)}})
 
 
 def _exit_with(parent: int) -> None:
