@@ -177,6 +177,13 @@ class FeatureConfig:
                 or self.augment_pitch < 0:
             raise bad("augment_copies must be 0 or more, augment_flip a probability, augment_shift from 0 to below 1 "
                       "and augment_pitch 0 or more")
+        if self.augment_seed < 0:
+            raise bad(f"augment_seed={self.augment_seed} must be 0 or more")
+        unused = [k for k in ("augment_seed", "augment_flip", "augment_shift", "augment_pitch")
+                  if not self.augment_copies and getattr(self, k) != LATER_FIELDS[k]]
+        if unused:  # it would change the feature key and store the same features twice
+            raise bad(f"{unused[0]} shapes the augmented copies, and augment_copies is 0: add --set augment_copies=N "
+                      f"or drop --set {unused[0]}")
         if self.augment_copies and self.fit == "resize":
             raise bad("augment_copies needs clips of one length (fit=pad): a copy's padding and cropping is within it")
         return self

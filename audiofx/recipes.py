@@ -64,6 +64,10 @@ class Setting:
     metric: str = "last"  # METRICS
     at_epoch: tuple[tuple[str, int], ...] = ()  # metric "epoch": the epoch read on each dataset
 
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:  # a recipe's typo, caught when recipes.py is imported
+            raise ValueError(f"setting {self.label!r}: metric {self.metric!r} is not one of {', '.join(METRICS)}")
+
     def paper_number(self, dataset: str) -> str | None:
         return dict(self.paper).get(dataset)
 

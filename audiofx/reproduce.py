@@ -112,13 +112,13 @@ def parse_roots(items: tuple[str, ...] | list[str]) -> dict[str, str]:
 def parse_weights(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """--weights FILE (the recipe's backbone) and --weights ARCH=FILE (another), as
     ReproduceOptions' ``weights`` and ``arch_weights``."""
-    from audiofx.training.models.encoders import TORCHVISION
+    from audiofx.training.models.encoders import imagenet_arch
 
     plain, by_arch = [], {}
     for item in items:
         arch, sep, path = item.partition("=")
-        if sep and arch in TORCHVISION:
-            by_arch[arch] = path
+        if sep and imagenet_arch(arch) is not None:  # esresnet50=FILE: the resnet50 checkpoint it starts from
+            by_arch[imagenet_arch(arch)] = path
         else:
             plain.append(item)
     if len(plain) > 1:
@@ -522,6 +522,8 @@ def ours(setting: Setting, dataset: str, run_dir: Path | None) -> str:
             return f"{last.text()} [last epoch; the paper's epoch {epoch} not reached]"
         std = float(np.std(at, ddof=1)) if len(at) > 1 else 0.0
         return f"{_pct(float(np.mean(at)), std)} [epoch {epoch}; last {last.text()}]"
+    if setting.metric == "epoch":  # the paper reads no epoch for this dataset
+        return f"{last.text()} [last epoch]"
     return last.text()
 
 

@@ -4,7 +4,7 @@ the real recordings of ../shared/realdev, against the same network at random ini
     python benchmarks/ssl_check.py [--set speech|mridangam] [--methods npid,simclr,moco] [--seeds 3]
                                    [--epochs 30] [--finetune-epochs 10] [--arch tiny] [--work DIR]
                                    [--augment-copies 4 --augment-pitch 3 --augment-shift 0.2
-                                    --augment-flip 0] [--resized-crop 0.6]
+                                    --augment-flip 0] [--resized-crop 0]
 
 The set's clips are extracted once (5 folds grouped by speaker, or by the drum's tonic, so
 one voice or tuning is never on both sides), and once more with --augment-copies augmented
@@ -143,11 +143,15 @@ def main(argv: list[str] | None = None) -> int:
             frozen(method, f"{method}:{name}", seed, name, spaces=("backbone", "projection"))
             tuned(method, f"{method}:{name}", seed, f"{name}-ft")
         print(f"seed {seed} done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        # Written after every seed: a run stopped part-way keeps the seeds it finished.
+        (work / "ssl-check.json").write_text(json.dumps(results, indent=1) + "\n")
 
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
     print(f"set: {args.set} ({dataset}), arch {args.arch}, {args.seeds} seed(s), pretraining {args.epochs} epochs "
-          f"batch {args.batch_size}, views from {args.augment_copies} stored copies (pitch +-{args.augment_pitch:g} "
-          f"semitones, offset {args.augment_shift:g}, flip {args.augment_flip:g}), resized crop {args.resized_crop:g}, "
+          f"batch {args.batch_size}, views from "
+          + (f"the clip and {args.augment_copies} stored copies (pitch +-{args.augment_pitch:g} semitones, offset "
+             f"{args.augment_shift:g}, flip {args.augment_flip:g})" if args.augment_copies else "the clip's log-mel alone")
+          + f", resized crop {args.resized_crop:g}, "
           f"fine-tuning {args.finetune_epochs} epochs; mean ± std over seeds of the 5-fold means; margin = (method - "
           "random init) / the larger std")
     columns = sorted({c for r in results.values() for c in r}, key=lambda c: (not c.startswith("kNN"), c))
@@ -169,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
                 text += f" ({(v.mean() - r.mean()) / spread:+.1f})"
             out.append(text)
         print(f"| {row} | " + " | ".join(out) + " |")
-    (work / "ssl-check.json").write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

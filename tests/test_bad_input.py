@@ -42,6 +42,8 @@ def extract(root: Path, store: Path, *extra: str):
     ("n_mels=1.5", "n_mels must be an integer"),
     ("window=nope", "window 'nope' is not a window scipy.signal.get_window knows"),
     ("pad_mode=zeros", "pad_mode 'zeros' is unknown"),
+    ("augment_pitch=3", "augment_pitch shapes the augmented copies, and augment_copies is 0"),
+    ("augment_seed=-1", "augment_seed=-1 must be 0 or more"),
 ])
 def test_feature_options_that_cannot_work_are_one_line_before_the_store_is_touched(folder, tmp_path, option, needle):
     store = tmp_path / "store"

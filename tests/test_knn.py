@@ -42,3 +42,5 @@ def test_cv_groups_are_the_training_folds_or_stratified_seeded_parts_of_one():
     feats = centers[labels] + torch.randn(40, 4, generator=torch.Generator().manual_seed(1))
     k, acc = choose_k(feats, labels, one, 4, candidates=(1, 5, 35))
     assert set(acc) == {1, 5, 35} and min(acc.values()) > 0.9 and k == 1
+    # one training clip: nothing can be held out, so no k is chosen (not k=1 scored 0)
+    assert choose_k(feats[:1], labels[:1], np.zeros(1, dtype=int), 4, candidates=(1, 5)) == (None, {})

@@ -203,6 +203,9 @@ def test_pretraining_draws_its_views_from_stored_augmented_copies(tmp_path):
     augmented = json.loads((tmp_path / "runs/pretrain/aug/config.json").read_text())["pool"]["folder"]
     refused = run_cli("finetune", "--dataset", "folder", "--key", augmented, "--epochs", "1", "--name", "x", *common)
     assert_one_line_error(refused, "holds 3 copies of each clip (augment_copies)")
+    both = run_cli("finetune", "--dataset", "folder", "--key", augmented, "--set", "augment_copies=2", "--epochs", "1",
+                   "--name", "x", *common)
+    assert_one_line_error(both, f"--key {augmented} names one feature set and --set chooses among them")
     plain = run_cli("pretrain", "--method", "simclr", "--datasets", "folder", "--no-spec-augment", "--time-shift", "0",
                     "--epochs", "1", "--name", "plain", *common)
     assert_one_line_error(plain, "every augmentation is off")  # the plain set has no copies to draw from

@@ -153,6 +153,15 @@ def test_epochs_scale_multiplies_every_epoch_budget(tmp_path, monkeypatch):
     assert scale_epochs(["--k", "200"], 0.01) == ["--k", "200"]
 
 
+def test_weights_name_their_backbone_by_any_arch_that_starts_from_imagenet():
+    from audiofx.reproduce import parse_weights
+
+    # esresnet50 starts from resnet50's ImageNet checkpoint: its file is resnet50's
+    assert parse_weights(["r.pt", "alexnet=a.pt", "esresnet50=e.pt"]) == {
+        "weights": "r.pt", "arch_weights": {"alexnet": "a.pt", "resnet50": "e.pt"}}
+    assert parse_weights(["dir/x=y.pt"]) == {"weights": "dir/x=y.pt", "arch_weights": {}}  # not an arch: a file
+
+
 def test_options_pass_through_to_the_stages(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     weights = tmp_path / "r18.pth"

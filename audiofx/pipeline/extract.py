@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from audiofx.config import (
-    FEATURE_FIELDS,
     FeatureConfig,
     feature_key,
     resolve_feature_config,

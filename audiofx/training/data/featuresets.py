@@ -25,12 +25,14 @@ def resolve_featureset(store: str, dataset: str, preset: str = "shin2021", key: 
     extracted with those feature options (fit=resize) and dataset options (folds=2,
     ratios=70/15/15), the preset's config otherwise when one such set has it (a set extracted
     with more --set overrides besides is found too); no match is a StoreError listing the
-    sets there are. Without them the set at the preset
-    and the dataset's default options is preferred (a DCASE 2013 store holding 5 and 2 folds
-    gives the 5), then the preset's config with other options, then the default options with
-    another config (features extracted with --set overrides), then any; among equals the
-    newest; --key chooses another.
+    sets there are. Without them the set at the preset and the dataset's default options is
+    preferred (a DCASE 2013 store holding 5 and 2 folds gives the 5), then the preset's config
+    with other options, then the default options with another config (features extracted with
+    --set overrides), then any; among equals the newest; --key chooses another. A set of
+    augmented copies (pretraining's) is found only when ``augment_copies`` is asked for.
     """
+    if key and overrides:  # the run would record a --set that did not choose its data
+        raise ConfigError(f"--key {key} names one feature set and --set chooses among them", "give one of the two")
     adapter = get_adapter(dataset)
     feature_options, dataset_options = split_overrides(overrides or {}, adapter.options)
     if dataset_options.get("ratios") is not None:  # 70,15,15 and 70/15/15 are one split, recorded as the latter
@@ -133,7 +135,7 @@ def input_channel(manifest: dict[str, Any], spec: str | None) -> int | None:
     if sources.count(spec) == 1:
         return sources.index(spec)
     # the sources name the channels only when each is another (left, right, mid), not three windows of one
-    named = f" ({', '.join(f'{i}: {s}' for i, s in enumerate(sources))})" if len(set(sources)) == len(sources) else ""
+    named = f" ({', '.join(f'{i}: {s}' for i, s in enumerate(sources))})" if sources and len(set(sources)) == len(sources) else ""
     raise ConfigError(f"--input-channel {spec!r} is not one channel of the {channels} stored{named}",
                       f"give an index from 0 to {channels - 1}" + (", or a source that names one channel" if named else ""))
 

@@ -3,8 +3,9 @@ logistic regression on standardised embeddings, its penalty cross-validated on t
 folds; or the papers' SGD recipe) and weighted kNN (NPID's: k = 200, weights exp(sim / 0.07); any list of k,
 the first the headline; and k chosen by cross-validation on the training folds), per fold,
 with per-class precision / recall / F1 and a confusion matrix saved with the run. With one
-training fold (DCASE 2013's official two, a train/val/test split) cross-validation leaves out
-stratified fifths of it instead of folds.
+training fold (DCASE 2013's official two, a train/test split such as ratios=80/0/20)
+cross-validation leaves out stratified fifths of it instead of folds; a set with its own val
+split (FSD50K, ratios=70/15/15) chooses on that split instead.
 
 The encoder is frozen in eval mode and never receives gradients, so embeddings are computed
 once and the probe trains on them; its weights are hashed before and after to prove it.
@@ -182,9 +183,10 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                 result.update({f"{m}_k{k}": task.headline(v, y[te]) for k, v in by_k.items()})
             best_k, cv = choose_k(z[sel], y[sel], groups, n_classes, temperature=cfg.temperature, score=task.headline,
                                   held_out=held)
-            cv_scores = by_k[best_k] if best_k in by_k else \
-                knn_scores(z[tr], y[tr], z[te], n_classes, best_k, cfg.temperature)
-            result.update({f"{m}_kcv": task.headline(cv_scores, y[te]), "k_cv": best_k, f"cv_{m}": cv})
+            if best_k is not None:  # else too few training clips to hold any out: no k by CV for this fold
+                cv_scores = by_k[best_k] if best_k in by_k else \
+                    knn_scores(z[tr], y[tr], z[te], n_classes, best_k, cfg.temperature)
+                result.update({f"{m}_kcv": task.headline(cv_scores, y[te]), "k_cv": best_k, f"cv_{m}": cv})
         elif cfg.probe == "lbfgs":
             wd, cv = cfg.linear_weight_decay, None
             if wd is None:

@@ -55,7 +55,7 @@ def cv_groups(train_folds: list[str], fold_of: np.ndarray, labels: torch.Tensor,
               splits: int = 5) -> np.ndarray:
     """The groups that cross-validation on the training rows leaves out one at a time: their
     folds when there are several; for one training fold (DCASE 2013's official two, a
-    train/val/test split) ``splits`` stratified seeded parts of it (plain parts for
+    train/test split without val) ``splits`` stratified seeded parts of it (plain parts for
     multi-label rows, or when a class has fewer rows than parts)."""
     if len(train_folds) > 1:
         return fold_of
@@ -78,11 +78,12 @@ def cv_groups(train_folds: list[str], fold_of: np.ndarray, labels: torch.Tensor,
 def choose_k(train: torch.Tensor, labels: torch.Tensor, groups: np.ndarray, n_classes: int,
              candidates: tuple[int, ...] = K_CANDIDATES, temperature: float = 0.07,
              score: Callable[[torch.Tensor, torch.Tensor], float] = _accuracy, chunk: int = 1024,
-             held_out: Sequence[Any] | None = None) -> tuple[int, dict[int, float]]:
+             held_out: Sequence[Any] | None = None) -> tuple[int | None, dict[int, float]]:
     """k chosen by cross-validation on the training folds only: leave one training fold out,
     predict it from the others, average ``score`` (accuracy; mAP for multi-label sets) over
     the held-out folds weighted by their size; ties go to the smaller k. The neighbours are
-    searched once per held-out fold for the largest k; smaller k take a prefix of them."""
+    searched once per held-out fold for the largest k; smaller k take a prefix of them.
+    (None, {}) when no group could be held out (too few training rows): nothing was chosen."""
     totals = dict.fromkeys(candidates, 0.0)
     counted = 0
     for fold in (np.unique(groups) if held_out is None else held_out):
@@ -96,6 +97,8 @@ def choose_k(train: torch.Tensor, labels: torch.Tensor, groups: np.ndarray, n_cl
                                 for top, idx in neighbours])
             totals[k] += score(scores, labels[held]) * n
         counted += n
-    acc = {k: totals[k] / counted if counted else 0.0 for k in candidates}
+    if not counted:
+        return None, {}
+    acc = {k: totals[k] / counted for k in candidates}
     best = max(candidates, key=lambda k: (acc[k], -k))
     return best, acc
