@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import TINY, assert_one_line_error, make_class_folder, run_cli, run_process, start_cli
+from tests.conftest import TINY, assert_one_line_error, make_class_folder, run_cli, start_cli
 
 SMALL = ["--set", "sample_rate=22050", "--set", "clip_seconds=0.5", "--set", "frames=20", "--workers", "1",
          "--no-progress"]
@@ -190,9 +190,7 @@ def test_verify_tells_a_set_being_written_from_a_damaged_one(folder, tmp_path):
 
 
 def test_more_workers_than_cores_are_capped_with_a_line(folder, tmp_path):
-    # a process of its own: loky's workers would stay in this one and be reused, with this
-    # process's environment of now, by later tests
-    proc = run_process("extract", "--dataset", "folder", "--root", str(folder), "--store", str(tmp_path / "store"),
+    proc = run_cli("extract", "--dataset", "folder", "--root", str(folder), "--store", str(tmp_path / "store"),
                    *SMALL[:-3], "--workers", "1000", "--no-progress", "--set", "folds=2")
     assert proc.returncode == 0, proc.stderr
     cores = len(os.sched_getaffinity(0))
