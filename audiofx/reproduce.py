@@ -515,16 +515,16 @@ def ours(setting: Setting, dataset: str, run_dir: Path | None) -> str:
             return f"{last.text()} [the run chose no k by cross-validation]"
         ks = summary.get("k") or []
         return f"{_pct(summary[f'{m}_kcv_mean'], summary[f'{m}_kcv_std'])}" + (f" [k {ks[0]}: {last.text()}]" if ks else "")
+    if setting.metric != "epoch":
+        return last.text()
     epoch = setting.epoch_for(dataset)
-    if setting.metric == "epoch" and epoch is not None:
-        at = [r[f"test_{m}"] for r in Run(run_dir).metrics() if r.get("event") == "epoch" and r["epoch"] == epoch]
-        if len(at) != last.folds:  # a shorter run (--epochs-scale): its last epoch, said so
-            return f"{last.text()} [last epoch; the paper's epoch {epoch} not reached]"
-        std = float(np.std(at, ddof=1)) if len(at) > 1 else 0.0
-        return f"{_pct(float(np.mean(at)), std)} [epoch {epoch}; last {last.text()}]"
-    if setting.metric == "epoch":  # the paper reads no epoch for this dataset
+    if epoch is None:  # the paper reads no epoch for this dataset
         return f"{last.text()} [last epoch]"
-    return last.text()
+    at = [r[f"test_{m}"] for r in Run(run_dir).metrics() if r.get("event") == "epoch" and r["epoch"] == epoch]
+    if len(at) != last.folds:  # a shorter run (--epochs-scale): its last epoch, said so
+        return f"{last.text()} [last epoch; the paper's epoch {epoch} not reached]"
+    std = float(np.std(at, ddof=1)) if len(at) > 1 else 0.0
+    return f"{_pct(float(np.mean(at)), std)} [epoch {epoch}; last {last.text()}]"
 
 
 def _cell(setting: Setting, dataset: str, run_dir: Path | None) -> str:

@@ -147,13 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         (work / "ssl-check.json").write_text(json.dumps(results, indent=1) + "\n")
 
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
-    print(f"set: {args.set} ({dataset}), arch {args.arch}, {args.seeds} seed(s), pretraining {args.epochs} epochs "
-          f"batch {args.batch_size}, views from "
-          + (f"the clip and {args.augment_copies} stored copies (pitch +-{args.augment_pitch:g} semitones, offset "
+    views = (f"the clip and {args.augment_copies} stored copies (pitch +-{args.augment_pitch:g} semitones, offset "
              f"{args.augment_shift:g}, flip {args.augment_flip:g})" if args.augment_copies else "the clip's log-mel alone")
-          + f", resized crop {args.resized_crop:g}, "
-          f"fine-tuning {args.finetune_epochs} epochs; mean ± std over seeds of the 5-fold means; margin = (method - "
-          "random init) / the larger std")
+    print(f"set: {args.set} ({dataset}), arch {args.arch}, {args.seeds} seed(s), pretraining {args.epochs} epochs "
+          f"batch {args.batch_size}, views from {views}, resized crop {args.resized_crop:g}, fine-tuning "
+          f"{args.finetune_epochs} epochs; mean ± std over seeds of the 5-fold means; margin = (method - random init) "
+          "/ the larger std")
     columns = sorted({c for r in results.values() for c in r}, key=lambda c: (not c.startswith("kNN"), c))
     print("| run | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))

@@ -57,21 +57,22 @@ class FoldReader:
     ``open_fold`` has just filled, so no reading thread goes back to the remote."""
 
     def __init__(self, group: Any, manifest: dict[str, Any], fold: str, where: str = ""):
-        with unreadable(f"{where}/{fold_group(fold)}/x"):
+        arrays = f"{where}/{fold_group(fold)}"  # how messages name the fold's arrays
+        self.where = f"{arrays}/x"
+        with unreadable(self.where):
             x = group["x"]
             self.chunk_rows = int(x.chunks[0])
             self.dtype = np.dtype(x.dtype)
         self.source = (group.store, f"{group.path}/x".lstrip("/"))
-        self.where = f"{where}/{fold_group(fold)}/x"
         self.expected = expected_chunks(manifest, fold)
         small = {}
         for name in ("ok", "y", "clip"):
-            with unreadable(f"{where}/{fold_group(fold)}/{name}"):
+            with unreadable(f"{arrays}/{name}"):
                 values = np.asarray(group[name][:])
             want = manifest.get("arrays", {}).get(f"{fold_group(fold)}/{name}")
             if want is not None and checksum(values) != want:
-                raise StoreError(f"damaged array {where}/{fold_group(fold)}/{name}: its values are not the ones the "
-                                 "manifest recorded", REPAIR)
+                raise StoreError(f"damaged array {arrays}/{name}: its values are not the ones the manifest recorded",
+                                 REPAIR)
             small[name] = values
         self.ok, self.y, self.clip = small["ok"].astype(bool), small["y"], small["clip"]
         self._local = threading.local()
