@@ -17,7 +17,8 @@ each seed:
                probe (kNN also in the method's own projection space, evaluate's default), and
                fine-tuned on every fold for --finetune-epochs against scratch at equal epochs.
 Printed: mean ± std over seeds of each figure, and each method's margin over random init in
-units of the larger standard deviation (target: over 2 for kNN and probe).
+units of the larger standard deviation (target: over 2 for kNN and probe); then kNN (k by CV)
+and the probe per test fold, with the speakers or tunings each holds, where they move.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ FOLDS = 5
 FEATURES = {"sample_rate": 16000, "clip_seconds": 1.0, "frames": 100}
 
 
-def grouped_split(root: Path, label: str, group: str, out: Path) -> Path:
-    """path,label,fold with whole groups per fold, the largest groups first to the smallest fold."""
+def grouped_split(root: Path, label: str, group: str, out: Path) -> tuple[Path, dict[str, list[str]]]:
+    """path,label,fold with whole groups per fold, the largest groups first to the smallest fold;
+    also each fold's groups (fold name -> group names)."""
     rows = list(csv.DictReader(open(root / "labels.csv")))
     sizes: dict[str, int] = defaultdict(int)
     for r in rows:
@@ -62,7 +64,10 @@ def grouped_split(root: Path, label: str, group: str, out: Path) -> Path:
         w.writerow(["path", "label", "fold"])
         for r in rows:
             w.writerow([r["path"], r[label], fold_of[r[group]]])
-    return out
+    groups_of: dict[str, list[str]] = defaultdict(list)
+    for g in sorted(fold_of):
+        groups_of[str(fold_of[g])].append(g)
+    return out, dict(groups_of)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="audiofx-ssl-check-"))
     work.mkdir(parents=True, exist_ok=True)
     store = str(work / "features")
-    split = grouped_split(root, label, group, work / f"{args.set}-split.csv")
+    split, fold_groups = grouped_split(root, label, group, work / f"{args.set}-split.csv")
     started = time.perf_counter()
     summary = extract(ExtractRequest(dataset="folder", root=root, store=store, progress=False,
                                      overrides={**FEATURES, "split": str(split)}), on_event=lambda m: None)
@@ -111,16 +116,23 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     runs = str(work / "runs")
     results: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    # run -> figure -> test fold -> one value per seed: where (which speaker, which tuning) it moves
+    by_fold: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+
+    def record(row: str, figure: str, s: dict, key: str) -> None:
+        results[row][figure].append(s[f"{key}_mean"])
+        for fold, r in s["folds"].items():
+            by_fold[row][figure][str(fold)].append(r[key])
 
     def frozen(row: str, run: str, seed: int, name: str, spaces=("backbone",)) -> None:
         for space in spaces:
             s = evaluate(EvaluateConfig(run=run, arch=args.arch, dataset=dataset, mode="knn", space=space, store=store,
                                         runs_root=runs, name=f"{name}-knn-{space}", seed=seed, device="cpu"), **quiet)
-            results[row][f"kNN k200 ({space})"].append(s["acc_mean"])
-            results[row][f"kNN k by CV ({space})"].append(s["acc_kcv_mean"])
+            record(row, f"kNN k200 ({space})", s, "acc")
+            record(row, f"kNN k by CV ({space})", s, "acc_kcv")
         s = evaluate(EvaluateConfig(run=run, arch=args.arch, dataset=dataset, mode="linear", space="backbone",
                                     store=store, runs_root=runs, name=f"{name}-probe", seed=seed, device="cpu"), **quiet)
-        results[row]["probe (backbone)"].append(s["acc_mean"])
+        record(row, "probe (backbone)", s, "acc")
 
     def tuned(row: str, init: str, seed: int, name: str) -> None:
         if args.finetune_epochs:
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             tuned(method, f"{method}:{name}", seed, f"{name}-ft")
         print(f"seed {seed} done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         # Written after every seed: a run stopped part-way keeps the seeds it finished.
-        (work / "ssl-check.json").write_text(json.dumps(results, indent=1) + "\n")
+        (work / "ssl-check.json").write_text(json.dumps({"runs": results, "by test fold": by_fold}, indent=1) + "\n")
 
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
     views = (f"the clip and {args.augment_copies} stored copies (pitch +-{args.augment_pitch:g} semitones, offset "
@@ -172,6 +184,15 @@ def main(argv: list[str] | None = None) -> int:
                 text += f" ({(v.mean() - r.mean()) / spread:+.1f})"
             out.append(text)
         print(f"| {row} | " + " | ".join(out) + " |")
+    folds = sorted(fold_groups, key=int)
+    print(f"\nper test fold (the {group_name}s it holds), mean over seeds:")
+    held = {f: "+".join(g) if len(g) <= 3 else f"{len(g)} {group_name}s" for f, g in fold_groups.items()}
+    print("| run | figure | " + " | ".join(f"{f} ({held[f]})" for f in folds) + " |")
+    print("|---|---|" + "---|" * len(folds))
+    for row, figures in by_fold.items():
+        for figure in ("kNN k by CV (backbone)", "probe (backbone)"):
+            print(f"| {row} | {figure} | "
+                  + " | ".join(f"{100 * np.mean(figures[figure][f]):.1f}" for f in folds) + " |")
     return 0
 
 
