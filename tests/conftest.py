@@ -22,6 +22,12 @@ import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A shell without job control (`make test &` in a script, nohup) starts pytest with SIGINT
+# ignored, and every CLI process it starts would inherit that: the Ctrl-C tests would test the
+# ignoring. A handled SIGINT is back at its default in a child after exec, as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def real_signal(sr: int, seconds: float, seed: int, channels: int = 1) -> np.ndarray:
     """A real-looking test signal: a gliding harmonic tone with vibrato, noise and a gap of
