@@ -666,7 +666,8 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, set_option
 
 @cli.command("evaluate", cls=MethodsCommand)
 @click.option("--run", "run_spec", required=True,
-              help="The representation: random (the same network at random init, give --arch: the baseline), or "
+              help="The representation: random (the same network at random init, give --arch: the baseline), logmel "
+                   "(no network: the log-mel inputs themselves, each channel pooled to 32 x 25: the other reference), or "
                    + INIT_HELP.removeprefix("scratch; "))
 @weights_options
 @click.option("--arch", default=None,
@@ -685,6 +686,9 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, set_option
 @click.option("--space", type=click.Choice(["backbone", "projection"]), default=None,
               help="Embeddings scored: backbone (pooled encoder features) or projection (the pretrain method's own "
                    "space) [kNN of a pretrain run: projection, as NPID, Hornauer et al. and Lin vote; else backbone].")
+@click.option("--bn-stats", type=click.Choice(["carried", "clips"]), default="carried", show_default=True,
+              help="BatchNorm statistics: the encoder's own (a network at random init: mean 0, variance 1, so no "
+                   "normalisation; a pretrained one: its views') or recomputed on the evaluated clips (no labels).")
 @click.option("--probe", type=click.Choice(["lbfgs", "sgd"]), default="lbfgs", show_default=True,
               help="Linear probe: lbfgs (logistic regression on standardised embeddings, solved to convergence, its "
                    "penalty cross-validated on the training folds) or sgd (the papers' recipe: Adam epochs, logged "
@@ -696,15 +700,17 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, set_option
               help="The probe's L2 penalty lambda [lbfgs: chosen by cross-validation on the training folds; sgd: 1e-6].")
 @input_channel_option
 @run_options()
-def evaluate_cmd(run_spec, weights, init_branch, arch, dataset, mode, fold, store, preset, key, set_options, k, space, probe,
-                 linear_epochs, linear_lr, linear_weight_decay, input_channel, memory_budget, seed, device,
-                 runs_root, name):
+def evaluate_cmd(run_spec, weights, init_branch, arch, dataset, mode, fold, store, preset, key, set_options, k, space,
+                 bn_stats, probe, linear_epochs, linear_lr, linear_weight_decay, input_channel, memory_budget, seed,
+                 device, runs_root, name):
     """Frozen-encoder evaluation: linear probe or weighted kNN, per fold."""
     from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
     from audiofx.training.stages.tasks import METRIC_NAMES
 
-    s = evaluate(EvaluateConfig(run=run_spec, arch=arch, weights=weights, init_branch=init_branch, dataset=dataset, mode=mode, fold=fold, store=store, preset=preset, key=key,
-                                set_options=parse_overrides(set_options), k=k, space=space, probe=probe, linear_epochs=linear_epochs, linear_lr=linear_lr,
+    s = evaluate(EvaluateConfig(run=run_spec, arch=arch, weights=weights, init_branch=init_branch, dataset=dataset,
+                                mode=mode, fold=fold, store=store, preset=preset, key=key,
+                                set_options=parse_overrides(set_options), k=k, space=space, bn_stats=bn_stats,
+                                probe=probe, linear_epochs=linear_epochs, linear_lr=linear_lr,
                                 linear_weight_decay=linear_weight_decay, input_channel=input_channel,
                                 memory_budget_gb=memory_budget, seed=seed,
                                 device=device, runs_root=runs_root, name=name),

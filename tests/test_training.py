@@ -150,6 +150,74 @@ def test_init_finds_a_pretrain_run_every_way_and_refuses_what_is_not_one(store, 
                                   "--runs", str(npid_run)), "--run 'moco:npid-a'", "npid:npid-a")
 
 
+def test_evaluate_logmel_reference_votes_with_the_pooled_inputs(store, tmp_path):
+    """--run logmel: no network, the standardised log-mels average-pooled to 4 x 4 cells (32 x 25
+    of a 128 x 100 clip). Its nearest-neighbour predictions are numpy's on block means of the
+    stored features; the options that need a network are refused before a run folder."""
+    from audiofx.errors import ConfigError
+    from audiofx.training.data.featuresets import FoldSet, resolve_featureset
+    from audiofx.training.data.memory import load_in_memory
+    from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
+
+    p = run_cli("evaluate", "--run", "logmel", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path),
+                "--fold", "1", "--k", "1", "--name", "a")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("evaluate the log-mel inputs, no network (each channel pooled to 32 x 25) on demo")
+    key, manifest = resolve_featureset(str(store), "demo")
+    data = load_in_memory(FoldSet(str(store), "demo", key, list(manifest["folds"])))
+    x = data.x.double().numpy()
+    assert x.shape[2:] == (128, 100)
+    x = (x - x.mean(axis=(0, 2, 3), keepdims=True)) / x.std(axis=(0, 2, 3), keepdims=True)
+    z = x.reshape(len(x), 3, 32, 4, 25, 4).mean(axis=(3, 5)).reshape(len(x), -1)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    test = np.array(data.fold_of) == "1"
+    nearest = (z[test] @ z[~test].T).argmax(1)
+    saved = np.load(tmp_path / "evaluate" / "a" / "predictions" / "fold-1.npz")
+    assert list(saved["clip"]) == [c for c, t in zip(data.clips, test) if t]
+    assert np.array_equal(saved["y_pred"], data.y.numpy()[~test][nearest])
+    assert "log-mel knn" in run_cli("compare", str(tmp_path / "evaluate" / "a")).stdout
+    from audiofx.training.report.build import load_run, tsne_inputs
+
+    embedded, _, y_pred, _, fold = tsne_inputs(load_run(tmp_path / "evaluate" / "a"), None)  # the report's t-SNE
+    assert fold == "1" and embedded.shape == (int(test.sum()), 2400) and np.array_equal(y_pred, saved["y_pred"])
+    for given, option in (({"arch": "tiny"}, "--arch"), ({"space": "projection"}, "--space projection"),
+                          ({"bn_stats": "clips"}, "--bn-stats clips")):
+        with pytest.raises(ConfigError, match=f"--run logmel scores the log-mel inputs without a network: {option}"):
+            evaluate(EvaluateConfig(run="logmel", dataset="demo", store=str(store), runs_root=str(tmp_path),
+                                    name="b", **given), say=lambda *a, **k: None)
+    assert sorted(p.name for p in (tmp_path / "evaluate").iterdir()) == ["a"]
+
+
+def test_bn_stats_clips_recomputes_the_running_statistics_on_the_evaluated_clips(store, tmp_path):
+    """--bn-stats clips: each BatchNorm's running mean and variance become its inputs' over the
+    evaluated clips (checked on the first layer against a direct computation, one batch);
+    the weights and the momentum stay; the random encoder is kept with the statistics scored."""
+    from audiofx.training.models.encoders import build_encoder
+    from audiofx.training.stages.embedding import recompute_batchnorm
+    from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
+
+    torch.manual_seed(0)
+    encoder = build_encoder("tiny")
+    weights = {k: v.clone() for k, v in encoder.state_dict().items() if "running" not in k and "num_batches" not in k}
+    x = torch.randn(40, 3, 32, 30) * 3 + 1
+    mean, std = torch.tensor(1.0), torch.tensor(3.0)
+    assert recompute_batchnorm(encoder, [x], mean, std, torch.device("cpu")) == 4 and not encoder.training
+    bn = encoder.body[0][1]
+    conv = encoder.body[0][0]((x - mean) / std)
+    assert torch.allclose(bn.running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, conv.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4)
+    assert bn.momentum == 0.1
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in weights.items())
+
+    said = []
+    s = evaluate(EvaluateConfig(run="random", arch="tiny", dataset="demo", store=str(store), runs_root=str(tmp_path),
+                                fold="1", bn_stats="clips", name="a"), say=said.append)
+    assert any(line.startswith("BatchNorm statistics of 4 layer(s) recomputed on the ") for line in said), said
+    kept = torch.load(tmp_path / "evaluate" / "a" / "checkpoints" / "encoder.pt", weights_only=True)["states"]["encoder"]
+    assert kept["body.0.1.running_mean"].abs().sum() > 0 and s["encoder_unchanged"]
+    assert "BatchNorm statistics of the evaluated clips" in (tmp_path / "evaluate" / "a" / "summary.md").read_text()
+
+
 def test_evaluate_random_init_baseline_is_seeded_and_kept(store, tmp_path):
     args = ["evaluate", "--run", "random", "--arch", "tiny", "--dataset", "demo", "--store", str(store), "--runs",
             str(tmp_path), "--mode", "knn", "--fold", "1"]

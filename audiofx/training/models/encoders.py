@@ -86,6 +86,25 @@ class Encoder(nn.Module):
         return self.pool(self.features(x)).flatten(1)
 
 
+class LogmelGrid(nn.Module):
+    """The inputs themselves as the embedding, no network (evaluate --run logmel): each stored
+    channel of the standardised log-mels average-pooled to a ``GRID`` of mel bands x frames
+    and flattened (4 x 4 cells of a 128 x 100 clip, 2400 values for 3 channels). The frozen
+    reference a learned representation is also measured against: SUPERB's FBANK row."""
+
+    GRID = (32, 25)
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(self.GRID)
+        self.input_channel: int | None = None  # one stored channel only, as Encoder takes it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_channel is not None:
+            x = x[:, self.input_channel:self.input_channel + 1]
+        return self.pool(x).flatten(1)
+
+
 def _tiny_body() -> nn.Module:
     def block(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),

@@ -34,14 +34,14 @@ from audiofx.pipeline.location import Location, is_remote
 from audiofx.training.data.featuresets import FoldSet, fold_order
 from audiofx.training.data.memory import load_in_memory
 from audiofx.training.data.statistics import channel_stats
-from audiofx.training.models.encoders import Classifier, build_encoder
+from audiofx.training.models.encoders import Classifier, LogmelGrid, build_encoder
 from audiofx.training.report import plots
 from audiofx.training.runtime.device import autocast, pick_device
-from audiofx.training.stages.embedding import embed
+from audiofx.training.stages.embedding import EMBED_BATCH, embed, recompute_batchnorm
 from audiofx.training.stages.fusion import fuse_posteriors, mean_per_clip, zhou_samples
 from audiofx.training.stages.metrics import per_class_markdown
 from audiofx.training.stages.runs import STAGES, Headline, Run, headline
-from audiofx.training.stages.weights import RANDOM, SSL_METHODS, random_encoder_file, resolve_init
+from audiofx.training.stages.weights import LOGMEL, RANDOM, SSL_METHODS, random_encoder_file, resolve_init
 
 TSNE_MAX_CLIPS = 2000  # t-SNE is O(n log n) but slow in absolute terms; larger folds are subsampled
 MODE_NAMES = {"knn": "kNN", "linear": "linear"}
@@ -131,6 +131,8 @@ def pretrain_dir(run: RunData) -> Path | None:
 def _method_of(run: RunData) -> str:
     if run.config.get("run") == RANDOM:
         return "random init"
+    if run.config.get("run") == LOGMEL:
+        return "log-mel inputs"
     source = pretrain_dir(run)
     if source is not None and (source / "config.json").is_file():
         return json.loads((source / "config.json").read_text()).get("method", source.name)
@@ -211,7 +213,7 @@ def runs_table(runs: list[RunData]) -> list[str]:
             source = pretrain_dir(r) or Path(str(cfg.get("source", "?")))
             method = _method_of(r)
             what = f"{MODE_NAMES.get(cfg.get('mode'), cfg.get('mode'))} of {method}"
-            what += f" ({source.name})" if source.name != method and cfg.get("run") != RANDOM else ""
+            what += f" ({source.name})" if source.name != method and cfg.get("run") not in (RANDOM, LOGMEL) else ""
             key = cfg.get("key", "")
             epochs = cfg.get("linear_epochs", "") if cfg.get("mode") == "linear" else "–"
         lines.append(f"| {r.name} | {r.stage} | {r.dataset} | {what} | {cfg.get('arch', '?')} | {epochs} | {key} | "
@@ -281,6 +283,16 @@ def tsne_inputs(run: RunData, store: str | None) -> tuple[np.ndarray, np.ndarray
         if not predictions:
             raise Skip("the run saved no predictions (predictions/fold-<k>.npz)")
         fold = sorted(predictions, key=fold_order)[0]
+        if run.config.get("run") == LOGMEL:  # no network: the inputs pooled, as evaluate scored them
+            data = _load_fold(run, fold, store, device)
+            y_pred = _saved_labels(predictions[fold], data.clips)
+            if y_pred is None:
+                raise Skip(f"the saved predictions of fold {fold} do not match the clips in the store")
+            grid = LogmelGrid().to(device)
+            grid.input_channel = run.config.get("input_channel_index")
+            mean, std = channel_stats(data.x)
+            z = embed(grid, data.x, mean.to(device), std.to(device), device)
+            return z.float().cpu().numpy(), data.y.cpu().numpy(), y_pred, data.classes, fold
         source = pretrain_dir(run)
         if source is None:
             raise Skip(f"its pretrained encoder {run.config.get('source')} is gone")
@@ -296,6 +308,10 @@ def tsne_inputs(run: RunData, store: str | None) -> tuple[np.ndarray, np.ndarray
             raise Skip(f"the saved predictions of fold {fold} do not match the clips in the store")
         stats = init.input_stats if init.input_stats and init.input_stats[0].shape[1] == data.x.shape[1] else None
         mean, std = stats or channel_stats(data.x)  # evaluate's own choice
+        if run.config.get("bn_stats") == "clips" and run.config.get("run") != RANDOM:
+            # as evaluate did (on this fold's clips; the random encoder was kept with its statistics)
+            recompute_batchnorm(encoder, (data.x[i:i + EMBED_BATCH] for i in range(0, len(data.x), EMBED_BATCH)),
+                                mean.to(device), std.to(device), device)
         z = embed(encoder, data.x, mean.to(device), std.to(device), device)
     return z.float().cpu().numpy(), data.y.cpu().numpy(), y_pred, data.classes, fold
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from audiofx.errors import ConfigError
 from audiofx.training.stages.runs import Run, headline
-from audiofx.training.stages.weights import RANDOM
+from audiofx.training.stages.weights import LOGMEL, RANDOM
 
 
 def run_row(path: Path) -> tuple[str, str, str, str]:
@@ -23,6 +23,8 @@ def run_row(path: Path) -> tuple[str, str, str, str]:
         what = f"{cfg['init']} fine-tune"
     elif cfg.get("run") == RANDOM:  # evaluate's baseline
         what = f"random-init {cfg['mode']}"
+    elif cfg.get("run") == LOGMEL:  # evaluate's other reference, no network
+        what = f"log-mel {cfg['mode']}"
     else:
         source = Path(cfg["source"]) / "config.json"
         method = json.loads(source.read_text()).get("method", "?") if source.is_file() else Path(cfg["source"]).name

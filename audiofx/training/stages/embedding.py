@@ -1,5 +1,6 @@
 """Frozen forward passes: an encoder's (or a model's) outputs for every row of a set, in order,
-in batches, never holding more than one batch of inputs on the device."""
+in batches, never holding more than one batch of inputs on the device; and BatchNorm's running
+statistics recomputed on a set's rows (evaluate --bn-stats clips)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,26 @@ def embed_rows(encoder: torch.nn.Module, rows, mean: torch.Tensor, std: torch.Te
     """Outputs of every row of a set the data door gave (in memory or streamed: its
     ``in_order`` pass), in its order, in ``embed``'s batches: the same values."""
     return _forward(encoder, (b.x for b in rows.in_order(batch)), len(rows), mean, std, device)
+
+
+@torch.no_grad()
+def recompute_batchnorm(module: torch.nn.Module, batches: Iterable[torch.Tensor], mean: torch.Tensor,
+                        std: torch.Tensor, device) -> int:
+    """Every BatchNorm's running mean and variance replaced by those of the given inputs
+    (standardised on the way): one pass in train mode without gradients, each layer's batch
+    statistics averaged over the batches (momentum None: a cumulative average, batches
+    weighted equally), then eval mode again. The weights do not change. Returns the number of
+    BatchNorm layers."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    module.train()
+    for x in batches:
+        with autocast(device):
+            module((x.to(device).float() - mean) / std)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    module.eval()
+    return len(norms)

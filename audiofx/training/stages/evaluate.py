@@ -9,6 +9,13 @@ split (FSD50K, ratios=70/15/15) chooses on that split instead.
 
 The encoder is frozen in eval mode and never receives gradients, so embeddings are computed
 once and the probe trains on them; its weights are hashed before and after to prove it.
+``--bn-stats clips`` first recomputes every BatchNorm's running statistics on the evaluated clips
+(no labels, no gradient): a network at random init otherwise normalises with its initial
+statistics (mean 0, variance 1, no normalisation at all) and a pretrained one with those of
+its augmented views (docs/representations.md measures both).
+Besides pretrained encoders, two references: ``--run random`` (the same network at random init)
+and ``--run logmel`` (no network: the standardised log-mels pooled to a grid, SUPERB's FBANK
+row), scored by the same protocol.
 
 When the folds' features are over the memory budget, they are never loaded: one sequential
 (unshuffled) streaming pass embeds every clip, in the same order and batches as from memory,
@@ -40,11 +47,11 @@ from audiofx.training.data.featuresets import (
     validation_fold,
 )
 from audiofx.training.data.inputs import open_inputs
-from audiofx.training.models.encoders import projection_from_state
+from audiofx.training.models.encoders import LogmelGrid, projection_from_state
 from audiofx.training.models.published import NAMES as PUBLISHED_NAMES
 from audiofx.training.runtime.device import pick_device, seed_everything
 from audiofx.training.runtime.distributed import launched_ranks
-from audiofx.training.stages.embedding import embed_rows
+from audiofx.training.stages.embedding import EMBED_BATCH, embed_rows, recompute_batchnorm
 from audiofx.training.stages.knn import choose_k, cv_groups, knn_scores
 from audiofx.training.stages.metrics import mean_std, per_class_markdown
 from audiofx.training.stages.probe import (
@@ -55,9 +62,10 @@ from audiofx.training.stages.probe import (
 )
 from audiofx.training.stages.runs import Run, StageOptions, check_rates, default_name
 from audiofx.training.stages.tasks import METRIC_NAMES, Task
-from audiofx.training.stages.weights import RANDOM, RANDOM_ENCODER, SSL_METHODS, resolve_init
+from audiofx.training.stages.weights import LOGMEL, RANDOM, RANDOM_ENCODER, SSL_METHODS, resolve_init
 
 MODES = ("knn", "linear")
+BN_STATS = ("carried", "clips")  # the encoder's own BatchNorm statistics, or the evaluated clips'
 
 
 @dataclass
@@ -83,6 +91,7 @@ class EvaluateConfig(StageOptions):
     linear_lr: float = 1e-3  # sgd
     linear_weight_decay: float | None = None  # None: lbfgs cross-validates it on the training folds; sgd 1e-6
     batch_size: int = 256
+    bn_stats: str = "carried"  # BN_STATS
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -97,6 +106,8 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     cfg = replace(cfg, set_options=normal_set_options(cfg.set_options))
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode {cfg.mode!r}", f"use one of {', '.join(MODES)}")
+    if cfg.bn_stats not in BN_STATS:
+        raise ConfigError(f"unknown --bn-stats {cfg.bn_stats!r}", f"use one of {', '.join(BN_STATS)}")
     if cfg.probe not in PROBES:
         raise ConfigError(f"unknown --probe {cfg.probe!r}", f"use one of {', '.join(PROBES)}")
     check_rates(lr=cfg.linear_lr, weight_decay=cfg.linear_weight_decay)
@@ -107,13 +118,21 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     random_init = cfg.run == RANDOM  # the baseline: the same network at random init (seeded by --seed)
-    init = resolve_init("scratch" if random_init else cfg.run, cfg.arch, cfg.runs_root,
+    inputs_only = cfg.run == LOGMEL  # the other reference: no network, the inputs themselves
+    if inputs_only and (cfg.arch or cfg.weights or cfg.space == "projection" or cfg.bn_stats != "carried"):
+        given = ("--arch" if cfg.arch else "--weights" if cfg.weights else "--space projection"
+                 if cfg.space == "projection" else f"--bn-stats {cfg.bn_stats}")
+        raise ConfigError(f"--run {LOGMEL} scores the log-mel inputs without a network: {given} does not apply",
+                          f"drop {given}")
+    init = resolve_init("scratch" if random_init or inputs_only else cfg.run, cfg.arch, cfg.runs_root,
                         Path(cfg.weights) if cfg.weights else None, option="--run", branch=cfg.init_branch)
+    if inputs_only:
+        init = replace(init, kind=LOGMEL, arch=LOGMEL, source=LOGMEL)
     if init.kind == "scratch" and not random_init:
         raise ConfigError(f"--run {cfg.run!r} is not a pretrained representation",
                           f"pass {', '.join(PUBLISHED_NAMES)}, {', '.join(SSL_METHODS)}, METHOD:RUN, a run or a "
                           f"checkpoint (or {RANDOM} for the baseline)")
-    source = f"{RANDOM} init" if random_init else init.source
+    source = f"{RANDOM} init" if random_init else "the log-mel inputs" if inputs_only else init.source
     key, manifest = resolve_featureset(cfg.store, cfg.dataset, cfg.preset, cfg.key, cfg.set_options)
     check_single_copy(manifest, cfg.dataset, "evaluate")
     task = Task.of(manifest)
@@ -128,7 +147,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                          manifests=[manifest])
     space = _space(cfg, init)
     channel = input_channel(manifest, cfg.input_channel)
-    encoder = init.build().to(device)
+    encoder = (LogmelGrid() if inputs_only else init.build()).to(device)
     encoder.input_channel = channel  # before the run folder: an --arch that does not exist is refused first
     embedder = torch.nn.Sequential(encoder, projection_from_state(init.projection_state)).to(device) \
         if space == "projection" else encoder
@@ -138,11 +157,10 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                                                        "source": source, "space": space, **init.record(),
                                                        "stage": "evaluate", "input_channel_index": channel,
                                                        "data_mode": inputs.mode.mode})
-    say(f"evaluate {source if random_init else init.describe()} ({init.arch}, {space} space) on {cfg.dataset} "
+    what = (f"{source}, no network (each channel pooled to {' x '.join(map(str, LogmelGrid.GRID))})" if inputs_only
+            else f"{source if random_init else init.describe()} ({init.arch}, {space} space)")
+    say(f"evaluate {what} on {cfg.dataset} "
         f"({key}) by {cfg.mode}, {len(plan)} fold(s) on {device}, features {inputs.describe()} -> {run.path}")
-    if random_init:  # kept with the run: `audiofx report` embeds with it again
-        run.save_checkpoint(RANDOM_ENCODER, {"encoder": encoder.state_dict()}, {"arch": init.arch})
-    before = state_hash(embedder)
     # Every clip embedded once (streaming: two passes over the store, the statistics unless
     # recorded, then the embeddings); inputs standardised with the statistics the encoder was
     # pretrained with, when recorded.
@@ -159,6 +177,12 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
         stats = None
     mean, std = stats or rows.statistics()
     mean, std = mean.to(device), std.to(device)
+    if cfg.bn_stats == "clips":
+        layers = recompute_batchnorm(embedder, (b.x for b in rows.in_order(EMBED_BATCH)), mean, std, device)
+        say(f"BatchNorm statistics of {layers} layer(s) recomputed on the {len(rows)} evaluated clips")
+    if random_init:  # kept with the run (its statistics as scored): `audiofx report` embeds with it again
+        run.save_checkpoint(RANDOM_ENCODER, {"encoder": encoder.state_dict()}, {"arch": init.arch})
+    before = state_hash(embedder)
     z = embed_rows(embedder, rows, mean, std, device)
     y, clips, fold_list = rows.y.to(device), rows.clips, rows.fold_of
     del rows
@@ -263,7 +287,8 @@ def _markdown(cfg: EvaluateConfig, source: str, s: dict[str, Any], report: dict[
     ks = s.get("k", [])
     more = [(f"{name} (k {k})", f"{m}_k{k}") for k in ks[1:]]  # the first k is the headline's column
     head = f"{name} (k {ks[0]})" if ks else name
-    how = f"{s['space']} space" + (f", {cfg.probe} probe" if cfg.mode == "linear" else "")
+    how = f"{s['space']} space" + (f", {cfg.probe} probe" if cfg.mode == "linear" else "") \
+        + (", BatchNorm statistics of the evaluated clips" if cfg.bn_stats == "clips" else "")
     lines = [f"# {cfg.mode} evaluation of {source} on {cfg.dataset} ({how})", "",
              f"| test fold | {head} |" + "".join(f" {h} |" for h, _ in more)
              + (f" {name}, k chosen on the training folds | k chosen |" if cv else ""),

@@ -34,6 +34,9 @@ FINAL = Path("checkpoints") / "final.pt"
 # beat; the evaluate run keeps its weights as checkpoints/<RANDOM_ENCODER>.pt.
 RANDOM = "random"
 RANDOM_ENCODER = "encoder"
+# evaluate --run logmel: no network, the log-mel inputs themselves (models/encoders.py
+# LogmelGrid), the reference a frozen representation is also measured against.
+LOGMEL = "logmel"
 
 
 def random_encoder_file(run_dir: Path) -> Path:
