@@ -4,12 +4,14 @@ the real recordings of ../shared/realdev, against the same network at random ini
     python benchmarks/ssl_check.py [--set speech|mridangam] [--methods npid,simclr,moco] [--seeds 3]
                                    [--epochs 30] [--finetune-epochs 10] [--arch tiny] [--work DIR]
                                    [--augment-copies 4 --augment-pitch 3 --augment-shift 0.2
-                                    --augment-flip 0] [--resized-crop 0]
+                                    --augment-flip 0] [--resized-crop 0] [--bn-stats carried|clips]
 
 The set's clips are extracted once (5 folds grouped by speaker, or by the drum's tonic, so
 one voice or tuning is never on both sides), and once more with --augment-copies augmented
 copies of each clip's waveform (pitch shift, offset; the views draw from them); then for
-each seed:
+each seed (the inputs' row once: it has no seed):
+  log-mel inputs  no network, the standardised log-mels pooled to a grid (evaluate --run
+               logmel): the same kNN and probe, the reference both networks are read against;
   random init  the network at random init (seeded): kNN (k 200 and k chosen on the training
                folds) and the linear probe (logistic regression, penalty chosen on the
                training folds), all on the backbone's pooled features;
@@ -19,6 +21,11 @@ each seed:
 Printed: mean ± std over seeds of each figure, and each method's margin over random init in
 units of the larger standard deviation (target: over 2 for kNN and probe); then kNN (k by CV)
 and the probe per test fold, with the speakers or tunings each holds, where they move.
+
+Run again with the same --work, it reuses the store and every finished pretrain and fine-tune
+run of the same name (resumed: other settings are refused), and evaluates afresh (evaluate
+runs are named by the invocation's time): so `--bn-stats clips` over earlier pretraining costs
+only the evaluations.
 """
 
 from __future__ import annotations
@@ -84,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--augment-shift", type=float, default=0.2, help="the copies' offset, a share of the clip")
     p.add_argument("--augment-flip", type=float, default=0.0, help="the copies' chance of a time reversal")
     p.add_argument("--resized-crop", type=float, default=0.0, help="views: resized crops of at least this share")
-    p.add_argument("--work", type=Path, help="working folder (default: a temp dir); its store is reused")
+    p.add_argument("--bn-stats", choices=("carried", "clips"), default="carried",
+                   help="every network's BatchNorm statistics in the frozen evaluations (evaluate --bn-stats)")
+    p.add_argument("--work", type=Path, help="working folder (default: a temp dir); its store and runs are reused")
     args = p.parse_args(argv)
     folder, label, group, group_name = SETS[args.set]
     root = REALDEV / folder
@@ -115,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
           f"by {group_name}" + (f", and {args.augment_copies} augmented copies of each" if args.augment_copies else ""),
           file=sys.stderr)
     runs = str(work / "runs")
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # evaluate runs of this invocation
+
+    def reused(stage: str, name: str) -> bool:
+        return (work / "runs" / stage / name / "config.json").is_file()
     results: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     # run -> figure -> test fold -> one value per seed: where (which speaker, which tuning) it moves
     by_fold: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -124,23 +137,27 @@ def main(argv: list[str] | None = None) -> int:
         for fold, r in s["folds"].items():
             by_fold[row][figure][str(fold)].append(r[key])
 
-    def frozen(row: str, run: str, seed: int, name: str, spaces=("backbone",)) -> None:
+    def frozen(row: str, run: str, seed: int, name: str, spaces=("backbone",), arch: str | None = args.arch) -> None:
+        bn = "carried" if run == "logmel" else args.bn_stats  # the inputs have no network
         for space in spaces:
-            s = evaluate(EvaluateConfig(run=run, arch=args.arch, dataset=dataset, mode="knn", space=space, store=store,
-                                        runs_root=runs, name=f"{name}-knn-{space}", seed=seed, device="cpu"), **quiet)
+            s = evaluate(EvaluateConfig(run=run, arch=arch, dataset=dataset, mode="knn", space=space, store=store,
+                                        runs_root=runs, name=f"{stamp}-{name}-knn-{space}", seed=seed, device="cpu",
+                                        bn_stats=bn), **quiet)
             record(row, f"kNN k200 ({space})", s, "acc")
             record(row, f"kNN k by CV ({space})", s, "acc_kcv")
-        s = evaluate(EvaluateConfig(run=run, arch=args.arch, dataset=dataset, mode="linear", space="backbone",
-                                    store=store, runs_root=runs, name=f"{name}-probe", seed=seed, device="cpu"), **quiet)
+        s = evaluate(EvaluateConfig(run=run, arch=arch, dataset=dataset, mode="linear", space="backbone",
+                                    store=store, runs_root=runs, name=f"{stamp}-{name}-probe", seed=seed, device="cpu",
+                                    bn_stats=bn), **quiet)
         record(row, "probe (backbone)", s, "acc")
 
     def tuned(row: str, init: str, seed: int, name: str) -> None:
         if args.finetune_epochs:
             s = finetune(FinetuneConfig(dataset=dataset, init=init, arch=args.arch, epochs=args.finetune_epochs,
                                         lr=1e-3, store=store, runs_root=runs, name=name, seed=seed, device="cpu",
-                                        progress=False), **quiet)
+                                        progress=False, resume=reused("finetune", name)), **quiet)
             results[row]["fine-tune, last epoch"].append(s["last_acc_mean"])
 
+    frozen("log-mel inputs", "logmel", 0, "logmel", arch=None)  # no network, no seed
     for seed in range(args.seeds):
         t = time.perf_counter()
         frozen("random init", "random", seed, f"random-{seed}")
@@ -151,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                                     batch_size=args.batch_size, store=store, runs_root=runs, name=name, seed=seed,
                                     device="cpu", progress=False, resized_crop=args.resized_crop,
                                     set_options={"augment_copies": args.augment_copies} if args.augment_copies else {},
-                                    options={"nce_k": 0} if method == "npid" else {}), **quiet)
+                                    options={"nce_k": 0} if method == "npid" else {},
+                                    resume=reused("pretrain", name)), **quiet)
             frozen(method, f"{method}:{name}", seed, name, spaces=("backbone", "projection"))
             tuned(method, f"{method}:{name}", seed, f"{name}-ft")
         print(f"seed {seed} done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -163,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.augment_shift:g}, flip {args.augment_flip:g})" if args.augment_copies else "the clip's log-mel alone")
     print(f"set: {args.set} ({dataset}), arch {args.arch}, {args.seeds} seed(s), pretraining {args.epochs} epochs "
           f"batch {args.batch_size}, views from {views}, resized crop {args.resized_crop:g}, fine-tuning "
-          f"{args.finetune_epochs} epochs; mean ± std over seeds of the 5-fold means; margin = (method - random init) "
-          "/ the larger std")
+          f"{args.finetune_epochs} epochs, BatchNorm statistics {args.bn_stats}; mean ± std over seeds of the 5-fold means; margin = (method - random init) "
+          "/ the larger std; log-mel inputs: no network, the standardised log-mels pooled to 32 x 25 per channel")
     columns = sorted({c for r in results.values() for c in r}, key=lambda c: (not c.startswith("kNN"), c))
     print("| run | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
