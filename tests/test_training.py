@@ -157,12 +157,14 @@ def test_evaluate_logmel_reference_votes_with_the_pooled_inputs(store, tmp_path)
     from audiofx.errors import ConfigError
     from audiofx.training.data.featuresets import FoldSet, resolve_featureset
     from audiofx.training.data.memory import load_in_memory
+    from audiofx.training.report.build import load_run, tsne_inputs
+    from audiofx.training.report.compare import compare_table
     from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
 
-    p = run_cli("evaluate", "--run", "logmel", "--dataset", "demo", "--store", str(store), "--runs", str(tmp_path),
-                "--fold", "1", "--k", "1", "--name", "a")
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("evaluate the log-mel inputs, no network (each channel pooled to 32 x 25) on demo")
+    said = []
+    evaluate(EvaluateConfig(run="logmel", dataset="demo", store=str(store), runs_root=str(tmp_path), fold="1", k=1,
+                            name="a"), say=said.append)
+    assert said[0].startswith("evaluate the log-mel inputs, no network (each channel pooled to 32 x 25) on demo")
     key, manifest = resolve_featureset(str(store), "demo")
     data = load_in_memory(FoldSet(str(store), "demo", key, list(manifest["folds"])))
     x = data.x.double().numpy()
@@ -175,9 +177,7 @@ def test_evaluate_logmel_reference_votes_with_the_pooled_inputs(store, tmp_path)
     saved = np.load(tmp_path / "evaluate" / "a" / "predictions" / "fold-1.npz")
     assert list(saved["clip"]) == [c for c, t in zip(data.clips, test) if t]
     assert np.array_equal(saved["y_pred"], data.y.numpy()[~test][nearest])
-    assert "log-mel knn" in run_cli("compare", str(tmp_path / "evaluate" / "a")).stdout
-    from audiofx.training.report.build import load_run, tsne_inputs
-
+    assert "log-mel knn" in compare_table([tmp_path / "evaluate" / "a"])
     embedded, _, y_pred, _, fold = tsne_inputs(load_run(tmp_path / "evaluate" / "a"), None)  # the report's t-SNE
     assert fold == "1" and embedded.shape == (int(test.sum()), 2400) and np.array_equal(y_pred, saved["y_pred"])
     for given, option in (({"arch": "tiny"}, "--arch"), ({"space": "projection"}, "--space projection"),
