@@ -221,9 +221,12 @@ def test_bn_stats_clips_recomputes_the_running_statistics_on_the_evaluated_clips
 def test_evaluate_random_init_baseline_is_seeded_and_kept(store, tmp_path):
     args = ["evaluate", "--run", "random", "--arch", "tiny", "--dataset", "demo", "--store", str(store), "--runs",
             str(tmp_path), "--mode", "knn", "--fold", "1"]
-    runs = {name: run_cli(*args, "--name", name, *seed) for name, seed in (("a", []), ("b", []), ("c", ["--seed", "1"]))}
+    runs = {name: run_cli(*args, "--name", name, *more)
+            for name, more in (("a", []), ("b", []), ("c", ["--seed", "1", "--bn-stats", "clips"]))}
     assert all(p.returncode == 0 for p in runs.values()), [p.stderr for p in runs.values()]
     assert runs["a"].stdout.startswith("evaluate random init (tiny, backbone space) on demo")
+    assert "BatchNorm statistics of 4 layer(s) recomputed" in runs["c"].stdout
+    assert "BatchNorm statistics" not in runs["a"].stdout
 
     def encoder(name: str) -> dict:
         ckpt = torch.load(tmp_path / "evaluate" / name / "checkpoints" / "encoder.pt", weights_only=True)
