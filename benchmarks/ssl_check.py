@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def reused(stage: str, name: str) -> bool:
         return (work / "runs" / stage / name / "config.json").is_file()
+
     results: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     # run -> figure -> test fold -> one value per seed: where (which speaker, which tuning) it moves
     by_fold: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
