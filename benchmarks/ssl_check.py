@@ -102,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from audiofx.pipeline.extract import ExtractRequest, extract
+    from audiofx.training.models.encoders import LogmelGrid
     from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
     from audiofx.training.stages.finetune import FinetuneConfig, finetune
     from audiofx.training.stages.pretrain import PretrainConfig, pretrain
+    from audiofx.training.stages.weights import LOGMEL
 
     quiet = {"say": lambda *a, **k: None}
     work = args.work or Path(tempfile.mkdtemp(prefix="audiofx-ssl-check-"))
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")  # evaluate runs of this invocation
 
     def reused(stage: str, name: str) -> bool:
-        return (work / "runs" / stage / name / "config.json").is_file()
+        return (Path(runs) / stage / name / "config.json").is_file()
 
     results: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     # run -> figure -> test fold -> one value per seed: where (which speaker, which tuning) it moves
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             by_fold[row][figure][str(fold)].append(r[key])
 
     def frozen(row: str, run: str, seed: int, name: str, spaces=("backbone",), arch: str | None = args.arch) -> None:
-        bn = "carried" if run == "logmel" else args.bn_stats  # the inputs have no network
+        bn = "carried" if run == LOGMEL else args.bn_stats  # the inputs have no network
         for space in spaces:
             s = evaluate(EvaluateConfig(run=run, arch=arch, dataset=dataset, mode="knn", space=space, store=store,
                                         runs_root=runs, name=f"{stamp}-{name}-knn-{space}", seed=seed, device="cpu",
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                                         progress=False, resume=reused("finetune", name)), **quiet)
             results[row]["fine-tune, last epoch"].append(s["last_acc_mean"])
 
-    frozen("log-mel inputs", "logmel", 0, "logmel", arch=None)  # no network, no seed
+    frozen("log-mel inputs", LOGMEL, 0, LOGMEL, arch=None)  # no network, no seed
     for seed in range(args.seeds):
         t = time.perf_counter()
         frozen("random init", "random", seed, f"random-{seed}")
@@ -182,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.augment_shift:g}, flip {args.augment_flip:g})" if args.augment_copies else "the clip's log-mel alone")
     print(f"set: {args.set} ({dataset}), arch {args.arch}, {args.seeds} seed(s), pretraining {args.epochs} epochs "
           f"batch {args.batch_size}, views from {views}, resized crop {args.resized_crop:g}, fine-tuning "
-          f"{args.finetune_epochs} epochs, BatchNorm statistics {args.bn_stats}; mean ± std over seeds of the 5-fold means; margin = (method - random init) "
-          "/ the larger std; log-mel inputs: no network, the standardised log-mels pooled to 32 x 25 per channel")
+          f"{args.finetune_epochs} epochs, BatchNorm statistics {args.bn_stats}; mean ± std over seeds of the 5-fold "
+          "means; margin = (method - random init) / the larger std; log-mel inputs: no network, the standardised "
+          f"log-mels pooled to {' x '.join(map(str, LogmelGrid.GRID))} per channel")
     columns = sorted({c for r in results.values() for c in r}, key=lambda c: (not c.startswith("kNN"), c))
     print("| run | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))

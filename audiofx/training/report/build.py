@@ -284,29 +284,17 @@ def tsne_inputs(run: RunData, store: str | None) -> tuple[np.ndarray, np.ndarray
             raise Skip("the run saved no predictions (predictions/fold-<k>.npz)")
         fold = sorted(predictions, key=fold_order)[0]
         if run.config.get("run") == LOGMEL:  # no network: the inputs pooled, as evaluate scored them
-            data = _load_fold(run, fold, store, device)
-            y_pred = _saved_labels(predictions[fold], data.clips)
-            if y_pred is None:
-                raise Skip(f"the saved predictions of fold {fold} do not match the clips in the store")
-            grid = LogmelGrid().to(device)
-            grid.input_channel = run.config.get("input_channel_index")
-            mean, std = channel_stats(data.x)
-            z = embed(grid, data.x, mean.to(device), std.to(device), device)
-            return z.float().cpu().numpy(), data.y.cpu().numpy(), y_pred, data.classes, fold
-        source = pretrain_dir(run)
-        if source is None:
-            raise Skip(f"its pretrained encoder {run.config.get('source')} is gone")
-        ckpt_path = source / "checkpoints" / "final.pt" if source.is_dir() else source
-        if not ckpt_path.is_file():
-            raise Skip(f"its pretrained encoder has no checkpoint {ckpt_path}")
-        init = resolve_init(str(ckpt_path), run.config.get("arch"))
-        encoder = init.build().to(device)
+            encoder, input_stats = LogmelGrid(), None
+        else:
+            init = _evaluated_init(run)
+            encoder, input_stats = init.build(), init.input_stats
+        encoder = encoder.to(device)
         encoder.input_channel = run.config.get("input_channel_index")
         data = _load_fold(run, fold, store, device)
         y_pred = _saved_labels(predictions[fold], data.clips)
         if y_pred is None:
             raise Skip(f"the saved predictions of fold {fold} do not match the clips in the store")
-        stats = init.input_stats if init.input_stats and init.input_stats[0].shape[1] == data.x.shape[1] else None
+        stats = input_stats if input_stats and input_stats[0].shape[1] == data.x.shape[1] else None
         mean, std = stats or channel_stats(data.x)  # evaluate's own choice
         if run.config.get("bn_stats") == "clips" and run.config.get("run") != RANDOM:
             # as evaluate did (on this fold's clips; the random encoder was kept with its statistics)
@@ -314,6 +302,17 @@ def tsne_inputs(run: RunData, store: str | None) -> tuple[np.ndarray, np.ndarray
                                 mean.to(device), std.to(device), device)
         z = embed(encoder, data.x, mean.to(device), std.to(device), device)
     return z.float().cpu().numpy(), data.y.cpu().numpy(), y_pred, data.classes, fold
+
+
+def _evaluated_init(run: RunData):
+    """The pretrained (or kept random) encoder an evaluate run scored, or Skip saying why not."""
+    source = pretrain_dir(run)
+    if source is None:
+        raise Skip(f"its pretrained encoder {run.config.get('source')} is gone")
+    ckpt_path = source / "checkpoints" / "final.pt" if source.is_dir() else source
+    if not ckpt_path.is_file():
+        raise Skip(f"its pretrained encoder has no checkpoint {ckpt_path}")
+    return resolve_init(str(ckpt_path), run.config.get("arch"))
 
 
 def _saved_labels(saved: dict[str, np.ndarray] | None, clips: list[str]) -> np.ndarray | None:

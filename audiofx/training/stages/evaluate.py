@@ -62,7 +62,7 @@ from audiofx.training.stages.probe import (
 )
 from audiofx.training.stages.runs import Run, StageOptions, check_rates, default_name
 from audiofx.training.stages.tasks import METRIC_NAMES, Task
-from audiofx.training.stages.weights import LOGMEL, RANDOM, RANDOM_ENCODER, SSL_METHODS, resolve_init
+from audiofx.training.stages.weights import LOGMEL, RANDOM, RANDOM_ENCODER, SSL_METHODS, Init, resolve_init
 
 MODES = ("knn", "linear")
 BN_STATS = ("carried", "clips")  # the encoder's own BatchNorm statistics, or the evaluated clips'
@@ -119,15 +119,17 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     device = pick_device(cfg.device)
     random_init = cfg.run == RANDOM  # the baseline: the same network at random init (seeded by --seed)
     inputs_only = cfg.run == LOGMEL  # the other reference: no network, the inputs themselves
-    if inputs_only and (cfg.arch or cfg.weights or cfg.space == "projection" or cfg.bn_stats != "carried"):
-        given = ("--arch" if cfg.arch else "--weights" if cfg.weights else "--space projection"
-                 if cfg.space == "projection" else f"--bn-stats {cfg.bn_stats}")
-        raise ConfigError(f"--run {LOGMEL} scores the log-mel inputs without a network: {given} does not apply",
-                          f"drop {given}")
-    init = resolve_init("scratch" if random_init or inputs_only else cfg.run, cfg.arch, cfg.runs_root,
-                        Path(cfg.weights) if cfg.weights else None, option="--run", branch=cfg.init_branch)
     if inputs_only:
-        init = replace(init, kind=LOGMEL, arch=LOGMEL, source=LOGMEL)
+        given = [option for option, on in (("--arch", cfg.arch), ("--weights", cfg.weights),
+                                           ("--space projection", cfg.space == "projection"),
+                                           (f"--bn-stats {cfg.bn_stats}", cfg.bn_stats != "carried")) if on]
+        if given:
+            raise ConfigError(f"--run {LOGMEL} scores the log-mel inputs without a network: {given[0]} does not apply",
+                              f"drop {given[0]}")
+        init = Init(LOGMEL, LOGMEL, LOGMEL)
+    else:
+        init = resolve_init("scratch" if random_init else cfg.run, cfg.arch, cfg.runs_root,
+                            Path(cfg.weights) if cfg.weights else None, option="--run", branch=cfg.init_branch)
     if init.kind == "scratch" and not random_init:
         raise ConfigError(f"--run {cfg.run!r} is not a pretrained representation",
                           f"pass {', '.join(PUBLISHED_NAMES)}, {', '.join(SSL_METHODS)}, METHOD:RUN, a run or a "
@@ -161,9 +163,9 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
             else f"{source if random_init else init.describe()} ({init.arch}, {space} space)")
     say(f"evaluate {what} on {cfg.dataset} "
         f"({key}) by {cfg.mode}, {len(plan)} fold(s) on {device}, features {inputs.describe()} -> {run.path}")
-    # Every clip embedded once (streaming: two passes over the store, the statistics unless
-    # recorded, then the embeddings); inputs standardised with the statistics the encoder was
-    # pretrained with, when recorded.
+    # Every clip embedded once (streaming: up to three passes over the store, the statistics
+    # unless recorded, BatchNorm's with --bn-stats clips, then the embeddings); inputs
+    # standardised with the statistics the encoder was pretrained with, when recorded.
     rows = inputs.folds(folds)
     if not len(rows):
         raise StoreError(f"{cfg.dataset} has no usable clip in fold(s) {', '.join(folds)}",

@@ -45,7 +45,7 @@ def random_encoder_file(run_dir: Path) -> Path:
 
 @dataclass
 class Init:
-    kind: str  # scratch, imagenet, imagenet-simclr, imagenet-moco, pretrain, file
+    kind: str  # scratch, imagenet, imagenet-simclr, imagenet-moco, pretrain, file; logmel (evaluate's, no network)
     arch: str
     source: str  # what to print and record: a path or "scratch"
     encoder_state: dict[str, Any] | None = None  # the encoder body's keys
