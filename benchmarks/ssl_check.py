@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
     from audiofx.training.stages.finetune import FinetuneConfig, finetune
     from audiofx.training.stages.pretrain import PretrainConfig, pretrain
-    from audiofx.training.stages.weights import LOGMEL
+    from audiofx.training.stages.weights import LOGMEL, RANDOM
 
     quiet = {"say": lambda *a, **k: None}
     work = args.work or Path(tempfile.mkdtemp(prefix="audiofx-ssl-check-"))
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     frozen("log-mel inputs", LOGMEL, 0, LOGMEL, arch=None)  # no network, no seed
     for seed in range(args.seeds):
         t = time.perf_counter()
-        frozen("random init", "random", seed, f"random-{seed}")
+        frozen("random init", RANDOM, seed, f"random-{seed}")
         tuned("random init", "scratch", seed, f"scratch-{seed}")
         for method in [m for m in args.methods.split(",") if m]:
             name = f"{method}-{seed}"

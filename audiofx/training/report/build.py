@@ -41,7 +41,7 @@ from audiofx.training.stages.embedding import EMBED_BATCH, embed, recompute_batc
 from audiofx.training.stages.fusion import fuse_posteriors, mean_per_clip, zhou_samples
 from audiofx.training.stages.metrics import per_class_markdown
 from audiofx.training.stages.runs import STAGES, Headline, Run, headline
-from audiofx.training.stages.weights import LOGMEL, RANDOM, SSL_METHODS, random_encoder_file, resolve_init
+from audiofx.training.stages.weights import LOGMEL, RANDOM, SSL_METHODS, Init, random_encoder_file, resolve_init
 
 TSNE_MAX_CLIPS = 2000  # t-SNE is O(n log n) but slow in absolute terms; larger folds are subsampled
 MODE_NAMES = {"knn": "kNN", "linear": "linear"}
@@ -304,7 +304,7 @@ def tsne_inputs(run: RunData, store: str | None) -> tuple[np.ndarray, np.ndarray
     return z.float().cpu().numpy(), data.y.cpu().numpy(), y_pred, data.classes, fold
 
 
-def _evaluated_init(run: RunData):
+def _evaluated_init(run: RunData) -> Init:
     """The pretrained (or kept random) encoder an evaluate run scored, or Skip saying why not."""
     source = pretrain_dir(run)
     if source is None:
