@@ -166,6 +166,31 @@ def test_help_shows_an_example():
     assert proc.returncode == 0 and "audiofx extract --dataset esc50 --root" in proc.stdout
 
 
+def test_the_clis_fixed_choices_are_what_the_stages_accept():
+    """The CLI spells its choices out (it imports no stage until a command runs); a value added
+    to a stage and not to its option, or the reverse, would be refused or crash."""
+    import click
+
+    from audiofx import cli
+    from audiofx.pipeline.extract import FINGERPRINTS
+    from audiofx.training.models.checkpoints import BRANCHES
+    from audiofx.training.models.encoders import HEADS
+    from audiofx.training.stages.evaluate import BN_STATS, SPACES
+    from audiofx.training.stages.probe import PROBES
+
+    def choices(command: str, option: str) -> tuple[str, ...]:
+        param = next(p for p in cli.cli.commands[command].params if p.name == option)
+        assert isinstance(param.type, click.Choice), (command, option)
+        return tuple(param.type.choices)
+
+    assert choices("extract", "fingerprint") == FINGERPRINTS
+    assert choices("finetune", "head") == HEADS
+    assert choices("finetune", "init_branch") == choices("evaluate", "init_branch") == BRANCHES
+    assert choices("evaluate", "space") == SPACES
+    assert choices("evaluate", "bn_stats") == BN_STATS
+    assert choices("evaluate", "probe") == PROBES
+
+
 def test_cache_commands(tmp_path, small_folder):
     assert extract(small_folder, tmp_path / "s").returncode == 0
     key = only_group(tmp_path / "s").name

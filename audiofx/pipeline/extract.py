@@ -44,6 +44,8 @@ from audiofx.pipeline.store import (
 )
 from audiofx.pipeline.waveaugment import with_copies
 
+FINGERPRINTS = ("sizes", "content")  # what tells a changed dataset: names and sizes, or also sha256 of the files
+
 
 @dataclass
 class ExtractRequest:
@@ -268,8 +270,8 @@ def build_plan(req: ExtractRequest) -> tuple[GroupPlan, DatasetIndex, FeatureCon
     folds = {f: c for f, c in folds.items() if c}
     options = dict(index.options)
     key = feature_key(config, options)
-    if req.fingerprint not in ("sizes", "content"):
-        raise ConfigError(f"--fingerprint {req.fingerprint!r} is unknown", "use sizes or content")
+    if req.fingerprint not in FINGERPRINTS:
+        raise ConfigError(f"--fingerprint {req.fingerprint!r} is unknown", f"use {' or '.join(FINGERPRINTS)}")
     fp = fingerprint(index, sizes, content=req.fingerprint == "content")
     plan = GroupPlan(
         dataset=adapter.name, key=key, config=config, fingerprint=fp.to_dict(), classes=list(index.classes),
