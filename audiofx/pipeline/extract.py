@@ -237,6 +237,9 @@ def leave_out_unnamed(index: DatasetIndex) -> DatasetIndex:
 
 
 def build_plan(req: ExtractRequest) -> tuple[GroupPlan, DatasetIndex, FeatureConfig]:
+    # Options first: a misspelt one is told before the dataset is indexed and every file stat'ed.
+    if req.fingerprint not in FINGERPRINTS:
+        raise ConfigError(f"--fingerprint {req.fingerprint!r} is unknown", f"use {' or '.join(FINGERPRINTS)}")
     adapter = get_adapter(req.dataset)
     root = Path(req.root) if req.root else default_root(req.dataset)
     feature_overrides, option_overrides = split_overrides(req.overrides, dict(adapter.options))
@@ -270,8 +273,6 @@ def build_plan(req: ExtractRequest) -> tuple[GroupPlan, DatasetIndex, FeatureCon
     folds = {f: c for f, c in folds.items() if c}
     options = dict(index.options)
     key = feature_key(config, options)
-    if req.fingerprint not in FINGERPRINTS:
-        raise ConfigError(f"--fingerprint {req.fingerprint!r} is unknown", f"use {' or '.join(FINGERPRINTS)}")
     fp = fingerprint(index, sizes, content=req.fingerprint == "content")
     plan = GroupPlan(
         dataset=adapter.name, key=key, config=config, fingerprint=fp.to_dict(), classes=list(index.classes),
