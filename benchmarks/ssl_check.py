@@ -4,7 +4,8 @@ the real recordings of ../shared/realdev, against the same network at random ini
     python benchmarks/ssl_check.py [--set speech|mridangam] [--methods npid,simclr,moco] [--seeds 3]
                                    [--epochs 30] [--finetune-epochs 10] [--arch tiny] [--work DIR]
                                    [--augment-copies 4 --augment-pitch 3 --augment-shift 0.2
-                                    --augment-flip 0] [--resized-crop 0] [--bn-stats carried|clips]
+                                    --augment-flip 0] [--resized-crop 0] [--freq-masks 2]
+                                   [--bn-stats carried|clips]
 
 The set's clips are extracted once (5 folds grouped by speaker, or by the drum's tonic, so
 one voice or tuning is never on both sides), and once more with --augment-copies augmented
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--augment-shift", type=float, default=0.2, help="the copies' offset, a share of the clip")
     p.add_argument("--augment-flip", type=float, default=0.0, help="the copies' chance of a time reversal")
     p.add_argument("--resized-crop", type=float, default=0.0, help="views: resized crops of at least this share")
+    p.add_argument("--freq-masks", type=int, default=2, help="views: SpecAugment frequency masks (pretrain's default)")
     p.add_argument("--bn-stats", choices=("carried", "clips"), default="carried",
                    help="every network's BatchNorm statistics in the frozen evaluations (evaluate --bn-stats)")
     p.add_argument("--work", type=Path, help="working folder (default: a temp dir); its store and runs are reused")
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             pretrain(PretrainConfig(method=method, datasets=(dataset,), arch=args.arch, epochs=args.epochs,
                                     batch_size=args.batch_size, store=store, runs_root=runs, name=name, seed=seed,
                                     device="cpu", progress=False, resized_crop=args.resized_crop,
+                                    freq_masks=args.freq_masks,
                                     set_options={"augment_copies": args.augment_copies} if args.augment_copies else {},
                                     options={"nce_k": 0} if method == "npid" else {},
                                     resume=reused("pretrain", name)), **quiet)
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     views = (f"the clip and {args.augment_copies} stored copies (pitch +-{args.augment_pitch:g} semitones, offset "
              f"{args.augment_shift:g}, flip {args.augment_flip:g})" if args.augment_copies else "the clip's log-mel alone")
     print(f"set: {args.set} ({dataset}), arch {args.arch}, {args.seeds} seed(s), pretraining {args.epochs} epochs "
-          f"batch {args.batch_size}, views from {views}, resized crop {args.resized_crop:g}, fine-tuning "
+          f"batch {args.batch_size}, views from {views}, resized crop {args.resized_crop:g}, "
+          f"{args.freq_masks} frequency masks, fine-tuning "
           f"{args.finetune_epochs} epochs, BatchNorm statistics {args.bn_stats}; mean ± std over seeds of the 5-fold "
           "means; margin = (method - random init) / the larger std; log-mel inputs: no network, the standardised "
           f"log-mels pooled to {' x '.join(map(str, LogmelGrid.GRID))} per channel")
