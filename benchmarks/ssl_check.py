@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--augment-shift", type=float, default=0.2, help="the copies' offset, a share of the clip")
     p.add_argument("--augment-flip", type=float, default=0.0, help="the copies' chance of a time reversal")
     p.add_argument("--resized-crop", type=float, default=0.0, help="views: resized crops of at least this share")
-    p.add_argument("--freq-masks", type=int, default=2, help="views: SpecAugment frequency masks (pretrain's default)")
+    p.add_argument("--freq-masks", type=int, help="views: SpecAugment frequency masks [pretrain's default]")
     p.add_argument("--bn-stats", choices=("carried", "clips"), default="carried",
                    help="every network's BatchNorm statistics in the frozen evaluations (evaluate --bn-stats)")
     p.add_argument("--work", type=Path, help="working folder (default: a temp dir); its store and runs are reused")
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     from audiofx.training.stages.finetune import FinetuneConfig, finetune
     from audiofx.training.stages.pretrain import PretrainConfig, pretrain
     from audiofx.training.stages.weights import LOGMEL, RANDOM
+
+    freq_masks = PretrainConfig.freq_masks if args.freq_masks is None else args.freq_masks
 
     quiet = {"say": lambda *a, **k: None}
     work = args.work or Path(tempfile.mkdtemp(prefix="audiofx-ssl-check-"))
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             pretrain(PretrainConfig(method=method, datasets=(dataset,), arch=args.arch, epochs=args.epochs,
                                     batch_size=args.batch_size, store=store, runs_root=runs, name=name, seed=seed,
                                     device="cpu", progress=False, resized_crop=args.resized_crop,
-                                    freq_masks=args.freq_masks,
+                                    freq_masks=freq_masks,
                                     set_options={"augment_copies": args.augment_copies} if args.augment_copies else {},
                                     options={"nce_k": 0} if method == "npid" else {},
                                     resume=reused("pretrain", name)), **quiet)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.augment_shift:g}, flip {args.augment_flip:g})" if args.augment_copies else "the clip's log-mel alone")
     print(f"set: {args.set} ({dataset}), arch {args.arch}, {args.seeds} seed(s), pretraining {args.epochs} epochs "
           f"batch {args.batch_size}, views from {views}, resized crop {args.resized_crop:g}, "
-          f"{args.freq_masks} frequency masks, fine-tuning "
+          f"{freq_masks} frequency masks, fine-tuning "
           f"{args.finetune_epochs} epochs, BatchNorm statistics {args.bn_stats}; mean ± std over seeds of the 5-fold "
           "means; margin = (method - random init) / the larger std; log-mel inputs: no network, the standardised "
           f"log-mels pooled to {' x '.join(map(str, LogmelGrid.GRID))} per channel")
@@ -223,4 +225,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from audiofx.errors import AudiofxError
+
+    try:
+        sys.exit(main())
+    except AudiofxError as err:  # a refused resume, a bad option: one line, as the CLI says it
+        print(err.one_line(), file=sys.stderr)
+        sys.exit(err.exit_code)
