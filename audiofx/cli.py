@@ -672,7 +672,8 @@ def finetune(dataset, init, weights, init_branch, store, preset, key, set_option
 @weights_options
 @click.option("--arch", default=None,
               help="For --run random: the network [resnet50; checkpoints record theirs or tell it by their shapes].")
-@click.option("--dataset", required=True)
+@click.option("--dataset", default=None,
+              help="The labelled set to score on [a pretrain run pooled on one dataset: that one].")
 @click.option("--mode", default="knn", show_default=True, help="knn or linear.")
 @click.option("--fold", default="all", show_default=True)
 @store_option

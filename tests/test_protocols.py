@@ -124,6 +124,7 @@ def test_pretrain_picks_each_pooled_set_by_set_and_leaves_out_a_held_out_fold(tm
     by weighted 5-NN; DCASE 2013 pooled as its official two folds."""
     from audiofx.errors import ConfigError
     from audiofx.training.data.featuresets import pool_overrides
+    from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
 
     assert pool_overrides(["dcase2013", "esc50"], {"folds": 2, "n_mels": 64, "esc50:x": 1}) == \
         {"dcase2013": {"folds": 2, "n_mels": 64}, "esc50": {"n_mels": 64, "x": 1}}
@@ -146,10 +147,13 @@ def test_pretrain_picks_each_pooled_set_by_set_and_leaves_out_a_held_out_fold(tm
     assert "without fold 1 (4 samples" in proc.stdout  # fold 2 (the evaluation set, 4 clips) only
     config = json.loads((tmp_path / "runs/pretrain/p1/config.json").read_text())
     assert config["hold_out_fold"] == "1" and config["set_options"] == {"folds": 2}
-    knn = run_cli("evaluate", "--run", "npid:p1", "--dataset", "dcase2013", "--set", "folds=2", "--fold", "1",
+    knn = run_cli("evaluate", "--run", "npid:p1", "--set", "folds=2", "--fold", "1",  # --dataset: the run's pool
                   "--mode", "knn", "--k", "5", "--name", "phase1", *common)
     assert knn.returncode == 0, knn.stderr
     assert summary_of(tmp_path / "runs/evaluate/phase1")["n_folds"] == 1
+    assert json.loads((tmp_path / "runs/evaluate/phase1/config.json").read_text())["dataset"] == "dcase2013"
+    with pytest.raises(ConfigError, match="evaluate needs --dataset: --run random names no pretrain run"):
+        evaluate(EvaluateConfig(run="random", arch="tiny", store=store, runs_root=runs))
     whole = run_cli("pretrain", "--method", "npid", "--datasets", "dcase2013", "--nce-k", "0", "--epochs", "1",
                     "--batch-size", "4", "--no-progress", "--name", "p5", *common)
     assert whole.returncode == 0 and "(10 samples" in whole.stdout  # the default protocol: the development set

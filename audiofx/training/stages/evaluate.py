@@ -62,7 +62,15 @@ from audiofx.training.stages.probe import (
 )
 from audiofx.training.stages.runs import Run, StageOptions, check_rates, default_name
 from audiofx.training.stages.tasks import METRIC_NAMES, Task
-from audiofx.training.stages.weights import LOGMEL, RANDOM, RANDOM_ENCODER, SSL_METHODS, Init, resolve_init
+from audiofx.training.stages.weights import (
+    LOGMEL,
+    RANDOM,
+    RANDOM_ENCODER,
+    SSL_METHODS,
+    Init,
+    pretrain_run_dir,
+    resolve_init,
+)
 
 MODES = ("knn", "linear")
 BN_STATS = ("carried", "clips")  # the encoder's own BatchNorm statistics, or the evaluated clips'
@@ -71,7 +79,7 @@ BN_STATS = ("carried", "clips")  # the encoder's own BatchNorm statistics, or th
 @dataclass
 class EvaluateConfig(StageOptions):
     run: str  # a pretrain run: npid | simclr | moco (newest), METHOD:RUN, a run's name or folder, a checkpoint; random
-    dataset: str
+    dataset: str | None = None  # None: the one dataset the pretrain run pooled (pooled_dataset)
     arch: str | None = None  # for random, or to insist on one (checkpoints record theirs or tell it by their shapes)
     weights: str | None = None  # the file of a named init (imagenet, imagenet-simclr, imagenet-moco)
     init_branch: str = "auto"  # a checkpoint's online or momentum network (models/checkpoints.py)
@@ -102,8 +110,23 @@ def state_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def pooled_dataset(cfg: EvaluateConfig) -> str:
+    """The dataset to score on when --dataset is not given: the one a pretrain run pooled
+    (Hornauer et al.'s phase 1 pretrains and evaluates on each dataset alone)."""
+    path = None if cfg.run in (RANDOM, LOGMEL) else pretrain_run_dir(cfg.run, cfg.runs_root, option="--run")
+    config = json.loads((path / "config.json").read_text()) if path else {}
+    pooled = list(config.get("pool") or config.get("datasets") or [])  # pool: what was read, datasets: asked for
+    if len(pooled) != 1:
+        which = (f"pretrain run {path.name} pooled {'+'.join(pooled) or 'every dataset of its store'}" if path
+                 else f"--run {cfg.run} names no pretrain run that records its dataset")
+        raise ConfigError(f"evaluate needs --dataset: {which}", "pass --dataset, the labelled set to score on")
+    return pooled[0]
+
+
 def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     cfg = replace(cfg, set_options=normal_set_options(cfg.set_options))
+    if cfg.dataset is None:
+        cfg = replace(cfg, dataset=pooled_dataset(cfg))
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode {cfg.mode!r}", f"use one of {', '.join(MODES)}")
     if cfg.bn_stats not in BN_STATS:
