@@ -78,7 +78,7 @@ def grouped_split(root: Path, label: str, group: str, out: Path) -> tuple[Path, 
     return out, dict(groups_of)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--set", choices=list(SETS), default="speech")
     p.add_argument("--methods", default="npid,simclr,moco")
@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bn-stats", choices=("carried", "clips"), default="carried",
                    help="every network's BatchNorm statistics in the frozen evaluations (evaluate --bn-stats)")
     p.add_argument("--work", type=Path, help="working folder (default: a temp dir); its store and runs are reused")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     folder, label, group, group_name = SETS[args.set]
     root = REALDEV / folder
     if not (root / "labels.csv").is_file():

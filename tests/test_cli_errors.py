@@ -167,8 +167,9 @@ def test_help_shows_an_example():
 
 
 def test_the_clis_fixed_choices_are_what_the_stages_accept():
-    """The CLI spells its choices out (it imports no stage until a command runs); a value added
-    to a stage and not to its option, or the reverse, would be refused or crash."""
+    """The CLI spells its choices out (it imports no stage until a command runs), and so does
+    ssl_check; a value added to a stage and not to its option, or the reverse, would be refused
+    or crash."""
     import click
 
     from audiofx import cli
@@ -177,6 +178,7 @@ def test_the_clis_fixed_choices_are_what_the_stages_accept():
     from audiofx.training.models.encoders import HEADS
     from audiofx.training.stages.evaluate import BN_STATS, SPACES
     from audiofx.training.stages.probe import PROBES
+    from benchmarks import ssl_check
 
     def choices(command: str, option: str) -> tuple[str, ...]:
         param = next(p for p in cli.cli.commands[command].params if p.name == option)
@@ -188,6 +190,8 @@ def test_the_clis_fixed_choices_are_what_the_stages_accept():
     assert choices("finetune", "init_branch") == choices("evaluate", "init_branch") == BRANCHES
     assert choices("evaluate", "space") == SPACES
     assert choices("evaluate", "bn_stats") == BN_STATS
+    bn_stats = next(a for a in ssl_check.parser()._actions if a.dest == "bn_stats")  # the benchmark's spelling
+    assert tuple(bn_stats.choices) == BN_STATS
     assert choices("evaluate", "probe") == PROBES
 
 
