@@ -256,6 +256,8 @@ LIN_FINETUNE = ("--fold", "all", "--epochs", "30", "--val-split", "0.15")
 LIN_K = (("esc50", ("--k", "35,200")), ("urbansound8k", ("--k", "200")), ("dcase2013", ("--k", "18,200")),
          ("gtzan", ("--k", "35,200")))
 
+LIN_MASKS = ("--time-masks", "1", "--freq-masks", "1")  # "a frequency and time mask from Park et al." (L531)
+
 LIN2022 = Recipe(
     name="lin2022",
     title="Lin 2022, contrastive feature learning for audio classification: NPID and MoCo on FSD50K, transferred",
@@ -263,9 +265,10 @@ LIN2022 = Recipe(
     arch="resnet50",
     datasets=("esc50", "urbansound8k", "dcase2013", "gtzan"),
     pretrain=(
-        Pretrain("npid", ("--nce-k", "64", "--temperature", "0.4", "--epochs", "200", "--batch-size", "64"),
+        Pretrain("npid", ("--nce-k", "64", "--temperature", "0.4", "--epochs", "200", "--batch-size", "64",
+                          *LIN_MASKS), pool=("fsd50k",)),
+        Pretrain("moco", ("--temperature", "0.2", "--epochs", "200", "--batch-size", "128", *LIN_MASKS),
                  pool=("fsd50k",)),
-        Pretrain("moco", ("--temperature", "0.2", "--epochs", "200", "--batch-size", "128"), pool=("fsd50k",)),
     ),
     settings=(
         # Tables 3.1, 3.2, 3.4, 3.5: "Best Average Validation Accuracies" (GTZAN: "Test Accuracies").
@@ -307,7 +310,8 @@ LIN2022 = Recipe(
         "the mel, with no parameters: extract stores 3 augmented copies of each FSD50K clip beside it (--set "
         "augment_copies=3: a time reversal with probability 0.5, an offset of up to a quarter of the clip padded "
         "with zeros and cropped, a pitch shift of up to 2 semitones, each seeded by the clip's path) and each "
-        "pretraining view is one of the 4, then masked on the log-mel ('a frequency and time mask from Park et al.')",
+        "pretraining view is one of the 4, then masked on the log-mel with one frequency and one time mask ('a "
+        "frequency and time mask from Park et al.'; audiofx's default is two of each)",
         "metric: 'best average validation accuracy' is the best epoch of the fold-averaged curve of the held-out "
         "folds, which are the test folds; audiofx selects that epoch on 15% of each test fold's training folds held "
         "out (--val-split 0.15, never trained on) and reports the test folds there, beside the last epoch; GTZAN "

@@ -92,4 +92,7 @@ def test_lin2022_selected_epochs_and_k_by_cross_validation_on_gtzan_70_15_15(tmp
     assert t["MoCo Freeze (frozen linear)"][1] == f"{pct(linear['acc_mean'], 0)} (paper 53.8)"
     assert np.isfinite(moco["best_mean_test_acc"])
     assert "views drawn from 4 stored copies of each clip" in out  # the waveform augmentation, stored
+    for method in ("npid", "moco"):  # "a frequency and time mask" (Lin, L531) on each view
+        config = json.loads((tmp_path / "runs" / "pretrain" / f"lin2022-fsd50k-{method}" / "config.json").read_text())
+        assert (config["time_masks"], config["freq_masks"], config["spec_augment"]) == (1, 1, True)
     assert "difference from the paper" not in out
