@@ -114,10 +114,9 @@ def pooled_dataset(cfg: EvaluateConfig) -> str:
     """The dataset to score on when --dataset is not given: the one a pretrain run pooled
     (Hornauer et al.'s phase 1 pretrains and evaluates on each dataset alone)."""
     path = None if cfg.run in (RANDOM, LOGMEL) else pretrain_run_dir(cfg.run, cfg.runs_root, option="--run")
-    config = json.loads((path / "config.json").read_text()) if path else {}
-    pooled = list(config.get("pool") or config.get("datasets") or [])  # pool: what was read, datasets: asked for
+    pooled = list(json.loads((path / "config.json").read_text())["pool"]) if path else []  # {dataset: key}
     if len(pooled) != 1:
-        which = (f"pretrain run {path.name} pooled {'+'.join(pooled) or 'every dataset of its store'}" if path
+        which = (f"pretrain run {path.name} pooled {'+'.join(pooled)}" if path
                  else f"--run {cfg.run} names no pretrain run that records its dataset")
         raise ConfigError(f"evaluate needs --dataset: {which}", "pass --dataset, the labelled set to score on")
     return pooled[0]
