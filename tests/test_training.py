@@ -4,6 +4,7 @@ on the synthetic demo dataset (5 clearly different classes, 200 clips, 5 folds).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -372,6 +373,22 @@ def test_an_option_of_another_method_is_refused_unless_the_resumed_run_recorded_
         check_options(PretrainConfig(method="moco", arch="tiny", options={"bn_splits": 0}))
     with pytest.raises(ConfigError, match="unknown pretraining option 'k'"):
         check_options(PretrainConfig(method="npid", arch="tiny", options={"k": 3}))
+
+
+@pytest.mark.parametrize("view, needle", [({"freq_masks": -1}, "--freq-masks must be at least 0, got -1"),
+                                          ({"time_masks": -2}, "--time-masks must be at least 0, got -2"),
+                                          ({"time_shift": -1}, "--time-shift must be at least 0, got -1"),
+                                          ({"time_crop": 0}, "--time-crop must be at least 1, got 0"),
+                                          ({"epochs": 0}, "--epochs must be at least 1, got 0"),
+                                          ({"resized_crop": 1.5}, "--resized-crop must be between 0 and 1, got 1.5")])
+def test_the_stage_refuses_view_counts_the_cli_would_refuse(view, needle):
+    """Scripts call the stage without the CLI's ranges (benchmarks/ssl_check.py passes its own
+    --freq-masks): a negative count is refused there too, not run as 0 and recorded as given."""
+    from audiofx.errors import ConfigError
+    from audiofx.training.stages.pretrain import PretrainConfig, check_options
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        check_options(PretrainConfig(method="simclr", arch="tiny", **view))
 
 
 def test_the_default_pool_leaves_out_features_of_another_size(store, tmp_path):
