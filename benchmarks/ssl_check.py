@@ -78,21 +78,31 @@ def grouped_split(root: Path, label: str, group: str, out: Path) -> tuple[Path, 
     return out, dict(groups_of)
 
 
+def at_least(floor: int):
+    """An argparse type: an int of at least floor (a negative mask count would run as 0)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < floor:
+            raise argparse.ArgumentTypeError(f"must be at least {floor}, got {value}")
+        return value
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--set", choices=list(SETS), default="speech")
     p.add_argument("--methods", default="npid,simclr,moco")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=30, help="pretraining epochs")
-    p.add_argument("--batch-size", type=int, default=64, help="pretraining batch size")
-    p.add_argument("--finetune-epochs", type=int, default=10, help="0: no fine-tuning comparison")
+    p.add_argument("--seeds", type=at_least(1), default=3)
+    p.add_argument("--epochs", type=at_least(1), default=30, help="pretraining epochs")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="pretraining batch size")
+    p.add_argument("--finetune-epochs", type=at_least(0), default=10, help="0: no fine-tuning comparison")
     p.add_argument("--arch", default="tiny")
-    p.add_argument("--augment-copies", type=int, default=4, help="stored augmented copies per clip (0: none)")
+    p.add_argument("--augment-copies", type=at_least(0), default=4, help="stored augmented copies per clip (0: none)")
     p.add_argument("--augment-pitch", type=float, default=3.0, help="the copies' pitch shift, semitones either way")
     p.add_argument("--augment-shift", type=float, default=0.2, help="the copies' offset, a share of the clip")
     p.add_argument("--augment-flip", type=float, default=0.0, help="the copies' chance of a time reversal")
     p.add_argument("--resized-crop", type=float, default=0.0, help="views: resized crops of at least this share")
-    p.add_argument("--freq-masks", type=int, help="views: SpecAugment frequency masks [pretrain's default]")
+    p.add_argument("--freq-masks", type=at_least(0), help="views: SpecAugment frequency masks [pretrain's default]")
     p.add_argument("--bn-stats", choices=("carried", "clips"), default="carried",
                    help="every network's BatchNorm statistics in the frozen evaluations (evaluate --bn-stats)")
     p.add_argument("--work", type=Path, help="working folder (default: a temp dir); its store and runs are reused")

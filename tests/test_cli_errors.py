@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import zarr
 
@@ -193,6 +194,19 @@ def test_the_clis_fixed_choices_are_what_the_stages_accept():
     bn_stats = next(a for a in ssl_check.parser()._actions if a.dest == "bn_stats")  # the benchmark's spelling
     assert tuple(bn_stats.choices) == BN_STATS
     assert choices("evaluate", "probe") == PROBES
+
+
+def test_ssl_check_refuses_a_negative_count_before_it_extracts(capsys):
+    """ssl_check builds the stages' configs itself; a negative mask count or seed count is
+    refused as its arguments are read, not minutes later by the pretrain stage."""
+    from benchmarks import ssl_check
+
+    for args, needle in ((["--freq-masks", "-1"], "argument --freq-masks: must be at least 0, got -1"),
+                         (["--seeds", "0"], "argument --seeds: must be at least 1, got 0")):
+        with pytest.raises(SystemExit):
+            ssl_check.parser().parse_args(args)
+        assert needle in capsys.readouterr().err
+    assert ssl_check.parser().parse_args(["--freq-masks", "0"]).freq_masks == 0
 
 
 def test_cache_commands(tmp_path, small_folder):
