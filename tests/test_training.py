@@ -381,7 +381,7 @@ def test_an_option_of_another_method_is_refused_unless_the_resumed_run_recorded_
                                           ({"time_crop": 0}, "--time-crop must be at least 1, got 0"),
                                           ({"epochs": 0}, "--epochs must be at least 1, got 0"),
                                           ({"resized_crop": 1.5}, "--resized-crop must be between 0 and 1, got 1.5")])
-def test_the_stage_refuses_view_counts_the_cli_would_refuse(view, needle):
+def test_the_stage_refuses_counts_the_cli_would_refuse(view, needle):
     """Scripts call the stage without the CLI's ranges (benchmarks/ssl_check.py passes its own
     --freq-masks): a negative count is refused there too, not run as 0 and recorded as given."""
     from audiofx.errors import ConfigError

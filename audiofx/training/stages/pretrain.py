@@ -277,7 +277,7 @@ def check_options(cfg: PretrainConfig, recorded: dict[str, Any] | None = None) -
     if cfg.arch is not None and cfg.arch not in ARCHS:
         raise ConfigError(f"unknown architecture {cfg.arch!r}", f"use one of {', '.join(ARCHS)}")
     check_rates(lr=cfg.lr, weight_decay=cfg.weight_decay, temperature=cfg.temperature)
-    _check_view_counts(cfg)
+    _check_counts(cfg)
     owners = {o.name: (m, o) for m, o in method_options()}
     for name, value in cfg.options.items():
         if name not in owners:
@@ -293,10 +293,10 @@ def check_options(cfg: PretrainConfig, recorded: dict[str, Any] | None = None) -
                               f"pass {option.flag} {option.minimum:g} or more")
 
 
-def _check_view_counts(cfg: PretrainConfig) -> None:
-    """Refuse counts and sizes of the views that the CLI's ranges refuse too, for callers of
-    the stage that do not pass through it (scripts, benchmarks): a negative mask count would
-    act as 0 and be recorded as given."""
+def _check_counts(cfg: PretrainConfig) -> None:
+    """Refuse the counts and sizes (epochs, batch, the views') that the CLI's ranges refuse,
+    for callers of the stage that do not pass through it (scripts, benchmarks): a negative
+    mask count would act as 0 and be recorded as given."""
     floors = {"--epochs": (cfg.epochs, 1), "--batch-size": (cfg.batch_size, 1), "--time-masks": (cfg.time_masks, 0),
               "--freq-masks": (cfg.freq_masks, 0), "--freq-shift": (cfg.freq_shift, 0),
               "--time-shift": (cfg.time_shift, 0), "--time-crop": (cfg.time_crop, 1)}
