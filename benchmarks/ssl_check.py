@@ -85,6 +85,7 @@ def at_least(floor: int):
         if value < floor:
             raise argparse.ArgumentTypeError(f"must be at least {floor}, got {value}")
         return value
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
     return parse
 
 

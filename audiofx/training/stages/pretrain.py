@@ -47,7 +47,8 @@ from audiofx.training.runtime.distributed import Ranks, average_batchnorm_statis
 from audiofx.training.stages.embedding import embed
 from audiofx.training.stages.epochs import optimiser_states, restore_optimiser_states, train_epoch
 from audiofx.training.stages.knn import knn_scores
-from audiofx.training.stages.runs import TrainingOptions, check_rates, default_name, open_run, recorded_config
+from audiofx.training.stages.runs import (TrainingOptions, check_minimum, check_rates, default_name, open_run,
+                                          recorded_config)
 from audiofx.training.stages.tasks import Task
 from audiofx.training.stages.weights import resolve_init
 
@@ -288,21 +289,19 @@ def check_options(cfg: PretrainConfig, recorded: dict[str, Any] | None = None) -
             if value != option.default and value != (recorded or {}).get(name, option.default):
                 raise ConfigError(f"{option.flag} is {owner.title}'s ({option.what}), not {cfg.method}'s",
                                   f"drop {option.flag}, or use --method {owner.name}")
-        elif value is not None and option.minimum is not None and value < option.minimum:
-            raise ConfigError(f"{option.flag} must be at least {option.minimum:g}, got {value}",
-                              f"pass {option.flag} {option.minimum:g} or more")
+        elif option.minimum is not None:
+            check_minimum(option.flag, value, option.minimum)
 
 
 def _check_counts(cfg: PretrainConfig) -> None:
     """Refuse the counts and sizes (epochs, batch, the views') that the CLI's ranges refuse,
     for callers of the stage that do not pass through it (scripts, benchmarks): a negative
     mask count would act as 0 and be recorded as given."""
-    floors = {"--epochs": (cfg.epochs, 1), "--batch-size": (cfg.batch_size, 1), "--time-masks": (cfg.time_masks, 0),
-              "--freq-masks": (cfg.freq_masks, 0), "--freq-shift": (cfg.freq_shift, 0),
-              "--time-shift": (cfg.time_shift, 0), "--time-crop": (cfg.time_crop, 1)}
-    for flag, (value, floor) in floors.items():
-        if value is not None and value < floor:
-            raise ConfigError(f"{flag} must be at least {floor}, got {value}", f"pass {flag} {floor} or more")
+    for flag, value, minimum in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
+                                 ("--time-masks", cfg.time_masks, 0), ("--freq-masks", cfg.freq_masks, 0),
+                                 ("--freq-shift", cfg.freq_shift, 0), ("--time-shift", cfg.time_shift, 0),
+                                 ("--time-crop", cfg.time_crop, 1)):
+        check_minimum(flag, value, minimum)
     if not 0 <= cfg.resized_crop <= 1:
         raise ConfigError(f"--resized-crop must be between 0 and 1, got {cfg.resized_crop}",
                           "pass a share of the bins and frames, 0 (off) to 1")

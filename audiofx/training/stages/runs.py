@@ -301,6 +301,12 @@ def check_rates(**rates: float | None) -> None:
             raise ConfigError(f"{flag} must be {rule}, got {value}", f"pass {flag} with a value {rule}")
 
 
+def check_minimum(flag: str, value: float | None, minimum: float) -> None:
+    """Refuse, before a run folder is made, a count or size below its minimum (None: the default)."""
+    if value is not None and value < minimum:
+        raise ConfigError(f"{flag} must be at least {minimum:g}, got {value}", f"pass {flag} {minimum:g} or more")
+
+
 def check_run_name(name: str | None) -> None:
     """A run name is one folder under --runs: no path separators, not . or .. ."""
     if name is not None and (not name.strip() or "/" in name or "\\" in name or name in (".", "..") or "\0" in name):
