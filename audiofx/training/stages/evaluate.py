@@ -60,7 +60,7 @@ from audiofx.training.stages.probe import (
     lbfgs_probe,
     sgd_probe,
 )
-from audiofx.training.stages.runs import Run, StageOptions, check_rates, default_name
+from audiofx.training.stages.runs import Run, StageOptions, check_minimum, check_rates, default_name
 from audiofx.training.stages.tasks import METRIC_NAMES, Task
 from audiofx.training.stages.weights import (
     LOGMEL,
@@ -133,6 +133,9 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     if cfg.probe not in PROBES:
         raise ConfigError(f"unknown --probe {cfg.probe!r}", f"use one of {', '.join(PROBES)}")
     check_rates(lr=cfg.linear_lr, weight_decay=cfg.linear_weight_decay)
+    # as the CLI's ranges do, for scripts: 0 epochs scored an untrained probe
+    check_minimum("--epochs", cfg.linear_epochs, 1)
+    check_minimum("batch_size", cfg.batch_size, 1)
     ks = knn_ks(cfg.k)
     if launched_ranks() > 1:  # every rank would write one run folder
         raise ConfigError("evaluate runs in one process, not under torchrun",

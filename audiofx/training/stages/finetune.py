@@ -67,7 +67,8 @@ from audiofx.training.stages.embedding import embed
 from audiofx.training.stages.epochs import optimiser_states, restore_optimiser_states, train_epoch
 from audiofx.training.stages.fusion import fuse_posteriors, zhou_samples
 from audiofx.training.stages.metrics import mean_std
-from audiofx.training.stages.runs import Run, TrainingOptions, check_rates, default_name, open_run, recorded_config
+from audiofx.training.stages.runs import (Run, TrainingOptions, check_minimum, check_rates, default_name, open_run,
+                                         recorded_config)
 from audiofx.training.stages.tasks import METRIC_NAMES, Task
 from audiofx.training.stages.weights import resolve_init
 
@@ -117,6 +118,19 @@ def summarize(per_fold: dict[str, dict[str, float]], metric: str = "acc") -> dic
     return {"metric": metric, "folds": per_fold, "n_folds": len(per_fold), **mean_std(per_fold, names)}
 
 
+def _check_counts(cfg: FinetuneConfig) -> None:
+    """Refuse the counts that the CLI's ranges refuse, for callers of the stage that do not pass
+    through it (recipes, scripts): 0 epochs failed after the run folder was made, a negative mask
+    count acted as 0 and was recorded as given. lr_step is a recipe's, without a flag."""
+    a = cfg.augment
+    for flag, value, minimum in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
+                                 ("lr_step", cfg.lr_step, 1), ("--time-masks", a.time_masks, 0),
+                                 ("--freq-masks", a.freq_masks, 0), ("--time-shift", a.time_shift, 0),
+                                 ("freq_shift", a.freq_shift, 0), ("time_width", a.time_width, 0),
+                                 ("freq_width", a.freq_width, 0)):
+        check_minimum(flag, value, minimum)
+
+
 def finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
     return run_on_ranks(_finetune, dataclasses.replace(cfg, set_options=normal_set_options(cfg.set_options)), say)
 
@@ -130,6 +144,7 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device, say) -> d
         raise ConfigError(f"unknown head {cfg.head!r}", f"use one of {', '.join(HEADS)}")
     if cfg.fragments < 1:
         raise ConfigError(f"--fragments must be at least 1, got {cfg.fragments}", "pass 1 (whole clips) or more")
+    _check_counts(cfg)
     check_rates(lr=cfg.lr, weight_decay=cfg.weight_decay, mixup=cfg.augment.mixup, lr_gamma=cfg.lr_gamma)
     if not 0 <= cfg.val_split < 1:
         raise ConfigError(f"--val-split must be a share of the training folds from 0 to below 1, got {cfg.val_split}",
