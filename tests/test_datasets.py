@@ -6,6 +6,7 @@ import collections
 import csv
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,35 @@ def test_urbansound8k_missing_column(tmp_path):
     rewrite_csv(root / "metadata/UrbanSound8K.csv", lambda rows: [r[:6] + r[7:] for r in rows])
     with pytest.raises(DatasetError, match="UrbanSound8K.csv.*classID"):
         index("urbansound8k", root)
+
+
+@pytest.mark.parametrize("dataset, make, meta, columns", [
+    ("esc50", make_esc50, "meta/esc50.csv", ("filename", "fold", "target", "category")),
+    ("urbansound8k", make_urbansound8k, "metadata/UrbanSound8K.csv", ("slice_file_name", "fold", "classID", "class")),
+])
+@pytest.mark.parametrize("fault", ["fold", "two names", "twice"])
+def test_official_metadata_faults_are_one_line_naming_the_file(tmp_path, dataset, make, meta, columns, fault):
+    """A fold outside the official ones, one label under two class names, a file listed twice:
+    refused with the metadata file and the offending value, not indexed into a wrong set."""
+    root = make(tmp_path)
+    file, fold, label, name = columns
+
+    def damage(rows):
+        header, first, second = rows[0], rows[1], rows[2]
+        col = {c: header.index(c) for c in columns}
+        if fault == "fold":
+            first[col[fold]] = "11"
+        elif fault == "two names":
+            second[col[label]], second[col[name]] = first[col[label]], first[col[name]] + "-other"
+        else:
+            second[col[file]], second[col[fold]] = first[col[file]], first[col[fold]]
+        return rows
+
+    rewrite_csv(root / meta, damage)
+    needle = {"fold": "fold 11 is not one of 1..", "two names": f"{label} .* is both",
+              "twice": r"\S+\.wav is listed twice"}[fault]
+    with pytest.raises(DatasetError, match=f"{re.escape(str(root / meta))}: {needle}"):
+        index(dataset, root)
 
 
 # -- GTZAN -------------------------------------------------------------------------------
