@@ -149,6 +149,35 @@ def int_field(value: str, column: str, path: Path) -> int:
         raise DatasetError(f"{path}: {column} {value!r} is not an integer", "is this the official metadata file?") from None
 
 
+def official_folds_index(name: str, root: Path, meta: Path, rows: Sequence[Mapping[str, str]], *, file: str,
+                         label: str, category: str, folds: Sequence[str],
+                         path_of: Callable[[str, str], str]) -> DatasetIndex:
+    """The clips of an official metadata CSV that gives each file its fold, integer label and
+    class name (ESC-50, UrbanSound8K), checked: a fold outside ``folds``, one label under two
+    names or a file listed twice is refused. ``path_of(fold, bare name)`` places the file; the
+    bare name is validated first, since a prefix could hide an absolute one ("audio/" +
+    "/etc/x" normalises to a harmless-looking path)."""
+    hint = "is this the official metadata file?"
+    names: dict[int, str] = {}
+    items: list[tuple[str, int, str]] = []
+    seen: set[str] = set()
+    for row in rows:
+        target = int_field(row[label], label, meta)
+        fold = str(int_field(row["fold"], "fold", meta))
+        if fold not in folds:
+            raise DatasetError(f"{meta}: fold {fold} is not one of {folds[0]}..{folds[-1]}", hint)
+        if names.setdefault(target, row[category]) != row[category]:
+            raise DatasetError(f"{meta}: {label} {target} is both {names[target]!r} and {row[category]!r}", hint)
+        path = path_of(fold, safe_relpath(root, row[file], meta))
+        if path in seen:
+            raise DatasetError(f"{meta}: {row[file]} is listed twice", hint)
+        seen.add(path)
+        items.append((path, target, fold))
+    rank, classes = dense_labels(names)  # labels may have gaps (ESC-10's targets)
+    return DatasetIndex(name=name, root=root, clips=[Clip(path, rank[t], fold) for path, t, fold in items],
+                        classes=classes, folds=list(folds), metadata_files=[meta], options={})
+
+
 def int_option(options: Mapping[str, Any], key: str, default: int) -> int:
     """A dataset option that must be an integer (``--set folds=5``)."""
     value = options.get(key, default)

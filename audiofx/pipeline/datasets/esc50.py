@@ -8,18 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from audiofx.errors import DatasetError
-from audiofx.pipeline.datasets.base import (
-    Clip,
-    DatasetAdapter,
-    DatasetIndex,
-    dense_labels,
-    int_field,
-    read_csv,
-    register,
-    require_root,
-    safe_relpath,
-)
+from audiofx.pipeline.datasets.base import (DatasetAdapter, DatasetIndex, official_folds_index, read_csv, register,
+                                           require_root)
 
 META = "meta/esc50.csv"
 FOLDS = ["1", "2", "3", "4", "5"]
@@ -34,37 +24,8 @@ def _index(adapter: DatasetAdapter, root: Path, esc10_only: bool) -> DatasetInde
     rows = read_csv(meta, required=["filename", "fold", "target", "category", "esc10"])
     if esc10_only:
         rows = [r for r in rows if (r["esc10"] or "").strip().lower() in ("true", "1")]
-
-    names: dict[int, str] = {}
-    items: list[tuple[str, int, str]] = []
-    seen: set[str] = set()
-    for row in rows:
-        target = int_field(row["target"], "target", meta)
-        fold = str(int_field(row["fold"], "fold", meta))
-        if fold not in FOLDS:
-            raise DatasetError(f"{meta}: fold {fold} is not one of {', '.join(FOLDS)}", "is this the official metadata file?")
-        if names.setdefault(target, row["category"]) != row["category"]:
-            raise DatasetError(
-                f"{meta}: target {target} is both {names[target]!r} and {row['category']!r}",
-                "is this the official metadata file?",
-            )
-        # Validate the bare filename first: "audio/" + "/etc/x" would normalise to a harmless-looking path.
-        path = "audio/" + safe_relpath(root, row["filename"], meta)
-        if path in seen:
-            raise DatasetError(f"{meta}: {row['filename']} is listed twice", "is this the official metadata file?")
-        seen.add(path)
-        items.append((path, target, fold))
-
-    rank, classes = dense_labels(names)  # ESC-10's targets have gaps
-    return DatasetIndex(
-        name=adapter.name,
-        root=root,
-        clips=[Clip(path, rank[target], fold) for path, target, fold in items],
-        classes=classes,
-        folds=list(FOLDS),
-        metadata_files=[meta],
-        options={},
-    )
+    return official_folds_index(adapter.name, root, meta, rows, file="filename", label="target", category="category",
+                                folds=FOLDS, path_of=lambda fold, name: f"audio/{name}")
 
 
 def index_esc50(root: Path, options: Mapping[str, Any]) -> DatasetIndex:

@@ -9,18 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from audiofx.errors import DatasetError
-from audiofx.pipeline.datasets.base import (
-    Clip,
-    DatasetAdapter,
-    DatasetIndex,
-    dense_labels,
-    int_field,
-    read_csv,
-    register,
-    require_root,
-    safe_relpath,
-)
+from audiofx.pipeline.datasets.base import (DatasetAdapter, DatasetIndex, official_folds_index, read_csv, register,
+                                           require_root)
 
 META = "metadata/UrbanSound8K.csv"
 FOLDS = [str(i) for i in range(1, 11)]
@@ -31,38 +21,8 @@ def index(root: Path, options: Mapping[str, Any]) -> DatasetIndex:
     require_root(ADAPTER, root, [META])
     meta = root / META
     rows = read_csv(meta, required=["slice_file_name", "fold", "classID", "class"])
-
-    names: dict[int, str] = {}
-    items: list[tuple[str, int, str]] = []
-    seen: set[str] = set()
-    for row in rows:
-        class_id = int_field(row["classID"], "classID", meta)
-        fold = str(int_field(row["fold"], "fold", meta))
-        if fold not in FOLDS:
-            raise DatasetError(f"{meta}: fold {fold} is not one of 1..10", "is this the official metadata file?")
-        if names.setdefault(class_id, row["class"]) != row["class"]:
-            raise DatasetError(
-                f"{meta}: classID {class_id} is both {names[class_id]!r} and {row['class']!r}",
-                "is this the official metadata file?",
-            )
-        # The fold decides the folder; validate the bare name before joining so an absolute
-        # name cannot hide behind the prefix.
-        path = f"audio/fold{fold}/" + safe_relpath(root, row["slice_file_name"], meta)
-        if path in seen:
-            raise DatasetError(f"{meta}: {row['slice_file_name']} is listed twice", "is this the official metadata file?")
-        seen.add(path)
-        items.append((path, class_id, fold))
-
-    rank, classes = dense_labels(names)
-    return DatasetIndex(
-        name=ADAPTER.name,
-        root=root,
-        clips=[Clip(path, rank[c], fold) for path, c, fold in items],
-        classes=classes,
-        folds=list(FOLDS),
-        metadata_files=[meta],
-        options={},
-    )
+    return official_folds_index(ADAPTER.name, root, meta, rows, file="slice_file_name", label="classID",
+                                category="class", folds=FOLDS, path_of=lambda fold, name: f"audio/fold{fold}/{name}")
 
 
 ADAPTER = register(
