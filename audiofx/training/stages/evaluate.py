@@ -133,7 +133,7 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
     if cfg.probe not in PROBES:
         raise ConfigError(f"unknown --probe {cfg.probe!r}", f"use one of {', '.join(PROBES)}")
     check_rates(lr=cfg.linear_lr, weight_decay=cfg.linear_weight_decay)
-    # as the CLI's ranges do, for scripts: 0 epochs scored an untrained probe
+    # as the CLI's ranges do, for scripts: 0 epochs would score an untrained probe
     check_minimum("--epochs", cfg.linear_epochs, 1)
     check_minimum("batch_size", cfg.batch_size, 1)
     ks = knn_ks(cfg.k)

@@ -120,8 +120,8 @@ def summarize(per_fold: dict[str, dict[str, float]], metric: str = "acc") -> dic
 
 def _check_counts(cfg: FinetuneConfig) -> None:
     """Refuse the counts that the CLI's ranges refuse, for callers of the stage that do not pass
-    through it (recipes, scripts): 0 epochs failed after the run folder was made, a negative mask
-    count acted as 0 and was recorded as given. lr_step is a recipe's, without a flag."""
+    through it (recipes, scripts): 0 epochs would fail after the run folder is made, a negative
+    mask count would act as 0 and be recorded as given. lr_step is a recipe's, without a flag."""
     a = cfg.augment
     for flag, value, minimum in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
                                  ("lr_step", cfg.lr_step, 1), ("--time-masks", a.time_masks, 0),
