@@ -396,14 +396,12 @@ def test_the_stage_refuses_counts_the_cli_would_refuse(view, needle):
                                            ({"lr_step": 0}, "lr_step must be at least 1, got 0"),
                                            ({"freq_masks": -1}, "--freq-masks must be at least 0, got -1"),
                                            ({"time_shift": -3}, "--time-shift must be at least 0, got -3")])
-def test_finetune_and_evaluate_refuse_counts_the_cli_would_refuse_before_a_run_folder(store, tmp_path, given, needle):
-    """Recipes and scripts call the stages without the CLI's ranges: 0 epochs failed with an
+def test_finetune_refuses_counts_the_cli_would_refuse_before_a_run_folder(store, tmp_path, given, needle):
+    """Recipes and scripts call the stage without the CLI's ranges: 0 epochs failed with an
     IndexError after the run folder was made, batch 0 in torch's DataLoader, lr_step 0 in
-    StepLR, a negative mask count ran as 0; evaluate's SGD probe scored an untrained probe at 0
-    epochs. Each is refused in one line, and no run folder is left."""
+    StepLR, a negative mask count trained. Each is refused in one line, and no run folder is left."""
     from audiofx.errors import ConfigError
     from audiofx.training.models.augment import Augment
-    from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
     from audiofx.training.stages.finetune import FinetuneConfig, finetune
 
     views = {k: v for k, v in given.items() if k in ("freq_masks", "time_shift")}
@@ -412,10 +410,17 @@ def test_finetune_and_evaluate_refuse_counts_the_cli_would_refuse_before_a_run_f
         finetune(FinetuneConfig(dataset="demo", arch="tiny", fold="1", store=str(store), runs_root=str(tmp_path),
                                 augment=Augment(spec_augment=True, **views), progress=False, **config),
                  say=lambda *a: None)
-    if given == {"epochs": 0}:
-        with pytest.raises(ConfigError, match=re.escape(needle)):
-            evaluate(EvaluateConfig(run="random", arch="tiny", dataset="demo", mode="linear", probe="sgd",
-                                    linear_epochs=0, store=str(store), runs_root=str(tmp_path)), say=lambda *a: None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_evaluate_refuses_an_sgd_probe_of_0_epochs_before_a_run_folder(store, tmp_path):
+    """Called without the CLI's range, the SGD probe at 0 epochs scored an untrained probe."""
+    from audiofx.errors import ConfigError
+    from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
+
+    with pytest.raises(ConfigError, match=re.escape("--epochs must be at least 1, got 0")):
+        evaluate(EvaluateConfig(run="random", arch="tiny", dataset="demo", mode="linear", probe="sgd",
+                                linear_epochs=0, store=str(store), runs_root=str(tmp_path)), say=lambda *a: None)
     assert not list(tmp_path.iterdir())
 
 

@@ -101,6 +101,9 @@ def safe_relpath(root: Path, path: str, source: Path | str) -> str:
     return p.as_posix()
 
 
+OFFICIAL_METADATA = "is this the official metadata file?"  # the hint when a metadata file is not as published
+
+
 def read_csv(path: Path, delimiter: str = ",", required: Sequence[str] = ()) -> list[dict[str, str]]:
     """Read a metadata CSV; a missing file or column is a DatasetError naming the file."""
     if not path.is_file():
@@ -112,7 +115,7 @@ def read_csv(path: Path, delimiter: str = ",", required: Sequence[str] = ()) -> 
     if absent:
         raise DatasetError(
             f"{path}: column(s) {', '.join(absent)} missing (found: {', '.join(columns) or 'none'})",
-            "is this the official metadata file?",
+            OFFICIAL_METADATA,
         )
     return rows
 
@@ -146,7 +149,7 @@ def int_field(value: str, column: str, path: Path) -> int:
     try:
         return int(value.strip())
     except (ValueError, AttributeError):
-        raise DatasetError(f"{path}: {column} {value!r} is not an integer", "is this the official metadata file?") from None
+        raise DatasetError(f"{path}: {column} {value!r} is not an integer", OFFICIAL_METADATA) from None
 
 
 def official_folds_index(name: str, root: Path, meta: Path, rows: Sequence[Mapping[str, str]], *, file: str,
@@ -157,7 +160,6 @@ def official_folds_index(name: str, root: Path, meta: Path, rows: Sequence[Mappi
     names or a file listed twice is refused. ``path_of(fold, bare name)`` places the file; the
     bare name is validated first, since a prefix could hide an absolute one ("audio/" +
     "/etc/x" normalises to a harmless-looking path)."""
-    hint = "is this the official metadata file?"
     names: dict[int, str] = {}
     items: list[tuple[str, int, str]] = []
     seen: set[str] = set()
@@ -165,12 +167,13 @@ def official_folds_index(name: str, root: Path, meta: Path, rows: Sequence[Mappi
         target = int_field(row[label], label, meta)
         fold = str(int_field(row["fold"], "fold", meta))
         if fold not in folds:
-            raise DatasetError(f"{meta}: fold {fold} is not one of {folds[0]}..{folds[-1]}", hint)
+            raise DatasetError(f"{meta}: fold {fold} is not one of {folds[0]}..{folds[-1]}", OFFICIAL_METADATA)
         if names.setdefault(target, row[category]) != row[category]:
-            raise DatasetError(f"{meta}: {label} {target} is both {names[target]!r} and {row[category]!r}", hint)
+            raise DatasetError(f"{meta}: {label} {target} is both {names[target]!r} and {row[category]!r}",
+                               OFFICIAL_METADATA)
         path = path_of(fold, safe_relpath(root, row[file], meta))
         if path in seen:
-            raise DatasetError(f"{meta}: {row[file]} is listed twice", hint)
+            raise DatasetError(f"{meta}: {row[file]} is listed twice", OFFICIAL_METADATA)
         seen.add(path)
         items.append((path, target, fold))
     rank, classes = dense_labels(names)  # labels may have gaps (ESC-10's targets)
