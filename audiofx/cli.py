@@ -559,13 +559,18 @@ def _method_option(method, option) -> click.Option:
 @click.option("--resized-crop", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
               help="Each view a random region of at least this share of the bins and, apart, of the frames, "
                    "resized back (a time stretch and a pitch-like shift in one); 0 is off.")
+@click.option("--gain-db", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Each view at a random level, up to this many dB louder or quieter; 0 is off.")
+@click.option("--eq-db", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Each view through a random smooth equaliser (7 bands over the bins, up to this many dB "
+                   "either way each): another microphone or room; 0 is off.")
 @click.option("--spec-augment/--no-spec-augment", default=True, show_default=True,
               help="SpecAugment time and frequency masks (up to a tenth of the view's frames, an eighth of the bins).")
 @click.option("--time-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Time masks per view.")
 @click.option("--freq-masks", type=click.IntRange(min=0), default=2, show_default=True, help="Frequency masks per view.")
 @run_options(resume_help="Continue an interrupted run (give its --name).")
 def pretrain(method, datasets, store, preset, set_options, hold_out_fold, arch, init, weights, init_branch, epochs, batch_size, lr, temperature, time_crop, time_shift,
-             freq_shift, resized_crop, spec_augment, time_masks, freq_masks, seed, device, runs_root, name, resume, memory_budget, no_progress,
+             freq_shift, resized_crop, gain_db, eq_db, spec_augment, time_masks, freq_masks, seed, device, runs_root, name, resume, memory_budget, no_progress,
              **options):
     """Learn a representation without labels from the cached features (NPID, SimCLR, MoCo v2)."""
     from audiofx.training.stages.pretrain import PretrainConfig
@@ -575,7 +580,7 @@ def pretrain(method, datasets, store, preset, set_options, hold_out_fold, arch, 
         method=method, datasets=tuple(d for d in datasets.split(",") if d), store=store, preset=preset,
         set_options=parse_overrides(set_options), hold_out_fold=hold_out_fold, arch=arch,
         init=init, weights=weights, init_branch=init_branch, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature, time_crop=time_crop,
-        time_shift=time_shift, freq_shift=freq_shift, resized_crop=resized_crop, spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks,
+        time_shift=time_shift, freq_shift=freq_shift, resized_crop=resized_crop, gain_db=gain_db, eq_db=eq_db, spec_augment=spec_augment, time_masks=time_masks, freq_masks=freq_masks,
         options=options, seed=seed, device=device, runs_root=runs_root, name=name, resume=resume,
         progress=not no_progress, memory_budget_gb=memory_budget),
         say=click.echo)

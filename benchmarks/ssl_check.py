@@ -5,6 +5,7 @@ the real recordings of ../shared/realdev, against the same network at random ini
                                    [--epochs 30] [--finetune-epochs 10] [--arch tiny] [--work DIR]
                                    [--augment-copies 4 --augment-pitch 3 --augment-shift 0.2
                                     --augment-flip 0] [--resized-crop 0] [--freq-masks 2]
+                                   [--gain-db 0] [--eq-db 0]
                                    [--bn-stats carried|clips]
 
 The set's clips are extracted once (5 folds grouped by speaker, or by the drum's tonic, so
@@ -103,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--augment-shift", type=float, default=0.2, help="the copies' offset, a share of the clip")
     p.add_argument("--augment-flip", type=float, default=0.0, help="the copies' chance of a time reversal")
     p.add_argument("--resized-crop", type=float, default=0.0, help="views: resized crops of at least this share")
+    p.add_argument("--gain-db", type=float, default=0.0, help="views: a random level, up to this many dB either way")
+    p.add_argument("--eq-db", type=float, default=0.0, help="views: a random equaliser, up to this many dB a band")
     p.add_argument("--freq-masks", type=at_least(0), help="views: SpecAugment frequency masks [pretrain's default]")
     p.add_argument("--bn-stats", choices=("carried", "clips"), default="carried",
                    help="every network's BatchNorm statistics in the frozen evaluations (evaluate --bn-stats)")
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             pretrain(PretrainConfig(method=method, datasets=(dataset,), arch=args.arch, epochs=args.epochs,
                                     batch_size=args.batch_size, store=store, runs_root=runs, name=name, seed=seed,
                                     device="cpu", progress=False, resized_crop=args.resized_crop,
-                                    freq_masks=freq_masks,
+                                    freq_masks=freq_masks, gain_db=args.gain_db, eq_db=args.eq_db,
                                     set_options={"augment_copies": args.augment_copies} if args.augment_copies else {},
                                     options={"nce_k": 0} if method == "npid" else {},
                                     resume=reused("pretrain", name)), **quiet)
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.augment_shift:g}, flip {args.augment_flip:g})" if args.augment_copies else "the clip's log-mel alone")
     print(f"set: {args.set} ({dataset}), arch {args.arch}, {args.seeds} seed(s), pretraining {args.epochs} epochs "
           f"batch {args.batch_size}, views from {views}, resized crop {args.resized_crop:g}, "
-          f"{freq_masks} frequency masks, fine-tuning "
+          f"{freq_masks} frequency masks, level +-{args.gain_db:g} dB, equaliser +-{args.eq_db:g} dB, fine-tuning "
           f"{args.finetune_epochs} epochs, BatchNorm statistics {args.bn_stats}; mean ± std over seeds of the 5-fold "
           "means; margin = (method - random init) / the larger std; log-mel inputs: no network, the standardised "
           f"log-mels pooled to {' x '.join(map(str, LogmelGrid.GRID))} per channel")

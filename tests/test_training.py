@@ -380,7 +380,8 @@ def test_an_option_of_another_method_is_refused_unless_the_resumed_run_recorded_
                                           ({"time_shift": -1}, "--time-shift must be at least 0, got -1"),
                                           ({"time_crop": 0}, "--time-crop must be at least 1, got 0"),
                                           ({"epochs": 0}, "--epochs must be at least 1, got 0"),
-                                          ({"resized_crop": 1.5}, "--resized-crop must be between 0 and 1, got 1.5")])
+                                          ({"resized_crop": 1.5}, "--resized-crop must be between 0 and 1, got 1.5"),
+                                          ({"eq_db": -3.0}, "--eq-db must be at least 0, got -3.0")])
 def test_the_stage_refuses_counts_the_cli_would_refuse(view, needle):
     """Scripts call the stage without the CLI's ranges (benchmarks/ssl_check.py passes its own
     --freq-masks): a negative count is refused there too, not run as 0 and recorded as given."""
@@ -504,10 +505,11 @@ def test_pretraining_views_are_switchable_and_the_default_is_what_runs_did_befor
 def test_pretraining_on_crops_records_its_views(store, tmp_path):
     proc = run_cli("pretrain", "--method", "simclr", "--store", str(store), "--runs", str(tmp_path), "--epochs", "1",
                    "--batch-size", "50", "--name", "crops", "--time-crop", "40", "--no-spec-augment", "--time-shift", "0",
-                   *TINY)
+                   "--gain-db", "6", "--eq-db", "3", *TINY)
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "pretrain" / "crops" / "config.json").read_text())
     assert (config["time_crop"], config["time_shift"], config["spec_augment"]) == (40, 0, False)
+    assert (config["gain_db"], config["eq_db"]) == (6.0, 3.0)
 
 
 @pytest.mark.parametrize("method,extra", [("simclr", []), ("moco", []), ("npid", ["--nce-k", "0"])])

@@ -25,6 +25,7 @@ from audiofx.training.models.augment import (
     Augment,
     mixup,
     random_freq_shift,
+    random_level_eq,
     random_resized_crop,
     random_time_crop,
     random_time_shift,
@@ -410,6 +411,26 @@ def test_resized_crop_stretches_a_region_of_each_sample_back_to_the_whole():
     assert torch.equal(y, random_resized_crop(x, 0.5, generator=_gen(3)))
     assert torch.equal(random_resized_crop(x, 1.0), x)
     assert Augment(resized_crop=0.6).changes() and not Augment(resized_crop=1.0).changes()
+
+
+def test_level_and_equaliser_add_one_smooth_curve_per_sample_in_db():
+    # 7 bands over 37 bins: centres every 6 bins, so the curve is linear on each stretch of 6
+    x = _batch(b=16, c=3, f=37, t=20)
+    per_db = torch.tensor([0.5, 1.0, 2.0]).view(1, 3, 1, 1)  # a channel's units per dB
+    out = random_level_eq(x, gain_db=10, eq_db=6, per_db=per_db, generator=_gen(4))
+    db = (out - x) / per_db  # back in dB: the same curve in every channel and frame
+    curve = db[:, 0, :, 0]
+    assert torch.allclose(db, curve.view(16, 1, 37, 1).expand_as(db), atol=1e-4)
+    for start in range(0, 36, 6):  # linear between the centres (second differences vanish)
+        assert torch.allclose(curve[:, start:start + 7].diff(n=2, dim=-1), torch.zeros(16, 5), atol=1e-4)
+    assert curve.abs().max() <= 16 + 1e-4 and curve.std(dim=1).min() > 0.1  # level + equaliser, not flat
+    assert curve.mean(dim=1).std() > 1  # each sample its own level
+    level = random_level_eq(x, gain_db=10, eq_db=0, generator=_gen(4)) - x  # the level alone: flat
+    assert torch.allclose(level, level[:, :1, :1, :1].expand_as(level), atol=1e-5)
+    assert level.abs().max() <= 10 and level[:, 0, 0, 0].std() > 1
+    assert torch.equal(out, random_level_eq(x, 10, 6, per_db, generator=_gen(4)))
+    assert torch.equal(random_level_eq(x, 0, 0), x)
+    assert Augment(gain_db=3).changes() and Augment(eq_db=3).changes() and not Augment().changes()
 
 
 def test_mixup_targets_are_the_weights_used():

@@ -124,6 +124,29 @@ def random_resized_crop(x: torch.Tensor, min_scale: float, generator: torch.Gene
                                            align_corners=False).to(x.dtype)
 
 
+EQ_BANDS = 7  # the random equaliser's gains: at 7 centres spread evenly over the bins, linear between
+
+
+def random_level_eq(x: torch.Tensor, gain_db: float, eq_db: float, per_db: float | torch.Tensor = 1.0,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random level and a random equaliser per sample: what a change of microphone, room or
+    recording level does to a log spectrogram. Each sample gets a gain uniform in
+    [-gain_db, gain_db] dB and a smooth curve over the bins through ``EQ_BANDS`` gains, each
+    uniform in [-eq_db, eq_db] dB (the first at the lowest bin, the last at the highest,
+    linear between them), the same over every frame and channel. On a log spectrogram a gain is
+    an added constant: ``per_db`` says how much one dB adds to ``x`` (a float, or per channel
+    (1, C, 1, 1): the log-power units of a dB divided by each channel's standard deviation when
+    ``x`` is standardised)."""
+    b, _, f, _ = x.shape
+    if gain_db <= 0 and eq_db <= 0:
+        return x.clone()
+    r = _rand((b, 1 + EQ_BANDS), generator, x.device) * 2 - 1
+    gain, bands = r[:, :1] * gain_db, r[:, 1:] * eq_db
+    curve = torch.nn.functional.interpolate(bands.unsqueeze(1), size=f, mode="linear", align_corners=True)
+    offset_db = (gain.unsqueeze(-1) + curve).view(b, 1, f, 1)  # (B, 1, bins, 1): every channel and frame alike
+    return (x.float() + offset_db * torch.as_tensor(per_db, device=x.device, dtype=torch.float32)).to(x.dtype)
+
+
 def _beta(alpha: float, n: int, generator: torch.Generator | None) -> np.ndarray:
     """n draws of Beta(alpha, alpha). torch's Beta takes no generator, so a numpy generator is
     seeded from ``generator``: the draws still follow its state exactly."""
@@ -164,8 +187,8 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float = 0.2, n_classes: int |
 @dataclass
 class Augment:
     """Which augmentations to apply to a training batch, in this order: resized crop, time
-    crop, time shift, frequency shift, mixup, SpecAugment (masks last, so a masked band stays
-    fully masked).
+    crop, time shift, frequency shift, level and equaliser, mixup, SpecAugment (masks last, so
+    a masked band stays fully masked).
 
     Every step is off by default. With ``mixup`` > 0 (its Beta alpha) the targets come back
     as float32 soft targets (B, n_classes); otherwise y is returned as given.
@@ -182,6 +205,9 @@ class Augment:
     mixup: float = 0.0
     n_classes: int | None = None
     resized_crop: float = 0.0  # the smallest share of bins and frames a resized crop keeps; 0 is off
+    gain_db: float = 0.0  # a random level of up to this many dB either way; 0 is off
+    eq_db: float = 0.0  # a random equaliser of up to this many dB either way per band; 0 is off
+    per_db: float | torch.Tensor = 1.0  # what one dB adds to the batch (random_level_eq)
 
     @property
     def active(self) -> bool:
@@ -194,7 +220,7 @@ class Augment:
                                         or (self.freq_masks > 0 and self.freq_width > 0))
         cropped = self.time_crop is not None and (frames is None or self.time_crop < frames)
         return bool(masked or cropped or self.time_shift > 0 or self.freq_shift > 0 or self.mixup > 0
-                    or 0 < self.resized_crop < 1)
+                    or 0 < self.resized_crop < 1 or self.gain_db > 0 or self.eq_db > 0)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +232,8 @@ class Augment:
             x = random_time_shift(x, self.time_shift, generator)
         if self.freq_shift > 0:
             x = random_freq_shift(x, self.freq_shift, generator)
+        if self.gain_db > 0 or self.eq_db > 0:
+            x = random_level_eq(x, self.gain_db, self.eq_db, self.per_db, generator)
         if self.mixup > 0:
             x, y = mixup(x, y, self.mixup, self.n_classes, generator)
         if self.spec_augment:

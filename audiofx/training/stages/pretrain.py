@@ -74,6 +74,8 @@ class PretrainConfig(TrainingOptions):
     time_shift: int | None = None  # circular shift of up to N frames (None: a quarter of the view's frames)
     freq_shift: int = 0  # shift along the mel bins of up to N bins (a pitch-like shift); 0 is off
     resized_crop: float = 0.0  # a random region of at least this share of bins and frames, resized back; 0 is off
+    gain_db: float = 0.0  # a random level of up to this many dB either way per view; 0 is off
+    eq_db: float = 0.0  # a random equaliser of up to this many dB either way per band and view; 0 is off
     spec_augment: bool = True
     time_masks: int = 2
     freq_masks: int = 2
@@ -188,7 +190,9 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     # and the queue in step themselves, and BatchNorm statistics are averaged once an epoch.
     trained = wrap(method, ranks, device, broadcast_buffers=False)
 
-    views = _views(cfg, frames, bins)
+    # a dB of level in the standardised inputs: log power (|X|^power stored) over each channel's std
+    power = float(sets[0][2]["feature_config"].get("power", 2.0))
+    views = _views(cfg, frames, bins, per_db=power / 2 * math.log(10) / 10 / std)
 
     # A method that contrasts two views of each clip asks for them in turn: the second takes
     # another stored copy than the first (two views of one copy differ only by their masks).
@@ -242,16 +246,17 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     return {"run": str(run.path), "loss": loss_value, "samples": n, "data_mode": inputs.mode.mode}
 
 
-def _views(cfg: PretrainConfig, frames: int, bins: int) -> Augment:
+def _views(cfg: PretrainConfig, frames: int, bins: int, per_db: float | torch.Tensor = 1.0) -> Augment:
     """The random view of a batch every method trains on: a time crop, a circular time shift
     (by default up to a quarter of the view's frames: the crop's, or the sample's) and
     SpecAugment masks of up to a tenth of the view's frames and an eighth of the mel bins,
-    each switchable."""
+    each switchable; a level and an equaliser of ``--gain-db`` and ``--eq-db`` (``per_db``:
+    what a dB adds to the standardised inputs)."""
     length = cfg.time_crop or frames
     return Augment(spec_augment=cfg.spec_augment, time_masks=cfg.time_masks, time_width=max(1, length // 10),
                    freq_masks=cfg.freq_masks, freq_width=max(1, bins // 8), time_crop=cfg.time_crop,
                    time_shift=length // 4 if cfg.time_shift is None else cfg.time_shift, freq_shift=cfg.freq_shift,
-                   resized_crop=cfg.resized_crop)
+                   resized_crop=cfg.resized_crop, gain_db=cfg.gain_db, eq_db=cfg.eq_db, per_db=per_db)
 
 
 def _check_views(cfg: PretrainConfig, frames: int, bins: int, copies: int = 1) -> None:
@@ -265,8 +270,8 @@ def _check_views(cfg: PretrainConfig, frames: int, bins: int, copies: int = 1) -
         check_input_size(cfg.arch, bins, cfg.time_crop, crop=True)
     if METHODS[cfg.method].contrasts_views and copies == 1 and not _views(cfg, frames, bins).changes(frames):
         raise ConfigError(f"{cfg.method} contrasts two random views of each clip, but every augmentation is off",
-                          "give --time-masks or --freq-masks above 0 (with --spec-augment), --time-shift above 0, "
-                          "or a --time-crop shorter than the clips")
+                          "give --time-masks or --freq-masks above 0 (with --spec-augment), --time-shift, "
+                          "--gain-db or --eq-db above 0, or a --time-crop shorter than the clips")
 
 
 def check_options(cfg: PretrainConfig, recorded: dict[str, Any] | None = None) -> None:
@@ -300,7 +305,8 @@ def _check_counts(cfg: PretrainConfig) -> None:
     for flag, value, minimum in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
                                  ("--time-masks", cfg.time_masks, 0), ("--freq-masks", cfg.freq_masks, 0),
                                  ("--freq-shift", cfg.freq_shift, 0), ("--time-shift", cfg.time_shift, 0),
-                                 ("--time-crop", cfg.time_crop, 1)):
+                                 ("--time-crop", cfg.time_crop, 1), ("--gain-db", cfg.gain_db, 0),
+                                 ("--eq-db", cfg.eq_db, 0)):
         check_minimum(flag, value, minimum)
     if not 0 <= cfg.resized_crop <= 1:
         raise ConfigError(f"--resized-crop must be between 0 and 1, got {cfg.resized_crop}",
@@ -312,7 +318,7 @@ def _recorded_before(method: type[Method]) -> dict[str, Any]:
     ``later``: the default views; the method's own options at what the method says (MoCo: one
     BatchNorm group), every other method's at their defaults."""
     views = {"time_crop": None, "time_shift": None, "freq_shift": 0, "spec_augment": True, "time_masks": 2,
-             "freq_masks": 2, "resized_crop": 0.0}
+             "freq_masks": 2, "resized_crop": 0.0, "gain_db": 0.0, "eq_db": 0.0}
     starts = {"init": "scratch", "weights": None, "init_branch": "auto"}
     pool = {"set_options": {}, "hold_out_fold": None}
     return {**views, **starts, **pool, **{o.name: o.recorded_before if owner is method else o.default for owner, o in method_options()}}
