@@ -542,7 +542,8 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
     assert config["bn_splits"] == (3 if method == "moco" else None)  # batch 50: 3 groups of 16 or more clips
     # A run recorded before the views and MoCo's BatchNorm groups were options resumes as it
     # ran: with the default views, and MoCo with one group (a resume keeps the recorded groups).
-    for option in ("time_crop", "time_shift", "spec_augment", "time_masks", "freq_masks", "bn_splits"):
+    for option in ("time_crop", "time_shift", "spec_augment", "time_masks", "freq_masks", "resized_crop", "gain_db",
+                   "eq_db", "bn_splits"):
         del config[option]
     config_file.write_text(json.dumps(config))
     from audiofx.errors import ConfigError
