@@ -4,6 +4,7 @@ on the synthetic demo dataset (5 clearly different classes, 200 clips, 5 folds).
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -500,6 +501,22 @@ def test_pretraining_views_are_switchable_and_the_default_is_what_runs_did_befor
     out = cropped(x, None, draw)[0]
     assert out.shape == (6, 3, 40, 30)
     assert all(any(torch.equal(out[i], x[i, ..., s:s + 30]) for s in range(71)) for i in range(6))  # a window of the clip
+
+
+def test_a_db_of_level_in_the_standardised_inputs_is_what_the_features_make_of_it():
+    # The reference: the stored log-mel of a tone and of the same tone 10 dB louder.
+    from audiofx.config import FeatureConfig
+    from audiofx.features.melspec import compute_features
+    from audiofx.training.stages.pretrain import db_in_inputs
+
+    config = FeatureConfig()
+    tone = 0.3 * torch.sin(2 * math.pi * 440 * torch.arange(16000) / 16000).unsqueeze(0)
+    quiet, loud = (compute_features(w, config)[0, 0] for w in (tone, tone * 10 ** (10 / 20)))
+    heard = quiet > math.log(config.log_offset) + 10  # the bins the tone fills, far above the log's floor
+    assert heard.sum() > 100
+    std = torch.tensor([1.0, 2.0, 4.0]).view(1, 3, 1, 1)  # three channels' standard deviations
+    assert torch.allclose(10 * db_in_inputs(config.power, std)[0, :, 0, 0] * std.flatten(),
+                          (loud - quiet)[heard].mean().expand(3), rtol=5e-3)  # the offset: a little under
 
 
 def test_pretraining_on_crops_records_its_views(store, tmp_path):

@@ -190,9 +190,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     # and the queue in step themselves, and BatchNorm statistics are averaged once an epoch.
     trained = wrap(method, ranks, device, broadcast_buffers=False)
 
-    # a dB of level in the standardised inputs: log power (|X|^power stored) over each channel's std
-    power = float(sets[0][2]["feature_config"].get("power", 2.0))
-    views = _views(cfg, frames, bins, per_db=power / 2 * math.log(10) / 10 / std)
+    views = _views(cfg, frames, bins, per_db=db_in_inputs(float(sets[0][2]["feature_config"].get("power", 2.0)), std))
 
     # A method that contrasts two views of each clip asks for them in turn: the second takes
     # another stored copy than the first (two views of one copy differ only by their masks).
@@ -244,6 +242,13 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     run.write_text("summary.md", f"# pretrain {cfg.method}\n\n{cfg.arch}, {cfg.epochs} epochs on "
                                  f"{', '.join(ds for ds, *_ in sets)} ({n} samples); final loss {loss_value:.4f}\n")
     return {"run": str(run.path), "loss": loss_value, "samples": n, "data_mode": inputs.mode.mode}
+
+
+def db_in_inputs(power: float, std: torch.Tensor) -> torch.Tensor:
+    """What one dB of level adds to the standardised inputs, per channel: the store holds natural
+    logs of |X|^power, so a dB (a power ratio of 10^0.1) adds power / 2 * ln(10) / 10 to them,
+    which standardising divides by each channel's standard deviation."""
+    return power / 2 * math.log(10) / 10 / std
 
 
 def _views(cfg: PretrainConfig, frames: int, bins: int, per_db: float | torch.Tensor = 1.0) -> Augment:
