@@ -481,7 +481,7 @@ def test_monitoring_holds_out_a_fold_with_usable_clips():
 
 
 def test_pretraining_views_are_switchable_and_the_default_is_what_runs_did_before():
-    from audiofx.training.models.augment import random_time_shift, spec_augment
+    from audiofx.training.models.augment import random_level_eq, random_time_shift, spec_augment
     from audiofx.training.stages.pretrain import PretrainConfig, _views
 
     x = torch.randn(6, 3, 40, 100)
@@ -494,6 +494,11 @@ def test_pretraining_views_are_switchable_and_the_default_is_what_runs_did_befor
     assert torch.equal(draw.get_state(), before.get_state())
     off = _views(PretrainConfig(spec_augment=False, time_shift=0), frames=100, bins=40)
     assert torch.equal(off(x, None, draw)[0], x)
+    # --gain-db and --eq-db reach the view, in the units given for a dB
+    leveled = _views(PretrainConfig(spec_augment=False, time_shift=0, gain_db=10, eq_db=6), frames=100, bins=40,
+                     per_db=0.5)
+    assert torch.equal(leveled(x, None, torch.Generator().manual_seed(5))[0],
+                       random_level_eq(x, 10, 6, 0.5, generator=torch.Generator().manual_seed(5)))
     # With a crop, the default shift and mask width are of the crop's frames, not the clip's.
     assert (_views(PretrainConfig(time_crop=40), frames=100, bins=40).time_shift,
             _views(PretrainConfig(time_crop=40), frames=100, bins=40).time_width) == (10, 4)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from audiofx.config import FeatureConfig
 from audiofx.errors import ConfigError, StoreError
 from audiofx.training.data.featuresets import (
     FoldSet,
@@ -190,7 +191,9 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     # and the queue in step themselves, and BatchNorm statistics are averaged once an epoch.
     trained = wrap(method, ranks, device, broadcast_buffers=False)
 
-    views = _views(cfg, frames, bins, per_db=db_in_inputs(float(sets[0][2]["feature_config"].get("power", 2.0)), std))
+    # the first set's: a pool shares one preset (a --set power=... on one set alone is not told apart)
+    power = FeatureConfig.from_dict(sets[0][2]["feature_config"]).power
+    views = _views(cfg, frames, bins, per_db=db_in_inputs(power, std))
 
     # A method that contrasts two views of each clip asks for them in turn: the second takes
     # another stored copy than the first (two views of one copy differ only by their masks).
