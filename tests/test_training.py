@@ -442,7 +442,7 @@ def test_the_default_pool_leaves_out_features_of_another_size(store, tmp_path):
               "--batch-size", "50", *TINY]
     pooled = run_cli(*common, "--name", "default")
     assert pooled.returncode == 0, pooled.stderr
-    assert "left out of the pool (features not 3 x 128 bins like the rest): folder (3 x 64)" in pooled.stdout
+    assert "left out of the pool (features not 3 x 128 bins like the rest): folder (3 x 64 bins)" in pooled.stdout
     assert json.loads((tmp_path / "runs" / "pretrain" / "default" / "config.json").read_text())["pool"].keys() == {"demo"}
     named = run_cli(*common, "--datasets", "demo,folder", "--name", "named")
     assert_one_line_error(named, "different sizes: demo 3 x 128 bins, folder 3 x 64 bins", "--datasets")

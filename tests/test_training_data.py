@@ -95,6 +95,23 @@ def test_missing_manifest_is_refused(tmp_path):
         StreamingLoader(fset, 4)
 
 
+def test_a_pool_takes_features_of_one_power(built, tmp_path):
+    """Log-magnitude is half log-power: a set extracted with --set power=1 is left out of a
+    default pool of power-2 sets, and refused in a named one."""
+    from audiofx.training.data.featuresets import pool_datasets
+
+    store = tmp_path / "store"
+    shutil.copytree(built[0], store)
+    _extract("esc50", L.make_esc50(tmp_path / "esc50", categories=L.ESC50_CATEGORIES[:2]), store, power=1)
+    said: list[str] = []
+    pooled = pool_datasets(str(store), "shin2021", (), said.append)
+    assert [ds for ds, _, _ in pooled] == ["folder"]
+    assert said == ["left out of the pool (features not power 2 like the rest): esc50 (power 1)"]
+    with pytest.raises(StoreError, match="different scales: esc50 power 1, folder power 2$") as err:
+        pool_datasets(str(store), "shin2021", ("esc50", "folder"))
+    assert "the same power" in err.value.hint
+
+
 def test_in_memory_holds_exactly_the_usable_rows(built, expected):
     store, key = built
     x, y, clips = expected

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from audiofx.config import LATER_FIELDS, canonical_json, resolve_feature_config, split_overrides
+from audiofx.config import LATER_FIELDS, FeatureConfig, canonical_json, resolve_feature_config, split_overrides
 from audiofx.errors import ConfigError, StoreError
 from audiofx.pipeline.datasets import get_adapter
 from audiofx.pipeline.datasets.base import parse_ratios
@@ -297,21 +297,14 @@ def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print,
     if not out:
         raise StoreError(f"no complete {preset} features with usable clips in store {store} to pretrain on",
                          "extract some first: audiofx extract --dataset demo")
-    shapes = {ds: tuple(int(v) for v in m["shape"][:2]) for ds, _, m in out}  # (channels, mel bins)
-    if wanted and len(set(shapes.values())) > 1:
-        raise StoreError("the datasets to pretrain on have features of different sizes: "
-                         + ", ".join(f"{ds} {c} x {b} bins" for ds, (c, b) in shapes.items()),
-                         "name sets extracted with the same channels and mel bins in --datasets")
-    if not wanted and len(set(shapes.values())) > 1:
-        # The preset's size when a set has it (sets extracted with --set overrides are found too,
-        # as resolve_featureset finds them), else the most common (the first on ties).
-        c, b, _ = resolve_feature_config(get_adapter(out[0][0]).defaults, preset).shape
-        sizes = list(shapes.values())
-        keep = (c, b) if (c, b) in sizes else max(sizes, key=sizes.count)
-        other = [ds for ds, shape in shapes.items() if shape != keep]
-        say(f"left out of the pool (features not {keep[0]} x {keep[1]} bins like the rest): "
-            + ", ".join(f"{ds} ({shapes[ds][0]} x {shapes[ds][1]})" for ds in other))
-        out = [entry for entry in out if entry[0] not in other]
+    # One network takes every set in one batch, standardised alike: the same channels and mel
+    # bins, and the same power (log-magnitude is half log-power: a dB of level would mean
+    # another step in the inputs). The number of frames may differ.
+    preset_config = resolve_feature_config(get_adapter(out[0][0]).defaults, preset)
+    out = _one_kind(out, wanted, say, "sizes", lambda m: tuple(int(v) for v in m["shape"][:2]),
+                    tuple(preset_config.shape[:2]), lambda v: f"{v[0]} x {v[1]} bins", "the same channels and mel bins")
+    out = _one_kind(out, wanted, say, "scales", lambda m: FeatureConfig.from_dict(m["feature_config"]).power,
+                    preset_config.power, lambda p: f"power {p:g}", "the same power (--set power=...)")
     # Each clip once: a dataset whose clips another pooled one holds is left out (Hornauer et al.
     # pool "ESC-50, its subset ESC-10"); decided on the pool as resolved, so that they are
     # never both left out.
@@ -321,6 +314,27 @@ def pool_datasets(store: str, preset: str, wanted: tuple[str, ...], say=print,
             say(f"{d}'s clips are all in {get_adapter(d).subset_of}'s: the pool takes them once, from "
                 f"{get_adapter(d).subset_of}")
     return [entry for entry in out if entry[0] in unique_clips(tuple(pooled))]
+
+
+def _one_kind(out: list[tuple[str, str, dict]], wanted: tuple[str, ...], say, kinds: str, of, preset: Any,
+              name, alike: str) -> list[tuple[str, str, dict]]:
+    """The pool's sets when ``of(manifest)`` is one value for all of them. Otherwise named sets
+    (``wanted``) are refused, and a default pool keeps the sets at the preset's value when one
+    has it (sets extracted with --set overrides are found too, as resolve_featureset finds
+    them), else at the most common (the first on ties), and says which it left out."""
+    values = {ds: of(m) for ds, _, m in out}
+    if len(set(values.values())) <= 1:
+        return out
+    if wanted:
+        raise StoreError(f"the datasets to pretrain on have features of different {kinds}: "
+                         + ", ".join(f"{ds} {name(v)}" for ds, v in values.items()),
+                         f"name sets extracted with {alike} in --datasets")
+    seen = list(values.values())
+    keep = preset if preset in seen else max(seen, key=seen.count)
+    other = [ds for ds, v in values.items() if v != keep]
+    say(f"left out of the pool (features not {name(keep)} like the rest): "
+        + ", ".join(f"{ds} ({name(values[ds])})" for ds in other))
+    return [entry for entry in out if entry[0] not in other]
 
 
 def unique_clips(pool: tuple[str, ...]) -> tuple[str, ...]:

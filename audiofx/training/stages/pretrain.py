@@ -191,7 +191,7 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, device: torch.device, say) -> d
     # and the queue in step themselves, and BatchNorm statistics are averaged once an epoch.
     trained = wrap(method, ranks, device, broadcast_buffers=False)
 
-    # the first set's: a pool shares one preset (a --set power=... on one set alone is not told apart)
+    # the pool's sets share one power (pool_datasets)
     power = FeatureConfig.from_dict(sets[0][2]["feature_config"]).power
     views = _views(cfg, frames, bins, per_db=db_in_inputs(power, std))
 
