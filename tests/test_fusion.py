@@ -230,14 +230,21 @@ def test_finetune_on_the_average_channel_alone(stereo_store, tmp_path):
 
 
 def test_a_run_from_before_these_options_resumes_only_with_them_at_their_defaults(tmp_path):
+    from audiofx.training.models.augment import Augment
     from audiofx.training.stages.finetune import _LATER_OPTIONS, FinetuneConfig
 
     recorded = {**FinetuneConfig(dataset="demo", runs_root=str(tmp_path)).to_json(), "arch": "tiny"}
     for later in ("fragments", "channel_fusion", "head"):
         del recorded[later]  # config.json as written before the options existed
+    for later in ("resized_crop", "gain_db", "eq_db", "per_db"):
+        del recorded["augment"][later]  # and before the views had these fields
     Run.create(tmp_path, "finetune", "old", recorded)
     same = FinetuneConfig(dataset="demo", runs_root=str(tmp_path), name="old", resume=True)
     Run.create(tmp_path, "finetune", "old", {**same.to_json(), "arch": "tiny"}, resume=True, later=_LATER_OPTIONS)
     other = FinetuneConfig(dataset="demo", runs_root=str(tmp_path), name="old", resume=True, fragments=6)
     with pytest.raises(ConfigError, match=r"other settings \(fragments 1, now 6\)"):
         Run.create(tmp_path, "finetune", "old", {**other.to_json(), "arch": "tiny"}, resume=True, later=_LATER_OPTIONS)
+    louder = FinetuneConfig(dataset="demo", runs_root=str(tmp_path), name="old", resume=True,
+                            augment=Augment(gain_db=3.0))
+    with pytest.raises(ConfigError, match=r"other settings \(augment.gain_db 0.0, now 3.0\)"):
+        Run.create(tmp_path, "finetune", "old", {**louder.to_json(), "arch": "tiny"}, resume=True, later=_LATER_OPTIONS)

@@ -108,7 +108,8 @@ def predict(model: torch.nn.Module, data, mean: torch.Tensor, std: torch.Tensor,
 # (no such key in their config.json): such a run may resume with them at these values.
 _LATER_OPTIONS = {"fragments": 1, "channel_fusion": False, "head": "linear", "data_mode": MODE_MEMORY,
                   "init_branch": "auto", "set_options": {}, "input_channel": None, "input_channel_index": None,
-                  "val_split": 0.0}
+                  "val_split": 0.0,
+                  "augment": {"resized_crop": 0.0, "gain_db": 0.0, "eq_db": 0.0, "per_db": 1.0}}
 
 
 def summarize(per_fold: dict[str, dict[str, float]], metric: str = "acc") -> dict[str, Any]:

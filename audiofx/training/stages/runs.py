@@ -35,6 +35,14 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _change(key: str, old: Any, new: Any) -> str:
+    """One changed setting as the message shows it; of a group (a dict) the fields that differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return "; ".join(_change(f"{key}.{k}", old.get(k), new.get(k))
+                         for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+    return f"{key} {_shown(old)}, now {_shown(new)}"
+
+
 @dataclass
 class Run:
     path: Path
@@ -53,6 +61,7 @@ class Run:
           run continues to the new value and config.json records it.
         - ``later``: settings added after the first runs, each with the value that runs
           recorded without it behaved as; such a run resumes when the setting has that value.
+          A dict value names fields added to a recorded group (a dict setting).
         - Settings in ``UNCHECKED`` are recorded for the reader but may change on resume."""
         check_run_name(name)
         path = Path(root) / stage / name
@@ -65,6 +74,9 @@ class Run:
         if resume:
             recorded = json.loads((path / "config.json").read_text())
             old = {**(later or {}), **recorded}
+            for k, fields in (later or {}).items():  # a group (finetune's augment) that gained fields
+                if isinstance(fields, dict) and isinstance(recorded.get(k), dict):
+                    old[k] = {**fields, **recorded[k]}
             changed = sorted(k for k in config if k not in UNCHECKED and old.get(k) != config[k])
             grown = [k for k in changed if k in extendable and isinstance(old.get(k), int) and config[k] > old[k]]
             shrunk = [k for k in changed if k in extendable and isinstance(old.get(k), int) and config[k] < old[k]]
@@ -74,7 +86,7 @@ class Run:
                                   f"resume with --{k} {old[k]} or more, or start a new run with --name")
             changed = [k for k in changed if k not in grown]
             if changed:
-                was = "; ".join(f"{k} {_shown(old.get(k))}, now {_shown(config[k])}" for k in changed)
+                was = "; ".join(_change(k, old.get(k), config[k]) for k in changed)
                 raise ConfigError(f"run {path} was started with other settings ({was})",
                                   "resume with the same options, or start a new run with --name")
             if grown:
