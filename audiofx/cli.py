@@ -524,8 +524,8 @@ class MethodsCommand(click.Command):
 
 def _method_option(method, option) -> click.Option:
     kind = option.type
-    if option.minimum is not None:
-        kind = (click.IntRange if option.type is int else click.FloatRange)(min=option.minimum)
+    if option.minimum is not None or option.maximum is not None:
+        kind = (click.IntRange if option.type is int else click.FloatRange)(min=option.minimum, max=option.maximum)
     return click.Option([option.flag, option.name], type=kind, default=option.default,
                         show_default=option.default is not None, help=f"{method.title}: {option.help}.")
 

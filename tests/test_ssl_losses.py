@@ -115,6 +115,9 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         queue = MoCoQueue(size=7, dim=4, generator=torch.Generator().manual_seed(0))
         queue.enqueue(3.0 * torch.eye(4)[rank].repeat(rank + 2, 1))      # 2 keys e_0 from rank 0, 3 keys e_1 from rank 1
         results["queue"] = (queue.queue.clone(), queue.ptr.clone())
+        indexed = MoCoQueue(size=7, dim=4, generator=torch.Generator().manual_seed(0), indexed=True)
+        indexed.enqueue(torch.eye(4)[rank].repeat(rank + 2, 1), torch.arange(rank + 2) + 10 * rank)
+        results["queue index"] = indexed.index.clone()
         # NPID: rank 0 holds rows 0-2 and rank 1 rows 3-4 of one first batch; Z from both.
         bank = MemoryBank(10, 4, generator=torch.Generator().manual_seed(0))
         feats, idx, noise = _npid_batch()
@@ -173,6 +176,8 @@ def test_distributed_losses_and_statistics_match_one_process(tmp_path):
     torch.testing.assert_close(queues[0][0], queues[1][0])
     assert int(queues[0][1]) == int(queues[1][1]) == 5
     torch.testing.assert_close(queues[0][0][:5], torch.eye(4)[[0, 0, 1, 1, 1]])
+    for r in range(world):  # the clips' indices travel with their keys
+        assert res[r]["queue index"].tolist() == [0, 1, 10, 11, 12, -1, -1]
 
     # NPID's Z: both ranks fix the one-process estimate over the whole first batch
     bank = MemoryBank(10, 4, generator=torch.Generator().manual_seed(0))
@@ -310,6 +315,35 @@ def test_moco_loss_by_hand():
     loss.backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
     assert k.grad is None                                               # keys are detached
+
+
+def test_moco_loss_leaves_a_querys_own_earlier_keys_out_of_its_negatives():
+    g = torch.Generator().manual_seed(4)
+    queue = MoCoQueue(size=6, dim=3, generator=g, indexed=True)
+    assert queue.index.tolist() == [-1] * 6                            # nothing written yet: no clip's
+    # Rows 0-3 hold keys of clips 7, 3, 7, 5 (row 3 and on wrap); the queries are clips 7 and 5.
+    queue.ptr.fill_(4)
+    queue.enqueue(torch.randn(2, 3, generator=g), torch.tensor([3, 7]))   # rows 4, 5
+    queue.enqueue(torch.randn(4, 3, generator=g), torch.tensor([7, 3, 7, 5]))  # rows 0-3
+    assert queue.index.tolist() == [7, 3, 7, 5, 3, 7] and int(queue.ptr) == 4
+    q = torch.randn(2, 3, generator=g)
+    k = torch.randn(2, 3, generator=g)
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    terms = []
+    for b, others in ((0, (1, 3, 4)), (1, (0, 1, 2, 4, 5))):           # clip 7's rows 0, 2, 5 left out
+        pos = torch.exp(qn[b] @ kn[b] / 0.2)
+        neg = sum(torch.exp(qn[b] @ queue.queue[j] / 0.2) for j in others)
+        terms.append(-torch.log(pos / (pos + neg)))
+    masked = moco_loss(q, k, queue, temperature=0.2, indices=torch.tensor([7, 5]))
+    torch.testing.assert_close(masked, torch.stack(terms).mean())
+    # Without the indices (or on a queue that keeps none) every row is a negative, as in MoCo's code.
+    plain = MoCoQueue(size=6, dim=3)
+    plain.queue.copy_(queue.queue)
+    torch.testing.assert_close(moco_loss(q, k, queue, temperature=0.2), moco_loss(q, k, plain, temperature=0.2))
+    torch.testing.assert_close(moco_loss(q, k, plain, temperature=0.2, indices=torch.tensor([7, 5])),
+                               moco_loss(q, k, queue.queue, temperature=0.2))
+    with pytest.raises(ValueError, match="indices"):
+        queue.enqueue(k)
 
 
 def test_momentum_update_by_hand():

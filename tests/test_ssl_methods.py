@@ -36,7 +36,8 @@ def test_moco_groups_normalise_queries_in_order_and_keys_shuffled():
     gen = torch.Generator().manual_seed(5)
     order = torch.randperm(8, generator=torch.Generator().manual_seed(5))  # the draw the method makes
     loss = method.loss(x, torch.arange(8), identity_view, gen)
-    keys = method._pending
+    keys, indices = method._pending
+    assert indices.tolist() == list(range(8))
 
     def key_of(clips: torch.Tensor) -> torch.Tensor:
         return method.key_head(method.key_encoder(clips))
@@ -67,7 +68,7 @@ def test_moco_groups_shrink_for_short_batches_and_one_group_is_plain_batchnorm()
     state = gen.get_state()
     plain.loss(x, torch.arange(8), identity_view, gen)
     assert torch.equal(gen.get_state(), state)
-    torch.testing.assert_close(plain._pending, plain.key_head(plain.key_encoder(x)))
+    torch.testing.assert_close(plain._pending[0], plain.key_head(plain.key_encoder(x)))
 
 
 def test_moco_groups_train_end_to_end():
@@ -78,7 +79,12 @@ def test_moco_groups_train_end_to_end():
     loss.backward()
     assert torch.isfinite(loss) and method.encoder[1].weight.grad.abs().sum() > 0
     method.after_step()
-    torch.testing.assert_close(method.queue.queue[:7], F.normalize(method._pending, dim=1))
+    torch.testing.assert_close(method.queue.queue[:7], F.normalize(method._pending[0], dim=1))
+    assert method.queue.index[:7].tolist() == list(range(7)) and (method.queue.index[7:] == -1).all()
+    # Without the masking the queue keeps no indices: checkpoints of runs from before it load as saved.
+    old = MoCo(BatchNormEncoder(6), n_data=100, generator=torch.Generator().manual_seed(0), dim=4, queue=16,
+               own_keys_masked=0)
+    assert "queue.index" in method.state_dict() and "queue.index" not in old.state_dict()
 
 
 def test_moco_groups_update_batchnorm_running_statistics_once_per_step():

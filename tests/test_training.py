@@ -372,6 +372,8 @@ def test_an_option_of_another_method_is_refused_unless_the_resumed_run_recorded_
     check_options(PretrainConfig(method="simclr", arch="tiny", options={"nce_k": 64}))  # the default
     with pytest.raises(ConfigError, match="--bn-splits must be at least 1, got 0"):
         check_options(PretrainConfig(method="moco", arch="tiny", options={"bn_splits": 0}))
+    with pytest.raises(ConfigError, match="--own-keys-masked must be at most 1, got 2"):
+        check_options(PretrainConfig(method="moco", arch="tiny", options={"own_keys_masked": 2}))
     with pytest.raises(ConfigError, match="unknown pretraining option 'k'"):
         check_options(PretrainConfig(method="npid", arch="tiny", options={"k": 3}))
 
@@ -546,6 +548,8 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
     state = torch.load(tmp_path / "pretrain" / method / "checkpoints" / "last.pt", weights_only=True)["states"]["method"]
     if method == "moco":  # 4 batches of 50 keys went into a queue of 199 (one less than the pool)
         assert state["queue.queue"].shape[0] == 199 and int(state["queue.ptr"]) == 200 % 199
+        # each key beside its clip: the last 199 of the epoch's 200 clips, each once
+        assert len(set(state["queue.index"].tolist())) == 199 and 0 <= state["queue.index"].min()
         assert any(k.startswith("key_encoder.") for k in state)
     if method == "npid":  # 200 memory entries moved towards the features: still unit vectors
         assert torch.allclose(state["bank.memory"].norm(dim=1), torch.ones(200), atol=1e-5)
@@ -562,10 +566,11 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
     config_file = tmp_path / "pretrain" / method / "config.json"
     config = json.loads(config_file.read_text())
     assert config["bn_splits"] == (3 if method == "moco" else None)  # batch 50: 3 groups of 16 or more clips
+    assert config["own_keys_masked"] == (1 if method == "moco" else None)
     # A run recorded before the views and MoCo's BatchNorm groups were options resumes as it
     # ran: with the default views, and MoCo with one group (a resume keeps the recorded groups).
     for option in ("time_crop", "time_shift", "spec_augment", "time_masks", "freq_masks", "resized_crop", "gain_db",
-                   "eq_db", "bn_splits"):
+                   "eq_db", "bn_splits", "own_keys_masked"):
         del config[option]
     config_file.write_text(json.dumps(config))
     from audiofx.errors import ConfigError
@@ -576,6 +581,8 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
     if method == "moco":
         with pytest.raises(ConfigError, match=r"was started with other settings \(bn_splits 1, now 3\)"):
             pretrain(replace(cfg, options={"bn_splits": 3}), say=lambda *a: None)
+        with pytest.raises(ConfigError, match=r"was started with other settings \(own_keys_masked 0, now 1\)"):
+            pretrain(replace(cfg, options={"own_keys_masked": 1}), say=lambda *a: None)
     said: list[str] = []
     pretrain(cfg, say=said.append)
     assert "the run has finished, nothing left to do" in said[-1]

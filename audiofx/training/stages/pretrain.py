@@ -48,8 +48,8 @@ from audiofx.training.runtime.distributed import Ranks, average_batchnorm_statis
 from audiofx.training.stages.embedding import embed
 from audiofx.training.stages.epochs import optimiser_states, restore_optimiser_states, train_epoch
 from audiofx.training.stages.knn import knn_scores
-from audiofx.training.stages.runs import (TrainingOptions, check_minimum, check_rates, default_name, open_run,
-                                          recorded_config)
+from audiofx.training.stages.runs import (TrainingOptions, check_maximum, check_minimum, check_rates, default_name,
+                                          open_run, recorded_config)
 from audiofx.training.stages.tasks import Task
 from audiofx.training.stages.weights import resolve_init
 
@@ -302,8 +302,11 @@ def check_options(cfg: PretrainConfig, recorded: dict[str, Any] | None = None) -
             if value != option.default and value != (recorded or {}).get(name, option.default):
                 raise ConfigError(f"{option.flag} is {owner.title}'s ({option.what}), not {cfg.method}'s",
                                   f"drop {option.flag}, or use --method {owner.name}")
-        elif option.minimum is not None:
-            check_minimum(option.flag, value, option.minimum)
+        else:
+            if option.minimum is not None:
+                check_minimum(option.flag, value, option.minimum)
+            if option.maximum is not None:
+                check_maximum(option.flag, value, option.maximum)
 
 
 def _check_counts(cfg: PretrainConfig) -> None:

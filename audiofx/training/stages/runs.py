@@ -319,6 +319,12 @@ def check_minimum(flag: str, value: float | None, minimum: float) -> None:
         raise ConfigError(f"{flag} must be at least {minimum:g}, got {value}", f"pass {flag} {minimum:g} or more")
 
 
+def check_maximum(flag: str, value: float | None, maximum: float) -> None:
+    """Refuse, before a run folder is made, a value above its maximum (None: the default)."""
+    if value is not None and value > maximum:
+        raise ConfigError(f"{flag} must be at most {maximum:g}, got {value}", f"pass {flag} {maximum:g} or less")
+
+
 def check_run_name(name: str | None) -> None:
     """A run name is one folder under --runs: no path separators, not . or .. ."""
     if name is not None and (not name.strip() or "/" in name or "\\" in name or name in (".", "..") or "\0" in name):

@@ -33,6 +33,7 @@ class MethodOption:
     help: str
     what: str  # what it is, for the line that refuses it for another method ("its BatchNorm groups")
     minimum: float | None = None
+    maximum: float | None = None
     before: Any = _SAME  # the value runs recorded before the option existed ran with (default: default)
 
     @property

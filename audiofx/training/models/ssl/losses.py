@@ -201,35 +201,53 @@ def npid_softmax_loss(features: Tensor, indices: Tensor, bank: MemoryBank, tempe
 class MoCoQueue(nn.Module):
     """MoCo's dictionary queue (He et al. 2020): K unit vectors, overwritten oldest-first.
 
-    Buffers: `queue` (K, D), seeded random unit vectors at start; `ptr`, the next row to overwrite.
+    Buffers: `queue` (K, D), seeded random unit vectors at start; `ptr`, the next row to overwrite;
+    with `indexed`, `index` (K,): the dataset index of the clip each key came from (-1: none yet),
+    so a query's own earlier keys can be told from the other clips' (``moco_loss``).
     """
 
-    def __init__(self, size: int, dim: int, generator: torch.Generator | None = None):
+    def __init__(self, size: int, dim: int, generator: torch.Generator | None = None, indexed: bool = False):
         super().__init__()
         self.register_buffer("queue", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        if indexed:  # only then: checkpoints of queues without it load as they were saved
+            self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))
+
+    @property
+    def indexed(self) -> bool:
+        return hasattr(self, "index")
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor, gather: bool = True) -> None:
-        """Write keys (B, D) at ptr, wrapping past the end to the start; ptr <- (ptr + B) mod K.
+    def enqueue(self, keys: Tensor, indices: Tensor | None = None, gather: bool = True) -> None:
+        """Write keys (B, D) at ptr, and their clips' `indices` (B,) if the queue is indexed,
+        wrapping past the end to the start; ptr <- (ptr + B) mod K.
 
         K need not be a multiple of B. If B > K only the last K keys survive (as if written one by
         one). Under torch.distributed with `gather`, keys from all ranks are enqueued (rank order),
         as in the MoCo code, so every rank keeps the same queue.
         """
+        if self.indexed and indices is None:
+            raise ValueError("an indexed queue needs the keys' dataset indices")
         keys = F.normalize(keys.detach().to(self.queue.dtype), dim=1)
+        indices = indices.to(keys.device, torch.long) if self.indexed else None
         if gather and _distributed() and dist.get_world_size() > 1:
             keys = torch.cat(_all_gather_rows(keys)[0])
+            if indices is not None:
+                indices = torch.cat(_all_gather_rows(indices)[0])
         size, b = self.queue.shape[0], keys.shape[0]
         start = int(self.ptr)
         if b > size:                                         # older keys would be overwritten anyway
             start, keys = (start + b - size) % size, keys[-size:]
+            indices = indices[-size:] if indices is not None else None
         rows = (start + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[rows] = keys
+        if indices is not None:
+            self.index[rows] = indices
         self.ptr.fill_((int(self.ptr) + b) % size)
 
 
-def moco_loss(q: Tensor, k: Tensor, queue: MoCoQueue | Tensor, temperature: float = 0.2) -> Tensor:
+def moco_loss(q: Tensor, k: Tensor, queue: MoCoQueue | Tensor, temperature: float = 0.2,
+              indices: Tensor | None = None) -> Tensor:
     """MoCo InfoNCE (He et al. 2020, eq. 1; t = 0.2 in MoCo v2, Chen et al. 2020):
 
         L = -log( exp(q . k+ / t) / (exp(q . k+ / t) + sum_{k- in queue} exp(q . k- / t)) ),
@@ -237,12 +255,20 @@ def moco_loss(q: Tensor, k: Tensor, queue: MoCoQueue | Tensor, temperature: floa
     i.e. cross-entropy over logits [q . k+, q @ queue.T] / t with target 0, averaged over the batch.
     q, k: (B, D), normalised here; k comes from the momentum encoder and is detached (no gradient
     flows into the key encoder; it is updated by `momentum_update`). Enqueue k *after* this call.
+
+    With `indices` (the queries' dataset indices, B) and an indexed queue, the queue's keys of
+    the query's own clip are left out of its negatives: the paper's negatives are other
+    instances, and a queue not much shorter than the pool holds an earlier view of about half
+    the clips, which the loss would otherwise push each query away from.
     """
     bank = queue.queue if isinstance(queue, MoCoQueue) else queue
     q = F.normalize(_f32(q), dim=1)
     k = F.normalize(_f32(k.detach()), dim=1)
     positive = (q * k).sum(dim=1, keepdim=True)
     negatives = q @ bank.detach().to(q.dtype).T
+    if indices is not None and isinstance(queue, MoCoQueue) and queue.indexed:
+        own = queue.index.to(q.device)[None, :] == indices.to(q.device).view(-1, 1)
+        negatives = negatives.masked_fill(own, float("-inf"))  # exp(-inf) = 0: not in the sum
     logits = torch.cat([positive, negatives], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 

@@ -43,26 +43,35 @@ class MoCo(Method):
     title = "MoCo"
     options = (MethodOption("bn_splits", int, None, "BatchNorm groups per device, keys shuffled across them; 1 is "
                             "plain BatchNorm [one per 16 clips of the batch, 2 to 8; a resume keeps the run's]",
-                            "its BatchNorm groups", minimum=1, before=1),)  # runs recorded before it had one group
+                            "its BatchNorm groups", minimum=1, before=1),  # runs recorded before it had one group
+               MethodOption("own_keys_masked", int, None, "1: the queue's earlier keys of a query's own clip are "
+                            "not its negatives (a queue not much shorter than the pool holds one of about half "
+                            "the clips); 0: they are, as in the MoCo code [1; a resume keeps the run's]",
+                            "the masking of its queue's own keys", minimum=0, maximum=1,
+                            before=0),)  # runs recorded before it did not mask
 
     def __init__(self, encoder: Encoder, n_data: int, generator: torch.Generator, dim: int = 128,
-                 queue: int = 4096, temperature: float = 0.2, momentum: float = 0.999, bn_splits: int = 1):
+                 queue: int = 4096, temperature: float = 0.2, momentum: float = 0.999, bn_splits: int = 1,
+                 own_keys_masked: int = 1):
         super().__init__(encoder, n_data, generator)
         self.head = ProjectionHead(encoder.out_dim, dim)
         self.key_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.key_head = copy.deepcopy(self.head).requires_grad_(False)
-        # A queue longer than the dataset would hold stale copies of the same clips.
-        self.queue = MoCoQueue(min(queue, max(n_data - 1, 1)), dim, generator=generator)
+        # A queue longer than the dataset would hold several stale keys of the same clips; one
+        # shorter still holds one of many clips unless they are masked (own_keys_masked).
+        self.queue = MoCoQueue(min(queue, max(n_data - 1, 1)), dim, generator=generator,
+                               indexed=bool(own_keys_masked))
         self.temperature, self.momentum, self.bn_splits = temperature, momentum, bn_splits
 
     @classmethod
     def resolve(cls, options: dict[str, Any], batch_size: int, recorded: dict[str, Any] | None) -> dict[str, Any]:
-        """The groups used are recorded, not "the default": a resume keeps the recorded ones (one,
-        for runs recorded before the option existed), a new run takes ``default_bn_splits``."""
-        if options["bn_splits"] is not None:
-            return options
-        splits = recorded.get("bn_splits", 1) if recorded else default_bn_splits(batch_size)
-        return {**options, "bn_splits": splits}
+        """The values used are recorded, not "the default": a resume keeps the recorded ones (one
+        group and no masking, for runs recorded before the options existed), a new run takes
+        ``default_bn_splits`` and masks its own keys."""
+        fresh = {"bn_splits": default_bn_splits(batch_size), "own_keys_masked": 1}
+        before = {o.name: o.recorded_before for o in cls.options}
+        return {name: value if value is not None else (recorded.get(name, before[name]) if recorded else fresh[name])
+                for name, value in options.items()}
 
     def groups(self, batch: int) -> int:
         """BatchNorm groups for a batch: ``bn_splits``, fewer for a short batch (2 clips each at least)."""
@@ -83,12 +92,12 @@ class MoCo(Method):
                 k = shuffled[order.argsort()]  # back in the batch's order, each key beside its query
             else:
                 k = self.key_head(self.key_encoder(xk))
-        loss = moco_loss(q, k, self.queue, self.temperature)
-        self._pending = k  # enqueued after the backward pass, which still needs this queue
+        loss = moco_loss(q, k, self.queue, self.temperature, indices=index)
+        self._pending = (k, index)  # enqueued after the backward pass, which still needs this queue
         return loss
 
     def after_step(self):
-        self.queue.enqueue(self._pending)
+        self.queue.enqueue(*self._pending)
         momentum_update(self.encoder, self.key_encoder, self.momentum)
         momentum_update(self.head, self.key_head, self.momentum)
 
