@@ -321,7 +321,7 @@ def test_moco_loss_leaves_a_querys_own_earlier_keys_out_of_its_negatives():
     g = torch.Generator().manual_seed(4)
     queue = MoCoQueue(size=6, dim=3, generator=g, indexed=True)
     assert queue.index.tolist() == [-1] * 6                            # nothing written yet: no clip's
-    # Rows 0-3 hold keys of clips 7, 3, 7, 5 (row 3 and on wrap); the queries are clips 7 and 5.
+    # From ptr 4 two keys fill rows 4-5 and four more wrap to rows 0-3; the queries are clips 7 and 5.
     queue.ptr.fill_(4)
     queue.enqueue(torch.randn(2, 3, generator=g), torch.tensor([3, 7]))   # rows 4, 5
     queue.enqueue(torch.randn(4, 3, generator=g), torch.tensor([7, 3, 7, 5]))  # rows 0-3

@@ -567,8 +567,9 @@ def test_every_method_trains_and_keeps_its_state(store, tmp_path, method, extra)
     config = json.loads(config_file.read_text())
     assert config["bn_splits"] == (3 if method == "moco" else None)  # batch 50: 3 groups of 16 or more clips
     assert config["own_keys_masked"] == (1 if method == "moco" else None)
-    # A run recorded before the views and MoCo's BatchNorm groups were options resumes as it
-    # ran: with the default views, and MoCo with one group (a resume keeps the recorded groups).
+    # A run recorded before the views and MoCo's BatchNorm groups and masking were options resumes
+    # as it ran: with the default views, and MoCo with one group, its own keys not masked (a
+    # resume keeps the recorded values).
     for option in ("time_crop", "time_shift", "spec_augment", "time_masks", "freq_masks", "resized_crop", "gain_db",
                    "eq_db", "bn_splits", "own_keys_masked"):
         del config[option]
