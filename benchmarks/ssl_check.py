@@ -22,7 +22,9 @@ each seed (the inputs' row once: it has no seed):
                fine-tuned on every fold for --finetune-epochs against scratch at equal epochs.
 Printed: mean ± std over seeds of each figure, and each method's margin over random init in
 units of the larger standard deviation (target: over 2 for kNN and probe); then kNN (k by CV)
-and the probe per test fold, with the speakers or tunings each holds, where they move.
+and the probe per test fold, with the speakers or tunings each holds, where they move, and the
+penalty each seed's probe chose there (ssl-check.json also keeps what every penalty scored on
+the training folds).
 
 Run again with the same --work, it reuses the store and every finished pretrain and fine-tune
 run of the same name (resumed: other settings are refused), and evaluates afresh (evaluate
@@ -174,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                                     store=store, runs_root=runs, name=f"{stamp}-{name}-probe", seed=seed, device="cpu",
                                     bn_stats=bn), **quiet)
         record(row, "probe (backbone)", s, "acc")
+        for fold, r in s["folds"].items():  # the penalty each fold chose, and what each scored on its training folds
+            by_fold[row]["probe penalty chosen"][str(fold)].append(r["weight_decay"])
+            for wd, acc in r.get("cv_weight_decay", {}).items():
+                by_fold[row][f"probe on the training folds, penalty {wd:g}"][str(fold)].append(acc)
 
     def tuned(row: str, init: str, seed: int, name: str) -> None:
         if args.finetune_epochs:
@@ -239,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         for figure in ("kNN k by CV (backbone)", "probe (backbone)"):
             print(f"| {row} | {figure} | "
                   + " | ".join(f"{100 * np.mean(figures[figure][f]):.1f}" for f in folds) + " |")
+        print(f"| {row} | probe penalty chosen, each seed | "
+              + " | ".join("/".join(f"{wd:g}" for wd in figures["probe penalty chosen"][f]) for f in folds) + " |")
     return 0
 
 

@@ -428,6 +428,28 @@ def test_evaluate_refuses_an_sgd_probe_of_0_epochs_before_a_run_folder(store, tm
     assert not list(tmp_path.iterdir())
 
 
+def test_the_probe_records_what_each_penalty_scored_on_the_training_folds(store, tmp_path):
+    """The penalty is chosen on each test fold's training folds: the run keeps every candidate's
+    cross-validated score beside the choice, so a reader can see how much the choice mattered."""
+    from audiofx.training.stages.evaluate import EvaluateConfig, evaluate
+    from audiofx.training.stages.probe import WEIGHT_DECAYS
+
+    s = evaluate(EvaluateConfig(run="random", arch="tiny", dataset="demo", mode="linear", fold="1", store=str(store),
+                                runs_root=str(tmp_path), name="p"), say=lambda *a: None)
+    done = {r["fold"]: r for r in metrics(tmp_path / "evaluate" / "p") if r["event"] == "fold_done"}
+    assert sorted(done) == ["1"]
+    for fold, r in done.items():
+        cv = {float(wd): acc for wd, acc in r["cv_weight_decay"].items()}
+        assert sorted(cv) == sorted(WEIGHT_DECAYS) and all(0 <= a <= 1 for a in cv.values())
+        assert r["weight_decay"] == max(cv, key=lambda wd: (cv[wd], wd))  # the best; ties to the stronger
+        assert r["acc"] == s["folds"][fold]["acc"]
+    table = (tmp_path / "evaluate" / "p" / "summary.md").read_text()
+    assert "| penalty chosen | accuracy on the training folds, penalty 0.0001 |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| 1 |")).split(" | ")
+    assert float(row[2]) == done["1"]["weight_decay"] and float(row[3]) == pytest.approx(
+        100 * done["1"]["cv_weight_decay"]["0.0001"], abs=0.005)
+
+
 def test_the_default_pool_leaves_out_features_of_another_size(store, tmp_path):
     import shutil
 

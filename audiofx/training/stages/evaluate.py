@@ -262,8 +262,8 @@ def evaluate(cfg: EvaluateConfig, say=print) -> dict[str, Any]:
                              y[te].cpu().numpy(), scores_np, task.predicted(scores_np))
         y_true.append(y[te].cpu().numpy())
         pooled.append(scores_np)
-        run.log({"event": "fold_done", "fold": test_fold,
-                 **{k: v for k, v in result.items() if k not in (f"cv_{m}", "cv_weight_decay")}})
+        # with the cross-validated score of every k or penalty the selection saw (keys as text)
+        run.log({"event": "fold_done", "fold": test_fold, **result})
         say(f"fold {test_fold}: {cfg.mode} {task.metric_name} {100 * result[m]:.2f}%")
     unchanged = state_hash(embedder) == before
     # kNN with k chosen on each fold's training folds: a second, selection-free result
@@ -311,6 +311,8 @@ def _markdown(cfg: EvaluateConfig, source: str, s: dict[str, Any], report: dict[
     m = s["metric"]
     name = METRIC_NAMES[m]
     cv = f"{m}_kcv_mean" in s  # kNN, k also chosen by cross-validation on the training folds
+    # the probe's penalty chosen on the training folds: what each candidate scored there
+    penalties = sorted({wd for r in s["folds"].values() for wd in r.get("cv_weight_decay", {})})
     ks = s.get("k", [])
     more = [(f"{name} (k {k})", f"{m}_k{k}") for k in ks[1:]]  # the first k is the headline's column
     head = f"{name} (k {ks[0]})" if ks else name
@@ -318,13 +320,20 @@ def _markdown(cfg: EvaluateConfig, source: str, s: dict[str, Any], report: dict[
         + (", BatchNorm statistics of the evaluated clips" if cfg.bn_stats == "clips" else "")
     lines = [f"# {cfg.mode} evaluation of {source} on {cfg.dataset} ({how})", "",
              f"| test fold | {head} |" + "".join(f" {h} |" for h, _ in more)
-             + (f" {name}, k chosen on the training folds | k chosen |" if cv else ""),
-             "|---|---|" + "---|" * len(more) + ("---|---|" if cv else "")]
+             + (f" {name}, k chosen on the training folds | k chosen |" if cv else "")
+             + (" penalty chosen |" + "".join(f" {name} on the training folds, penalty {wd:g} |" for wd in penalties)
+                if penalties else ""),
+             "|---|---|" + "---|" * len(more) + ("---|---|" if cv else "") + "---|" * (len(penalties) + bool(penalties))]
     lines += [f"| {f} | {100 * r[m]:.2f} |" + "".join(f" {100 * r[key]:.2f} |" for _, key in more)
-              + (f" {100 * r[f'{m}_kcv']:.2f} | {r['k_cv']} |" if cv else "") for f, r in s["folds"].items()]
+              + (f" {100 * r[f'{m}_kcv']:.2f} | {r['k_cv']} |" if cv else "")
+              + (f" {r['weight_decay']:g} |" + "".join(f" {100 * r['cv_weight_decay'][wd]:.2f} |"
+                                                     if wd in r.get("cv_weight_decay", {}) else " - |"
+                                                     for wd in penalties) if penalties else "")
+              for f, r in s["folds"].items()]
     folds = f"{s['n_folds']} fold{'s' if s['n_folds'] != 1 else ''}"
     lines += [f"| **mean ± std** ({folds}) | **{100 * s[f'{m}_mean']:.2f} ± {100 * s[f'{m}_std']:.2f}** |"
               + "".join(f" {100 * s[f'{key}_mean']:.2f} ± {100 * s[f'{key}_std']:.2f} |" for _, key in more)
-              + (f" {100 * s[f'{m}_kcv_mean']:.2f} ± {100 * s[f'{m}_kcv_std']:.2f} | |" if cv else ""), "",
+              + (f" {100 * s[f'{m}_kcv_mean']:.2f} ± {100 * s[f'{m}_kcv_std']:.2f} | |" if cv else "")
+              + " |" * (len(penalties) + bool(penalties)), "",
               *per_class_markdown(report), "", f"Encoder weights unchanged by the evaluation: {s['encoder_unchanged']}."]
     return "\n".join(lines) + "\n"
