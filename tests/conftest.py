@@ -43,6 +43,13 @@ def real_signal(sr: int, seconds: float, seed: int, channels: int = 1) -> np.nda
     return (0.8 * x / np.max(np.abs(x))).astype(np.float32)
 
 
+def stored_as_computed(stored: np.ndarray, computed: np.ndarray) -> bool:
+    """Stored float16 features equal to ones computed here, within one float16 step: the store
+    computes clips in batches, whose float32 sums may round a value lying near a float16
+    midpoint the other way than one clip computed alone."""
+    return np.allclose(np.asarray(stored, np.float32), np.asarray(computed, np.float32), rtol=2 ** -10, atol=1e-6)
+
+
 def make_class_folder(root: Path, classes: int = 3, per_class: int = 10, seconds: float = 1.0, sr: int = 22050,
                       subtype: str = "PCM_16", channels: int = 1) -> Path:
     """A `folder`-layout dataset: <root>/<class>/<class>-<i>.wav, mono or (channels=2) stereo."""
