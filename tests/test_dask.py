@@ -104,6 +104,17 @@ def test_a_local_cluster_leaves_the_callers_environment_as_it_was(monkeypatch):
     executor = _connect(parse_scheduler("local:1"))
     try:
         assert os.environ.get("OMP_NUM_THREADS") == "1" and os.environ["MKL_NUM_THREADS"] == "3"  # unset ones only
+
+        def preloaded() -> tuple[bool, bool]:  # run in the worker: what dask_setup installed there
+            import logging
+            import signal
+
+            from audiofx.pipeline.executors import not_a_heartbeat_at_shutdown
+
+            return (signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+                    not_a_heartbeat_at_shutdown in logging.getLogger("distributed.worker").filters)
+
+        assert list(executor.on_every_worker(preloaded).values()) == [(True, True)]
     finally:
         executor.close()
     assert dict(os.environ) == before
@@ -225,3 +236,18 @@ def test_ctrl_c_closes_the_local_cluster_it_started(tmp_path):
         alive = [c for c in alive if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         time.sleep(0.2)
     assert not alive, alive
+
+
+def test_a_local_worker_keeps_its_errors_but_not_the_heartbeat_race_at_shutdown():
+    """On Ctrl-C the scheduler (in the command's process) may close before a worker's
+    heartbeat, and the worker logged a traceback: that one record is dropped, no other."""
+    import logging
+
+    from audiofx.pipeline.executors import not_a_heartbeat_at_shutdown
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("distributed.worker", logging.ERROR, "worker.py", 1, msg, None, None)
+
+    assert not not_a_heartbeat_at_shutdown(record("Failed to communicate with scheduler during heartbeat."))
+    assert not_a_heartbeat_at_shutdown(record("Unexpected exception during heartbeat. Closing worker."))
+    assert not_a_heartbeat_at_shutdown(record("Compute Failed"))

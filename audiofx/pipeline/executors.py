@@ -227,6 +227,14 @@ def dask_setup(worker: Any) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker").addFilter(not_a_heartbeat_at_shutdown)
+
+
+def not_a_heartbeat_at_shutdown(record: logging.LogRecord) -> bool:
+    """False for the traceback a local worker logs when its heartbeat meets the scheduler
+    closing first (a race on Ctrl-C, seen on a loaded machine). The scheduler lives in the
+    command's own process, so a lost scheduler is never news the user needs from a worker."""
+    return not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
 
 
 async def _identity(address: str) -> dict[str, Any]:
