@@ -438,11 +438,11 @@ def test_the_probe_records_what_each_penalty_scored_on_the_training_folds(store,
                                 runs_root=str(tmp_path), name="p"), say=lambda *a: None)
     done = {r["fold"]: r for r in metrics(tmp_path / "evaluate" / "p") if r["event"] == "fold_done"}
     assert sorted(done) == ["1"]
-    for fold, r in done.items():
-        cv = {float(wd): acc for wd, acc in r["cv_weight_decay"].items()}
-        assert sorted(cv) == sorted(WEIGHT_DECAYS) and all(0 <= a <= 1 for a in cv.values())
-        assert r["weight_decay"] == max(cv, key=lambda wd: (cv[wd], wd))  # the best; ties to the stronger
-        assert r["acc"] == s["folds"][fold]["acc"]
+    r = done["1"]
+    cv = {float(wd): acc for wd, acc in r["cv_weight_decay"].items()}
+    assert sorted(cv) == sorted(WEIGHT_DECAYS) and all(0 <= a <= 1 for a in cv.values())
+    assert r["weight_decay"] == max(cv, key=lambda wd: (cv[wd], wd))  # the best; ties to the stronger
+    assert r["acc"] == s["folds"]["1"]["acc"]
     table = (tmp_path / "evaluate" / "p" / "summary.md").read_text()
     assert "| penalty chosen | accuracy on the training folds, penalty 0.0001 |" in table
     row = next(line for line in table.splitlines() if line.startswith("| 1 |")).split(" | ")

@@ -311,8 +311,7 @@ def _markdown(cfg: EvaluateConfig, source: str, s: dict[str, Any], report: dict[
     m = s["metric"]
     name = METRIC_NAMES[m]
     cv = f"{m}_kcv_mean" in s  # kNN, k also chosen by cross-validation on the training folds
-    # the probe's penalty chosen on the training folds: what each candidate scored there
-    penalties = sorted({wd for r in s["folds"].values() for wd in r.get("cv_weight_decay", {})})
+    penalty_head, penalty_cells = _penalty_columns(name, s["folds"])
     ks = s.get("k", [])
     more = [(f"{name} (k {k})", f"{m}_k{k}") for k in ks[1:]]  # the first k is the headline's column
     head = f"{name} (k {ks[0]})" if ks else name
@@ -321,19 +320,27 @@ def _markdown(cfg: EvaluateConfig, source: str, s: dict[str, Any], report: dict[
     lines = [f"# {cfg.mode} evaluation of {source} on {cfg.dataset} ({how})", "",
              f"| test fold | {head} |" + "".join(f" {h} |" for h, _ in more)
              + (f" {name}, k chosen on the training folds | k chosen |" if cv else "")
-             + (" penalty chosen |" + "".join(f" {name} on the training folds, penalty {wd:g} |" for wd in penalties)
-                if penalties else ""),
-             "|---|---|" + "---|" * len(more) + ("---|---|" if cv else "") + "---|" * (len(penalties) + bool(penalties))]
+             + "".join(f" {h} |" for h in penalty_head),
+             "|---|---|" + "---|" * len(more) + ("---|---|" if cv else "") + "---|" * len(penalty_head)]
     lines += [f"| {f} | {100 * r[m]:.2f} |" + "".join(f" {100 * r[key]:.2f} |" for _, key in more)
               + (f" {100 * r[f'{m}_kcv']:.2f} | {r['k_cv']} |" if cv else "")
-              + (f" {r['weight_decay']:g} |" + "".join(f" {100 * r['cv_weight_decay'][wd]:.2f} |"
-                                                     if wd in r.get("cv_weight_decay", {}) else " - |"
-                                                     for wd in penalties) if penalties else "")
-              for f, r in s["folds"].items()]
+              + "".join(f" {c} |" for c in penalty_cells[f]) for f, r in s["folds"].items()]
     folds = f"{s['n_folds']} fold{'s' if s['n_folds'] != 1 else ''}"
     lines += [f"| **mean ± std** ({folds}) | **{100 * s[f'{m}_mean']:.2f} ± {100 * s[f'{m}_std']:.2f}** |"
               + "".join(f" {100 * s[f'{key}_mean']:.2f} ± {100 * s[f'{key}_std']:.2f} |" for _, key in more)
               + (f" {100 * s[f'{m}_kcv_mean']:.2f} ± {100 * s[f'{m}_kcv_std']:.2f} | |" if cv else "")
-              + " |" * (len(penalties) + bool(penalties)), "",
+              + " |" * len(penalty_head), "",
               *per_class_markdown(report), "", f"Encoder weights unchanged by the evaluation: {s['encoder_unchanged']}."]
     return "\n".join(lines) + "\n"
+
+
+def _penalty_columns(name: str, folds: dict[str, dict[str, Any]]) -> tuple[list[str], dict[str, list[str]]]:
+    """The probe's penalty chosen per fold, then what each candidate scored on that fold's
+    training folds ("-" where a fold held nothing out); no columns when no fold chose one."""
+    penalties = sorted({wd for r in folds.values() for wd in r.get("cv_weight_decay", {})})
+    if not penalties:
+        return [], {f: [] for f in folds}
+    head = ["penalty chosen", *(f"{name} on the training folds, penalty {wd:g}" for wd in penalties)]
+    cells = {f: [f"{r['weight_decay']:g}", *(f"{100 * r['cv_weight_decay'][wd]:.2f}" if wd in r.get("cv_weight_decay", {})
+                                               else "-" for wd in penalties)] for f, r in folds.items()}
+    return head, cells
