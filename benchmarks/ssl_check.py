@@ -5,7 +5,7 @@ the real recordings of ../shared/realdev, against the same network at random ini
                                    [--epochs 30] [--finetune-epochs 10] [--arch tiny] [--work DIR]
                                    [--augment-copies 4 --augment-pitch 3 --augment-shift 0.2
                                     --augment-flip 0] [--resized-crop 0] [--freq-masks 2]
-                                   [--gain-db 0] [--eq-db 0]
+                                   [--gain-db 0] [--eq-db 0] [--pool-with speech|mridangam]
                                    [--bn-stats carried|clips]
 
 The set's clips are extracted once (5 folds grouped by speaker, or by the drum's tonic, so
@@ -20,6 +20,9 @@ each seed (the inputs' row once: it has no seed):
   METHOD       pretrained on every clip without labels for --epochs, then the same kNN and
                probe (kNN also in the method's own projection space, evaluate's default), and
                fine-tuned on every fold for --finetune-epochs against scratch at equal epochs.
+With --pool-with, each method pretrains on a larger pool: the set's clips and those of the sets
+named, unlabelled (a store of their own, with the same copies), as the papers pretrain on one
+set and evaluate on another; evaluation and fine-tuning stay on --set's clips and folds.
 Printed: mean ± std over seeds of each figure, and each method's margin over random init in
 units of the larger standard deviation (target: over 2 for kNN and probe); then kNN (k by CV)
 and the probe per test fold, with the speakers or tunings each holds, where they move, and the
@@ -81,6 +84,25 @@ def grouped_split(root: Path, label: str, group: str, out: Path) -> tuple[Path, 
     return out, dict(groups_of)
 
 
+def pooled_split(sets: list[str], root: Path) -> Path:
+    """A folder dataset at root of every named set's clips (a link to each set's folder), the
+    labels prefixed by the set (pretraining reads none) and each set's own grouped folds."""
+    root.mkdir(parents=True, exist_ok=True)
+    out = root.parent / "pool-split.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "fold"])
+        for name in sets:
+            folder, label, group, _ = SETS[name]
+            link = root / folder
+            if not link.is_symlink():
+                link.symlink_to(REALDEV / folder, target_is_directory=True)
+            split, _ = grouped_split(REALDEV / folder, label, group, root.parent / f"pool-{name}-split.csv")
+            for r in csv.DictReader(open(split)):
+                w.writerow([f"{folder}/{r['path']}", f"{name}:{r['label']}", r["fold"]])
+    return out
+
+
 def at_least(floor: int):
     """An argparse type: an int of at least floor (a negative mask count would run as 0)."""
     def parse(text: str) -> int:
@@ -109,6 +131,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gain-db", type=float, default=0.0, help="views: a random level, up to this many dB either way")
     p.add_argument("--eq-db", type=float, default=0.0, help="views: a random equaliser, up to this many dB a band")
     p.add_argument("--freq-masks", type=at_least(0), help="views: SpecAugment frequency masks [pretrain's default]")
+    p.add_argument("--pool-with", default="", help="other realdev sets, comma-separated, whose clips join the "
+                   "pretraining pool (no labels); evaluation stays on --set")
     p.add_argument("--bn-stats", choices=("carried", "clips"), default="carried",
                    help="every network's BatchNorm statistics in the frozen evaluations (evaluate --bn-stats)")
     p.add_argument("--work", type=Path, help="working folder (default: a temp dir); its store and runs are reused")
@@ -116,7 +140,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    pool_with = [s for s in args.pool_with.split(",") if s]
+    for other in pool_with:
+        if other not in SETS or other == args.set:
+            cli.error(f"--pool-with {other!r}: name sets other than --set {args.set}, of {', '.join(SETS)}")
     folder, label, group, group_name = SETS[args.set]
     root = REALDEV / folder
     if not (root / "labels.csv").is_file():
@@ -149,6 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"extracted the {args.set} clips into {store} ({time.perf_counter() - started:.0f} s), 5 folds grouped "
           f"by {group_name}" + (f", and {args.augment_copies} augmented copies of each" if args.augment_copies else ""),
           file=sys.stderr)
+    pool_store = store
+    if pool_with:
+        started = time.perf_counter()
+        pool_store = str(work / "pool-features")
+        pool_split = pooled_split([args.set, *pool_with], work / "pool")
+        for extra in ({}, augment) if args.augment_copies else ({},):
+            extract(ExtractRequest(dataset="folder", root=work / "pool", store=pool_store, progress=False,
+                                   overrides={**FEATURES, "split": str(pool_split), **extra}), on_event=lambda m: None)
+        print(f"extracted the pretraining pool ({args.set} + {' + '.join(pool_with)}) into {pool_store} "
+              f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     runs = str(work / "runs")
     stamp = time.strftime("%Y%m%d-%H%M%S")  # evaluate runs of this invocation
 
@@ -196,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in [m for m in args.methods.split(",") if m]:
             name = f"{method}-{seed}"
             pretrain(PretrainConfig(method=method, datasets=(dataset,), arch=args.arch, epochs=args.epochs,
-                                    batch_size=args.batch_size, store=store, runs_root=runs, name=name, seed=seed,
+                                    batch_size=args.batch_size, store=pool_store, runs_root=runs, name=name, seed=seed,
                                     device="cpu", progress=False, resized_crop=args.resized_crop,
                                     freq_masks=freq_masks, gain_db=args.gain_db, eq_db=args.eq_db,
                                     set_options={"augment_copies": args.augment_copies} if args.augment_copies else {},
@@ -213,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.augment_shift:g}, flip {args.augment_flip:g})" if args.augment_copies else "the clip's log-mel alone")
     print(f"set: {args.set} ({dataset}), arch {args.arch}, {args.seeds} seed(s), pretraining {args.epochs} epochs "
           f"batch {args.batch_size}, views from {views}, resized crop {args.resized_crop:g}, "
-          f"{freq_masks} frequency masks, level +-{args.gain_db:g} dB, equaliser +-{args.eq_db:g} dB, fine-tuning "
+          f"{freq_masks} frequency masks, "
+          f"pretraining pool {' + '.join([args.set, *pool_with])}, level +-{args.gain_db:g} dB, equaliser +-{args.eq_db:g} dB, fine-tuning "
           f"{args.finetune_epochs} epochs, BatchNorm statistics {args.bn_stats}; mean ± std over seeds of the 5-fold "
           "means; margin = (method - random init) / the larger std; log-mel inputs: no network, the standardised "
           f"log-mels pooled to {' x '.join(map(str, LogmelGrid.GRID))} per channel")

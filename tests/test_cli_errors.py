@@ -3,6 +3,7 @@ nothing already written is lost."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -207,6 +208,47 @@ def test_ssl_check_refuses_a_negative_count_before_it_extracts(capsys):
             ssl_check.parser().parse_args(args)
         assert needle in capsys.readouterr().err
     assert ssl_check.parser().parse_args(["--freq-masks", "0"]).freq_masks == 0
+
+
+def test_ssl_check_refuses_a_pool_of_its_own_set_or_an_unknown_one(capsys):
+    """--pool-with names the other sets whose clips join the pretraining pool: the evaluated
+    set itself (its clips twice) or a set that does not exist is refused before any extraction."""
+    from benchmarks import ssl_check
+
+    for given in (["--set", "mridangam", "--pool-with", "mridangam"], ["--pool-with", "speech,drums"]):
+        with pytest.raises(SystemExit):
+            ssl_check.main(given)
+        assert "--pool-with" in capsys.readouterr().err
+
+
+def test_ssl_check_pools_each_sets_clips_with_its_own_grouped_folds(tmp_path, monkeypatch):
+    """The pretraining pool is one folder dataset: every clip of each set once, reached through
+    a link to the set's folder, its label prefixed by the set, and each group (speaker, tuning)
+    in one fold."""
+    from benchmarks import ssl_check
+
+    realdev = tmp_path / "realdev"
+    sizes = {"words": {"s1": 3, "s2": 2, "s3": 1}, "drums": {"b": 2, "c": 2}}
+    for name, groups in sizes.items():
+        (realdev / name / "x").mkdir(parents=True)
+        rows = ["path,label,group"]
+        for g, n in groups.items():
+            for i in range(n):
+                (realdev / name / "x" / f"{g}-{i}.wav").write_bytes(b"")
+                rows.append(f"x/{g}-{i}.wav,{'ab'[i % 2]},{g}")
+        (realdev / name / "labels.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(ssl_check, "REALDEV", realdev)
+    monkeypatch.setattr(ssl_check, "SETS", {n: (n, "label", "group", "group") for n in sizes})
+
+    split = ssl_check.pooled_split(["drums", "words"], tmp_path / "work" / "pool")
+    rows = list(csv.DictReader(open(split)))
+    assert len(rows) == 10 and len({r["path"] for r in rows}) == 10
+    assert all((tmp_path / "work" / "pool" / r["path"]).is_file() for r in rows)  # through the links
+    assert {r["label"] for r in rows} == {"drums:a", "drums:b", "words:a", "words:b"}
+    fold_of_group = {}
+    for r in rows:
+        fold_of_group.setdefault(r["path"].rsplit("-", 1)[0], set()).add(r["fold"])
+    assert all(len(f) == 1 for f in fold_of_group.values()) and len(fold_of_group) == 5
 
 
 def test_cache_commands(tmp_path, small_folder):
