@@ -171,11 +171,12 @@ def test_help_shows_an_example():
 def test_the_clis_fixed_choices_are_what_the_stages_accept():
     """The CLI spells its choices out (it imports no stage until a command runs), and so does
     ssl_check; a value added to a stage and not to its option, or the reverse, would be refused
-    or crash."""
+    or crash. The equaliser's band count in --eq-db's help is spelled out too."""
     import click
 
     from audiofx import cli
     from audiofx.pipeline.extract import FINGERPRINTS
+    from audiofx.training.models.augment import EQ_BANDS
     from audiofx.training.models.checkpoints import BRANCHES
     from audiofx.training.models.encoders import HEADS
     from audiofx.training.stages.evaluate import BN_STATS, SPACES
@@ -195,6 +196,8 @@ def test_the_clis_fixed_choices_are_what_the_stages_accept():
     bn_stats = next(a for a in ssl_check.parser()._actions if a.dest == "bn_stats")  # the benchmark's spelling
     assert tuple(bn_stats.choices) == BN_STATS
     assert choices("evaluate", "probe") == PROBES
+    eq_db = next(p for p in cli.cli.commands["pretrain"].params if p.name == "eq_db")
+    assert f"({EQ_BANDS} bands over the bins" in eq_db.help  # the equaliser the help describes
 
 
 def test_ssl_check_refuses_a_negative_count_before_it_extracts(capsys):
