@@ -120,6 +120,28 @@ def test_a_local_cluster_leaves_the_callers_environment_as_it_was(monkeypatch):
     assert dict(os.environ) == before
 
 
+def test_a_local_cluster_beside_another_says_nothing_of_the_port_it_could_not_take():
+    """Two extractions with --scheduler local:N on one machine: the second cluster's scheduler
+    found 8787 (distributed's default HTTP port) taken and printed a multi-line warning about
+    it, though it starts no dashboard. Its HTTP server now takes a free port."""
+    import socket
+    import warnings
+
+    from audiofx.pipeline.executors import _connect, parse_scheduler
+
+    with socket.socket() as other:  # the first cluster's port, or whoever holds 8787 already
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            other.bind(("", 8787))
+            other.listen()
+        except OSError:
+            pass  # taken already: the condition the test needs
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            _connect(parse_scheduler("local:1")).close()
+    assert not [w for w in said if "8787" in str(w.message)]
+
+
 def test_reused_joblib_workers_run_with_the_callers_environment_of_each_call(monkeypatch):
     """loky keeps its worker processes for the next call: credentials or an endpoint set after
     they started (a notebook) must reach them, or a second extract writes with the old ones."""

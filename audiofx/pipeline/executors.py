@@ -253,10 +253,13 @@ def _connect(scheduler: Scheduler) -> DaskExecutor:
 
     if scheduler.local_workers:
         # One thread per worker process: parallelism comes from processes (torch and Blosc are
-        # set to one thread inside each task, too). No dashboard: it would take a port.
+        # set to one thread inside each task, too). No dashboard; the scheduler's HTTP server
+        # (health, metrics) still starts, on a free port: on its default, 8787, a second cluster
+        # on the machine would print a warning about the port.
         environ = dict(os.environ)
         cluster = LocalCluster(n_workers=scheduler.local_workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR, preload=[__name__])
+                               dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+                               silence_logs=logging.ERROR, preload=[__name__])
         try:
             return DaskExecutor(scheduler, Client(cluster, set_as_default=False), cluster, environ)
         except BaseException:
