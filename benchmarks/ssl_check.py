@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.augment_shift:g}, flip {args.augment_flip:g})" if args.augment_copies else "the clip's log-mel alone")
     print(f"set: {args.set} ({dataset}), arch {args.arch}, {args.seeds} seed(s), pretraining {args.epochs} epochs "
           f"batch {args.batch_size}, views from {views}, resized crop {args.resized_crop:g}, "
-          f"{freq_masks} frequency masks, "
-          f"pretraining pool {' + '.join([args.set, *pool_with])}, level +-{args.gain_db:g} dB, equaliser +-{args.eq_db:g} dB, fine-tuning "
+          f"{freq_masks} frequency masks, level +-{args.gain_db:g} dB, equaliser +-{args.eq_db:g} dB, pretraining "
+          f"pool {' + '.join([args.set, *pool_with])}, fine-tuning "
           f"{args.finetune_epochs} epochs, BatchNorm statistics {args.bn_stats}; mean ± std over seeds of the 5-fold "
           "means; margin = (method - random init) / the larger std; log-mel inputs: no network, the standardised "
           f"log-mels pooled to {' x '.join(map(str, LogmelGrid.GRID))} per channel")
